@@ -1,0 +1,148 @@
+"""The engine contracts: a Broker moves publications between nodes and keeps
+history; a PresenceManager keeps who is in a channel. The memory engine
+(adapters/brokers/memory.py) is the single-node default; a Redis engine passes
+the same contract suite (tests/contract) for multi-node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True, frozen=True)
+class StreamPosition:
+    """A place in a channel's stream. `epoch` changes whenever continuity is lost."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(slots=True, frozen=True)
+class ClientInfo:
+    """Who published, joined or is present. conn_info/chan_info are raw JSON bytes."""
+
+    user: str
+    client: str
+    conn_info: bytes | None = None
+    chan_info: bytes | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class LegacyTag:
+    """What a legacy client needs of an ingested event: its id (to deliver it once
+    however many of the client's subscriptions it reaches), its legacy frame text
+    (encoded once per event), and the top-level routing fields the old hub matched on.
+    """
+
+    event_id: str
+    frame: str
+    task_id: str = ""
+    project_id: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Publication:
+    """One message in one channel. `data` is raw JSON, embedded verbatim in pushes."""
+
+    data: bytes
+    offset: int = 0
+    info: ClientInfo | None = None
+    # Unix milliseconds of the publish, 0 when unknown.
+    time_ms: int = 0
+    # Set for publications made from an ingested event.
+    legacy: LegacyTag | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class PublishOptions:
+    # Publications kept in the channel's history; 0 = no history, offset stays 0.
+    history_size: int = 0
+    # Seconds publications stay in history.
+    history_ttl_seconds: float = 0.0
+    # Seconds the stream's epoch and top offset outlive its last publication.
+    history_meta_ttl_seconds: float = 7 * 24 * 3600.0
+
+
+@dataclass(slots=True, frozen=True)
+class HistoryResult:
+    publications: list[Publication]
+    # Current top of the stream.
+    position: StreamPosition
+
+
+@dataclass(slots=True, frozen=True)
+class PresenceStats:
+    num_clients: int
+    num_users: int
+
+
+class UnrecoverablePosition(Exception):
+    """A history `since` names an epoch that is not the stream's current one."""
+
+
+class BrokerUnavailable(Exception):
+    """The engine cannot be reached; nothing was stored or published."""
+
+
+class BrokerEventHandler(Protocol):
+    """What the node hears from the broker. Called on the event loop, must not block
+    or await: the node only enqueues pre-encoded bytes for its local sessions."""
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None: ...
+
+    def on_join(self, channel: str, info: ClientInfo) -> None: ...
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None: ...
+
+
+class Broker(Protocol):
+    async def start(self, handler: BrokerEventHandler) -> None:
+        """Begin delivering to `handler`; called once before anything else."""
+
+    async def close(self) -> None: ...
+
+    async def publish(
+        self, channel: str, pub: Publication, options: PublishOptions
+    ) -> StreamPosition:
+        """Store (when options keep history) and deliver to every node subscribed to
+        the channel. Returns the publication's position; its offset is 0 without
+        history. Raises BrokerUnavailable when nothing was stored."""
+
+    async def publish_join(self, channel: str, info: ClientInfo) -> None: ...
+
+    async def publish_leave(self, channel: str, info: ClientInfo) -> None: ...
+
+    async def subscribe(self, channel: str) -> None:
+        """This node wants publications of `channel` (first local subscriber)."""
+
+    async def unsubscribe(self, channel: str) -> None:
+        """This node no longer wants `channel` (last local subscriber left)."""
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+        options: PublishOptions | None = None,
+    ) -> HistoryResult:
+        """Publications of the channel. limit 0 = none (position only), -1 = all kept.
+        Without `since`: oldest first (newest first when reverse). With `since`:
+        offsets > since.offset ascending (reverse: < since.offset descending).
+        Raises UnrecoverablePosition when since.epoch is set and differs.
+        Reading creates the stream's epoch when the channel has none yet, so a
+        subscriber that saw an empty stream can recover once publications begin."""
+
+    async def remove_history(self, channel: str) -> None: ...
+
+
+class PresenceManager(Protocol):
+    async def add_presence(self, channel: str, client_id: str, info: ClientInfo) -> None: ...
+
+    async def remove_presence(self, channel: str, client_id: str, user: str) -> None: ...
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]: ...
+
+    async def presence_stats(self, channel: str) -> PresenceStats: ...

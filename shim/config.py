@@ -1,0 +1,356 @@
+"""Settings: one home for every knob, each default stated beside its field.
+
+Sources, later wins: the defaults below, an optional TOML file (`--config` or
+`DEX_SHIM_CONFIG`), then environment variables `DEX_SHIM_<FIELD>` (upper case).
+Namespaces and routes are tables, so they come from the TOML file (or a JSON
+string in `DEX_SHIM_NAMESPACES` / `DEX_SHIM_ROUTES`). Names follow Centrifugo
+where the concept matches; units are in the names (`_bytes`, `_seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import orjson
+
+ENV_PREFIX = "DEX_SHIM_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+@dataclass(slots=True, frozen=True)
+class NamespaceOptions:
+    """Per-namespace channel options. The namespace is the part of a channel name
+    before the first ':' (`task:42` is in `task`); channels without ':' use "".
+    """
+
+    # Publications kept per channel for history and recovery; 0 disables history.
+    history_size: int = 100
+    # Seconds a channel's history is kept after its last publication; 0 disables history.
+    history_ttl_seconds: float = 300.0
+    # Recovery on by default for every subscriber, as if each asked `recoverable: true`.
+    force_recovery: bool = True
+    # Positioning on by default (stream offset tracked per subscriber).
+    force_positioning: bool = True
+    # Presence kept for the channel (presence and presence_stats commands).
+    presence: bool = True
+    # Join/leave pushes sent to subscribers that ask for them (`join_leave: true`).
+    join_leave: bool = False
+    # Join/leave pushes sent to every subscriber, asked or not.
+    force_push_join_leave: bool = False
+    # Subscribers may publish into the channel from the client (off: the backend publishes).
+    allow_publish_for_subscriber: bool = False
+    # Any authenticated client may publish, subscribed or not.
+    allow_publish_for_client: bool = False
+    # Subscribers may call history on the channel.
+    allow_history_for_subscriber: bool = True
+    # Subscribers may call presence/presence_stats on the channel.
+    allow_presence_for_subscriber: bool = True
+
+    @property
+    def history_enabled(self) -> bool:
+        return self.history_size > 0 and self.history_ttl_seconds > 0
+
+
+def _default_namespaces() -> dict[str, NamespaceOptions]:
+    # The product's own migration kept 100 messages for 5 minutes on every channel.
+    base = NamespaceOptions()
+    return {
+        "": base,
+        "task": base,
+        "quest": base,
+        "project": base,
+        "user": base,
+        "system": base,
+        "global": base,
+    }
+
+
+@dataclass(slots=True, frozen=True)
+class RouteRule:
+    """Where events of a type family go. `channel` is a template: `{key}` is filled
+    from the payload (or the legacy top-level field of the same name); a rule whose
+    key is missing is skipped and reported as a missing route.
+    """
+
+    # Event type prefix ending in '.', or a full event type; the longest match wins.
+    match: str
+    # Channel templates, e.g. ["task:{task_id}", "project:{project_id}"].
+    channels: tuple[str, ...]
+    # Templates whose key may be absent without counting as a missing route.
+    optional: tuple[str, ...] = ()
+    # Used when every template of `channels` lacked its key (approvals: user or system).
+    fallback: str = ""
+
+
+def _default_routes() -> tuple[RouteRule, ...]:
+    # The design doc's table (../shared/seeds): task-scoped families to task:{task_id},
+    # task.* also to project:{project_id} when known, quests to quest:{quest_id},
+    # approvals to the user when named and to `system` otherwise.
+    return (
+        RouteRule("task.", ("task:{task_id}", "project:{project_id}"), optional=("project:{project_id}",)),
+        RouteRule("session.", ("task:{task_id}",)),
+        RouteRule("activity.", ("task:{task_id}",)),
+        RouteRule("planning.", ("task:{task_id}",)),
+        RouteRule("checklist.", ("task:{task_id}",)),
+        RouteRule("quest.", ("quest:{quest_id}",)),
+        RouteRule("approval.", ("user:{user_id}",), fallback="system"),
+        RouteRule("project.", ("project:{project_id}",)),
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    # --- listener -------------------------------------------------------------
+    # Interface to bind.
+    host: str = "127.0.0.1"
+    # TCP port; 0 picks a free one (printed at start).
+    port: int = 8000
+    # Use uvloop when it is installed.
+    use_uvloop: bool = True
+    # Name of this node in info and metrics; empty = hostname:port.
+    node_name: str = ""
+
+    # --- engine -------------------------------------------------------------
+    # "memory" (single node, the default) or "redis".
+    engine: str = "memory"
+    # Redis address(es), comma-separated for client-side sharding by channel.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- connections --------------------------------------------------------
+    # Bytes a client's outbound queue may hold before it is disconnected with 3008.
+    client_queue_max_size_bytes: int = 2 * 1024 * 1024
+    # Seconds one socket write may take before the client is disconnected with 3008.
+    websocket_write_timeout_seconds: float = 5.0
+    # Largest client frame accepted, in bytes; larger ones close the socket with 1009.
+    websocket_read_limit_bytes: int = 65536
+    # Largest server frame built by joining queued messages, in bytes (the Python SDK
+    # refuses frames over 1 MiB).
+    websocket_max_frame_bytes: int = 512 * 1024
+    # Negotiate permessage-deflate when the client offers it (costs memory and CPU per client).
+    websocket_compression: bool = False
+    # Seconds between server pings (Centrifuge app-level `{}`); 0 disables pings.
+    client_ping_interval_seconds: float = 25.0
+    # Seconds a client has to answer a ping before it is disconnected with 3012.
+    client_pong_timeout_seconds: float = 10.0
+    # Seconds a socket may stay open without a connect command (then 3502).
+    client_stale_close_delay_seconds: float = 15.0
+    # Grace after a connection or subscription expires before it is closed (3005/2501).
+    client_expired_close_delay_seconds: float = 25.0
+    # Channels one client may hold (error 106 above it).
+    client_channel_limit: int = 128
+    # Longest channel name in bytes (error 107 above it).
+    channel_max_length: int = 255
+    # Accept clients whose token has no user id (anonymous); off: 3507 / 401.
+    client_anonymous: bool = False
+
+    # --- authentication -----------------------------------------------------
+    # Signature algorithm of client JWTs: EdDSA (what Dex issues), HS256, RS256 or ES256.
+    token_algorithm: str = "EdDSA"
+    # Verification key: PEM public key (EdDSA/RS256/ES256) or the shared secret (HS256).
+    token_key: str = ""
+    # File holding the verification key; wins over token_key when set.
+    token_key_file: str = ""
+    # Private key (PEM) or secret that `dex-shim token` signs with in development; when
+    # neither token_key nor token_key_file is set, a key pair is made at start.
+    token_signing_key_file: str = ""
+    # Required `aud` claim; empty = not checked.
+    token_audience: str = ""
+    # Required `iss` claim; empty = not checked.
+    token_issuer: str = ""
+
+    # --- channel authorization ---------------------------------------------
+    # "any" (every authenticated user), "claims" (token `channels`/`project_ids`),
+    # or "http" (ask the application, like Centrifugo's subscribe proxy).
+    channel_policy: str = "any"
+    # URL the "http" policy POSTs {user, channel, client} to; 200 with {"allow": true} allows.
+    channel_policy_url: str = ""
+    # Seconds the "http" policy waits for an answer before refusing (error 100, temporary).
+    channel_policy_timeout_seconds: float = 2.0
+    # Seconds a "http" policy answer is reused for the same (user, channel).
+    channel_policy_cache_seconds: float = 10.0
+
+    # --- channels -----------------------------------------------------------
+    # Channel namespaces (TOML table [namespaces.<name>]); see NamespaceOptions.
+    namespaces: Mapping[str, NamespaceOptions] = field(default_factory=_default_namespaces)
+    # Prefix of each user's personal channel; every connection is subscribed to
+    # `<prefix>:<user id>` server-side.
+    user_channel_prefix: str = "user"
+    # Channel every ingested event is also published to (legacy `*` clients read it).
+    global_channel: str = "global"
+
+    # --- ingest -------------------------------------------------------------
+    # Key the backend sends in `X-API-Key` to POST /api/v1/broadcast; empty = generated
+    # at start and printed once.
+    api_key: str = ""
+    # Routing rules of event types to channels (TOML [[routes]]).
+    routes: tuple[RouteRule, ...] = field(default_factory=_default_routes)
+    # Channel for event types no rule matches (logged once per type).
+    default_channel: str = "system"
+    # Largest single legacy message accepted, in bytes of its JSON text.
+    ingest_max_item_bytes: int = 256 * 1024
+    # Largest request body of POST /api/v1/broadcast, in bytes.
+    ingest_max_body_bytes: int = 8 * 1024 * 1024
+
+    def namespace_for(self, channel: str) -> NamespaceOptions | None:
+        """Options of the channel's namespace, or None when it is not configured."""
+        name, sep, _ = channel.partition(":")
+        return self.namespaces.get(name if sep else "")
+
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(name: str, type_name: str, raw: Any) -> Any:
+    target = _SCALARS.get(type_name)
+    if target is None:
+        raise ConfigError(f"{name}: not a scalar setting")
+    if target is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {raw!r}")
+    if target is str:
+        return str(raw)
+    try:
+        return target(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: expected {type_name}, got {raw!r}") from exc
+
+
+def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("namespaces: expected a table of tables")
+    known = {f.name for f in dataclasses.fields(NamespaceOptions)}
+    hints = get_type_hints(NamespaceOptions)
+    result: dict[str, NamespaceOptions] = {}
+    for name, options in raw.items():
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"namespaces.{name}: expected a table")
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"namespaces.{name}: unknown keys {sorted(unknown)}")
+        values = {
+            key: _coerce(f"namespaces.{name}.{key}", hints[key].__name__, value)
+            for key, value in options.items()
+        }
+        result[str(name)] = NamespaceOptions(**values)
+    return result
+
+
+def _routes_from(raw: Any) -> tuple[RouteRule, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("routes: expected an array of tables")
+    rules = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping) or "match" not in item or "channels" not in item:
+            raise ConfigError(f"routes[{index}]: needs `match` and `channels`")
+        rules.append(
+            RouteRule(
+                match=str(item["match"]),
+                channels=tuple(str(c) for c in item["channels"]),
+                optional=tuple(str(c) for c in item.get("optional", ())),
+                fallback=str(item.get("fallback", "")),
+            )
+        )
+    return tuple(rules)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build Settings from defaults, then the TOML file, then the environment, then overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                values.update(tomllib.load(handle))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+
+    hints = get_type_hints(Settings)
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings in {path}: {sorted(unknown)}")
+    for name in known:
+        env_value = env.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = orjson.loads(env_value) if name in ("namespaces", "routes") else env_value
+    values.update(overrides)
+
+    final: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name == "namespaces":
+            final[name] = raw if _is_namespace_map(raw) else _namespaces_from(raw)
+        elif name == "routes":
+            final[name] = raw if _is_rule_tuple(raw) else _routes_from(raw)
+        else:
+            type_name = getattr(hints[name], "__name__", str(hints[name]))
+            final[name] = _coerce(name, type_name, raw)
+    settings = Settings(**final)
+    _validate(settings)
+    return settings
+
+
+def _is_namespace_map(raw: Any) -> bool:
+    return isinstance(raw, Mapping) and all(isinstance(v, NamespaceOptions) for v in raw.values())
+
+
+def _is_rule_tuple(raw: Any) -> bool:
+    return isinstance(raw, tuple) and all(isinstance(v, RouteRule) for v in raw)
+
+
+def _validate(settings: Settings) -> None:
+    if settings.engine not in ("memory", "redis"):
+        raise ConfigError(f"engine: expected 'memory' or 'redis', got {settings.engine!r}")
+    if settings.token_algorithm not in ("EdDSA", "HS256", "RS256", "ES256"):
+        raise ConfigError(f"token_algorithm: unsupported {settings.token_algorithm!r}")
+    if settings.channel_policy not in ("any", "claims", "http"):
+        raise ConfigError(f"channel_policy: expected any|claims|http, got {settings.channel_policy!r}")
+    if settings.channel_policy == "http" and not settings.channel_policy_url:
+        raise ConfigError("channel_policy_url: required when channel_policy is 'http'")
+    if settings.client_queue_max_size_bytes < 1024:
+        raise ConfigError("client_queue_max_size_bytes: must be at least 1024")
+    if settings.websocket_max_frame_bytes > 1024 * 1024:
+        raise ConfigError("websocket_max_frame_bytes: must stay under 1 MiB for the Python SDK")
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(name, default, doc) for every scalar setting, read from this module's comments."""
+    import inspect
+
+    source = inspect.getsource(Settings).splitlines()
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("# ---"):
+            pending = []
+        elif stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+        elif ":" in stripped and pending and not stripped.startswith("def "):
+            docs[stripped.split(":", 1)[0]] = " ".join(pending)
+            pending = []
+    defaults = Settings()
+    return [
+        (f.name, repr(getattr(defaults, f.name)), docs.get(f.name, ""))
+        for f in dataclasses.fields(Settings)
+        if f.name not in ("namespaces", "routes")
+    ]
