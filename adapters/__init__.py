@@ -1,1 +1,1 @@
-"""adapters"""
+"""Edges to the outside: engines (brokers), ingest sources and auth back ends."""

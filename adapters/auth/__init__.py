@@ -1,1 +1,1 @@
-"""adapters/auth"""
+"""Token verification back ends."""

@@ -1,1 +1,1 @@
-"""adapters/brokers"""
+"""Engine implementations of shim.broker's Broker and PresenceManager."""

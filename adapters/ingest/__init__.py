@@ -1,1 +1,1 @@
-"""adapters/ingest"""
+"""Ways events come in: HTTP (and later a Redis stream)."""

@@ -1,1 +1,1 @@
-"""shim/centrifuge"""
+"""The Centrifuge client protocol v2 (JSON): codes, codec and the session state machine."""

@@ -1,0 +1,205 @@
+"""The embedded single-node engine: history streams and presence in process memory.
+
+Publish never awaits, so offsets are assigned atomically in call order and the
+handler hears publications of one channel in offset order. Memory stays bounded:
+a channel keeps at most `history_size` publications, and a stream whose meta TTL
+passed is dropped when touched or by a small sweep run on every publish.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from itertools import islice
+
+from shim.broker import (
+    BrokerEventHandler,
+    BrokerUnavailable,
+    ClientInfo,
+    HistoryResult,
+    PresenceStats,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+    UnrecoverablePosition,
+)
+
+# Streams examined from the oldest end on each publish; each publish creates at most
+# one stream, so dropping up to two expired ones keeps pace with creation.
+_SWEEP_BATCH = 2
+_DEFAULT_OPTIONS = PublishOptions()
+
+
+def new_epoch() -> str:
+    """12 URL-safe characters from the OS CSPRNG: a reset stream never reuses an epoch."""
+    return secrets.token_urlsafe(9)
+
+
+@dataclass(slots=True)
+class _Entry:
+    expires_at: float
+    pub: Publication
+
+
+@dataclass(slots=True)
+class _Stream:
+    epoch: str
+    meta_expires_at: float
+    top: int = 0
+    entries: deque[_Entry] = field(default_factory=deque)
+
+
+def _meta_ttl(options: PublishOptions) -> float:
+    # The meta must outlive the publications it numbers, or a reset would hide them.
+    return max(options.history_meta_ttl_seconds, options.history_ttl_seconds)
+
+
+class MemoryBroker:
+    """Broker for one node. `clock` is monotonic seconds, injectable for tests."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._handler: BrokerEventHandler | None = None
+        self._closed = False
+        self._subscribed: set[str] = set()
+        # Ordered by last publish (re-inserted on each), so the oldest are in front.
+        self._streams: dict[str, _Stream] = {}
+
+    async def start(self, handler: BrokerEventHandler) -> None:
+        self._handler = handler
+
+    async def close(self) -> None:
+        self._closed = True
+        self._handler = None
+        self._subscribed.clear()
+        self._streams.clear()
+
+    async def publish(
+        self, channel: str, pub: Publication, options: PublishOptions
+    ) -> StreamPosition:
+        self._check_open()
+        now = self._clock()
+        self._sweep(now)
+        if options.history_size <= 0 or options.history_ttl_seconds <= 0:
+            if pub.offset:
+                pub = replace(pub, offset=0)
+            self._deliver(channel, pub, "")
+            return StreamPosition(0, "")
+        stream = self._streams.pop(channel, None)
+        if stream is None or stream.meta_expires_at <= now:
+            stream = _Stream(epoch=new_epoch(), meta_expires_at=0.0)
+        self._streams[channel] = stream
+        stream.top += 1
+        stream.meta_expires_at = now + _meta_ttl(options)
+        pub = replace(pub, offset=stream.top)
+        entries = stream.entries
+        entries.append(_Entry(now + options.history_ttl_seconds, pub))
+        while len(entries) > options.history_size:
+            entries.popleft()
+        _drop_expired_front(entries, now)
+        self._deliver(channel, pub, stream.epoch)
+        return StreamPosition(stream.top, stream.epoch)
+
+    async def publish_join(self, channel: str, info: ClientInfo) -> None:
+        self._check_open()
+        if self._handler is not None and channel in self._subscribed:
+            self._handler.on_join(channel, info)
+
+    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
+        self._check_open()
+        if self._handler is not None and channel in self._subscribed:
+            self._handler.on_leave(channel, info)
+
+    async def subscribe(self, channel: str) -> None:
+        self._check_open()
+        self._subscribed.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+        options: PublishOptions | None = None,
+    ) -> HistoryResult:
+        self._check_open()
+        now = self._clock()
+        stream = self._streams.get(channel)
+        if stream is None or stream.meta_expires_at <= now:
+            # Fix the epoch now, so a subscriber who saw the empty stream can recover later.
+            ttl = _meta_ttl(options or _DEFAULT_OPTIONS)
+            stream = _Stream(epoch=new_epoch(), meta_expires_at=now + ttl)
+            self._streams.pop(channel, None)
+            self._streams[channel] = stream
+        position = StreamPosition(stream.top, stream.epoch)
+        if since is not None and since.epoch and since.epoch != stream.epoch:
+            raise UnrecoverablePosition(channel)
+        if limit == 0:
+            return HistoryResult([], position)
+        entries = reversed(stream.entries) if reverse else iter(stream.entries)
+        # TTLs may differ between publishes, so expiry is not monotonic: check every entry.
+        pubs = (e.pub for e in entries if e.expires_at > now)
+        if since is not None:
+            bound = since.offset
+            pubs = (p for p in pubs if (p.offset < bound if reverse else p.offset > bound))
+        selected = list(pubs if limit < 0 else islice(pubs, limit))
+        return HistoryResult(selected, position)
+
+    async def remove_history(self, channel: str) -> None:
+        self._check_open()
+        self._streams.pop(channel, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerUnavailable("memory broker is closed")
+
+    def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
+        if self._handler is not None and channel in self._subscribed:
+            self._handler.on_publication(channel, pub, epoch)
+
+    def _sweep(self, now: float) -> None:
+        for channel, stream in list(islice(self._streams.items(), _SWEEP_BATCH)):
+            if stream.meta_expires_at > now:
+                return
+            del self._streams[channel]
+
+
+def _drop_expired_front(entries: deque[_Entry], now: float) -> None:
+    while entries and entries[0].expires_at <= now:
+        entries.popleft()
+
+
+class MemoryPresenceManager:
+    """Presence for one node: channel -> client id -> ClientInfo. No TTL: the node
+    removes an entry when its client leaves, and the process holds no other nodes'."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[str, ClientInfo]] = {}
+
+    async def add_presence(self, channel: str, client_id: str, info: ClientInfo) -> None:
+        self._channels.setdefault(channel, {})[client_id] = info
+
+    async def remove_presence(self, channel: str, client_id: str, user: str) -> None:
+        clients = self._channels.get(channel)
+        if clients is None:
+            return
+        clients.pop(client_id, None)
+        if not clients:
+            del self._channels[channel]
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        return dict(self._channels.get(channel, {}))
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        clients = self._channels.get(channel, {})
+        return PresenceStats(
+            num_clients=len(clients),
+            num_users=len({info.user for info in clients.values()}),
+        )

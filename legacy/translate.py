@@ -1,0 +1,197 @@
+"""Legacy hub messages in, Events out; Events out again as channel publication data.
+
+The backend keeps sending what it handed the Go hub: one message object
+`{type, timestamp?, payload, task_id?, project_id?}` or an array of them. Each item is
+judged on its own, so one bad item never costs the rest of a batch its delivery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from legacy.wire import now_timestamp
+from shim.events import Event
+
+# Activity kinds whose content names a model tool-use (legacy-hub-protocol.md §6.1).
+_TOOL_EVENT_TYPES = frozenset({"tool_call", "tool_result"})
+# Keys that carry a tool-use id outright; `id` counts only when it looks like one.
+_ID_KEYS = ("tool_use_id", "call_id")
+_TOOL_USE_ID_PREFIX = "toolu_"
+# Channel data fields the event itself owns; a payload key of the same name is overridden.
+_EVENT_OWNED = ("type", "timestamp")
+
+
+class BroadcastError(ValueError):
+    """The body as a whole is unusable (not JSON, or neither an object nor an array)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Accepted:
+    index: int
+    event: Event
+
+
+@dataclass(slots=True, frozen=True)
+class Refused:
+    index: int
+    error: str
+
+
+ParsedItem = Accepted | Refused
+
+
+def parse_broadcast(body: bytes, *, max_item_bytes: int) -> list[ParsedItem]:
+    """Parse one legacy hub message or a JSON array of them, in order.
+
+    Raises BroadcastError when the body is not JSON or is neither an object nor an
+    array; every other problem refuses just the item concerned. Accepted events of
+    `activity.new` tool calls/results already carry their tool-use id for channels
+    (see with_tool_use_id).
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BroadcastError(f"body is not valid JSON: {exc}") from exc
+    if isinstance(document, dict):
+        items: list[Any] = [document]
+    elif isinstance(document, list):
+        items = document
+    else:
+        raise BroadcastError("body must be a JSON object or an array of objects")
+    return [_parse_item(index, item, max_item_bytes) for index, item in enumerate(items)]
+
+
+def _parse_item(index: int, item: Any, max_item_bytes: int) -> ParsedItem:
+    if not isinstance(item, dict):
+        return Refused(index, "not an object")
+    size = len(orjson.dumps(item))
+    if size > max_item_bytes:
+        return Refused(index, f"item exceeds {max_item_bytes} bytes ({size})")
+    if "type" not in item:
+        return Refused(index, "missing type")
+    event_type = item["type"]
+    if not isinstance(event_type, str) or not event_type:
+        return Refused(index, "type must be a non-empty string")
+    if "payload" not in item:
+        return Refused(index, "missing payload")
+    payload = item["payload"]
+    if not isinstance(payload, dict):
+        # Includes null: Go would have written `"payload":null`, which no legacy site sends.
+        return Refused(index, "payload must be an object")
+    try:
+        # Absent and null mean "not given" for every optional field.
+        timestamp = _optional_text(item, "timestamp", allow_empty=False) or now_timestamp()
+        event_id = _optional_text(item, "id", allow_empty=False) or uuid.uuid4().hex
+        task_id = _optional_text(item, "task_id", allow_empty=True)
+        project_id = _optional_text(item, "project_id", allow_empty=True)
+    except _FieldError as exc:
+        return Refused(index, str(exc))
+    event = Event(
+        id=event_id,
+        type=event_type,
+        payload=payload,
+        timestamp=timestamp,
+        task_id=task_id,
+        project_id=project_id,
+    )
+    return Accepted(index, with_tool_use_id(event))
+
+
+class _FieldError(Exception):
+    pass
+
+
+def _optional_text(item: dict[str, Any], key: str, *, allow_empty: bool) -> str:
+    value = item.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _FieldError(f"{key} must be a string")
+    if not value and not allow_empty:
+        raise _FieldError(f"{key} must be a non-empty string")
+    return value
+
+
+def channel_data(event: Event) -> bytes:
+    """Publication data for channel clients: the flat shape of the design doc.
+
+    Payload keys in their order, then `type` and `timestamp`. Event.extras are merged
+    at top level and win over payload keys of the same name (keeping that key's
+    place); the event's own `type` and `timestamp` win over both, because channel
+    clients dispatch on them. Compact JSON, no Go escaping (clients parse it).
+    """
+    data = dict(event.payload)
+    for key, value in event.extras.items():
+        if key not in _EVENT_OWNED:
+            data[key] = value
+    for key in _EVENT_OWNED:
+        data.pop(key, None)
+    data["type"] = event.type
+    data["timestamp"] = event.timestamp
+    return orjson.dumps(data)
+
+
+def extract_tool_use_id(event: Event) -> str | None:
+    """The model's tool-use id behind an `activity.new` tool_call/tool_result, if any.
+
+    The legacy activity only has it (when at all) inside `content`, a JSON document
+    serialised as a string (or, from newer producers, an object). Searched breadth
+    first so the outermost id wins; per object `tool_use_id`, then `call_id`, then an
+    `id` that starts with "toolu_". An id already on the activity is returned as is.
+    """
+    if event.type != "activity.new":
+        return None
+    activity = event.payload.get("activity")
+    if not isinstance(activity, dict) or activity.get("event_type") not in _TOOL_EVENT_TYPES:
+        return None
+    existing = activity.get("tool_use_id")
+    if isinstance(existing, str) and existing:
+        return existing
+    content = activity.get("content")
+    if isinstance(content, str):
+        try:
+            content = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None  # plain-text content cannot name an id
+    return _find_tool_use_id(content)
+
+
+def _find_tool_use_id(root: Any) -> str | None:
+    pending: deque[Any] = deque([root])
+    while pending:
+        node = pending.popleft()
+        if isinstance(node, dict):
+            for key in _ID_KEYS:
+                value = node.get(key)
+                if isinstance(value, str) and value:
+                    return value
+            plain_id = node.get("id")
+            if isinstance(plain_id, str) and plain_id.startswith(_TOOL_USE_ID_PREFIX):
+                return plain_id
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return None
+
+
+def with_tool_use_id(event: Event) -> Event:
+    """`event` with `activity.tool_use_id` added to its channel data, when one is found.
+
+    The new UI pairs tool calls and results by this id (the product's known bug
+    paired them by tool name). The id goes in Event.extras as a copy of the
+    activity with the extra key, which channel_data lays over the payload's
+    `activity`; Event.payload stays untouched, so the legacy frame is still
+    byte-equal to Go's. Returns `event` itself when there is nothing to add.
+    """
+    tool_use_id = extract_tool_use_id(event)
+    activity = event.payload.get("activity")
+    if tool_use_id is None or not isinstance(activity, dict) or "tool_use_id" in activity:
+        return event
+    extras = {**event.extras, "activity": {**activity, "tool_use_id": tool_use_id}}
+    return dataclasses.replace(event, extras=extras)

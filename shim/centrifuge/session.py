@@ -1,0 +1,714 @@
+"""One Centrifuge client connection as a state machine.
+
+CONNECTING --connect ok--> CONNECTED --disconnect/close--> CLOSED. Frames come in
+through `handle_frame`; everything the client must see goes into its Outbox; the
+edge is asked to close the socket through `Transport.close`. Commands of one
+connection are handled one at a time in arrival order, as the SDKs expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from adapters.auth.jwt import Credentials, TokenError, TokenVerifier
+from shim import __version__
+from shim.broker import (
+    BrokerUnavailable,
+    ClientInfo,
+    HistoryResult,
+    Publication,
+    StreamPosition,
+    UnrecoverablePosition,
+)
+from shim.centrifuge import codec, codes
+from shim.centrifuge.codec import (
+    Command,
+    ConnectRequest,
+    HistoryRequest,
+    PresenceRequest,
+    PresenceStatsRequest,
+    ProtocolError,
+    PublishRequest,
+    RefreshRequest,
+    RPCRequest,
+    SendRequest,
+    SubRefreshRequest,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from shim.config import NamespaceOptions
+from shim.node import Node, text_size
+from shim.outbox import Outbox
+from shim.policy import ChannelAuthorizer
+
+log = logging.getLogger("shim.centrifuge")
+
+# SubscribeRequest.flag bit: the client prefers error 112 over recovered=false.
+FLAG_REJECT_UNRECOVERED = 2
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class Transport(Protocol):
+    """What the edge offers the session: ask for the socket to be closed."""
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Reject(Exception):
+    """A command fails with a reply error."""
+
+    def __init__(self, error: codes.ErrorCode, message: str | None = None) -> None:
+        super().__init__(message or error.message)
+        self.error = error
+        self.message = message
+
+
+class Disconnect(Exception):
+    """A command makes the whole connection close with a disconnect code."""
+
+    def __init__(self, code: codes.DisconnectCode) -> None:
+        super().__init__(code.reason)
+        self.code = code
+
+
+class Subscription:
+    """One channel of one client. Lives in the node's channel table while active."""
+
+    __slots__ = (
+        "buffer",
+        "channel",
+        "epoch",
+        "expires_at",
+        "info",
+        "join_leave",
+        "namespace",
+        "offset",
+        "positioned",
+        "recoverable",
+        "server_side",
+        "session",
+    )
+
+    def __init__(
+        self,
+        session: CentrifugeSession,
+        channel: str,
+        namespace: NamespaceOptions,
+        *,
+        server_side: bool,
+        info: ClientInfo,
+    ) -> None:
+        self.session = session
+        self.channel = channel
+        self.namespace = namespace
+        self.server_side = server_side
+        self.info = info
+        self.positioned = False
+        self.recoverable = False
+        self.join_leave = False
+        self.epoch = ""
+        self.offset = 0
+        self.expires_at = 0.0
+        # Publications that arrive while the subscribe reply is being prepared; None once live.
+        self.buffer: list[tuple[Publication, str, str, int]] | None = []
+
+    # ChannelSubscriber (called by the node on the publish path: append only).
+
+    def deliver(self, pub: Publication, epoch: str, text: str, size: int) -> None:
+        if self.buffer is not None:
+            self.buffer.append((pub, epoch, text, size))
+            return
+        if self.positioned and pub.offset:
+            if epoch != self.epoch or pub.offset != self.offset + 1:
+                if epoch == self.epoch and pub.offset <= self.offset:
+                    return  # already delivered (recovery overlap)
+                self.session.lost_position(self)
+                return
+            self.offset = pub.offset
+        self.session.enqueue(text, size)
+
+    def deliver_control(self, text: str, size: int) -> None:
+        if self.buffer is None:
+            self.session.enqueue(text, size)
+
+    def go_live(self, position: StreamPosition) -> None:
+        """Flush what arrived during the subscribe, skipping what the reply already held."""
+        buffered, self.buffer = self.buffer or [], None
+        self.epoch, self.offset = position.epoch, position.offset
+        for pub, epoch, text, size in buffered:
+            if self.session.state is State.CLOSED:
+                return
+            self.deliver(pub, epoch, text, size)
+
+
+class CentrifugeSession:
+    __slots__ = (
+        "_connect_failed",
+        "_opened_at",
+        "authorizer",
+        "client_id",
+        "credentials",
+        "expires_at",
+        "next_ping_at",
+        "node",
+        "outbox",
+        "pong_deadline",
+        "state",
+        "subscriptions",
+        "transport",
+        "verifier",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        verifier: TokenVerifier,
+        authorizer: ChannelAuthorizer,
+        transport: Transport,
+        outbox: Outbox,
+    ) -> None:
+        self.node = node
+        self.verifier = verifier
+        self.authorizer = authorizer
+        self.transport = transport
+        self.outbox = outbox
+        self.client_id = str(uuid.uuid4())
+        self.state = State.CONNECTING
+        self.credentials: Credentials | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.expires_at = 0.0
+        self.next_ping_at = 0.0
+        self.pong_deadline = 0.0
+        self._opened_at = asyncio.get_running_loop().time()
+        self._connect_failed = False
+        node.add_session(self)
+
+    # -- output ------------------------------------------------------------------
+
+    def enqueue(self, text: str, size: int) -> None:
+        if self.state is State.CLOSED:
+            return
+        if not self.outbox.push(text, size):
+            self.disconnect(codes.SLOW)
+
+    def _send(self, text: str) -> None:
+        self.enqueue(text, text_size(text))
+
+    def disconnect(self, code: codes.DisconnectCode) -> None:
+        """Close the connection with `code`; safe to call more than once."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        # A slow client's queue is dropped at once; otherwise replies already queued
+        # (e.g. the error explaining the disconnect) still go out before the close.
+        self.outbox.close(discard=code is codes.SLOW)
+        self.transport.close(code.code, codec.close_reason(code))
+        self._release_all()
+
+    def lost_position(self, sub: Subscription) -> None:
+        """A gap or epoch change in a positioned stream: the client must resync."""
+        if sub.server_side:
+            self.disconnect(codes.INSUFFICIENT_STATE)
+            return
+        self._drop_subscription(sub)
+        self._send(codec.encode_unsubscribe_push(sub.channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE))
+
+    def transport_closed(self) -> None:
+        """The socket is gone (client left or the edge closed it)."""
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.outbox.close(discard=True)
+            self._release_all()
+
+    def _release_all(self) -> None:
+        self.node.remove_session(self)
+        for sub in list(self.subscriptions.values()):
+            self._drop_subscription(sub)
+
+    def _drop_subscription(self, sub: Subscription) -> None:
+        if self.subscriptions.get(sub.channel) is not sub:
+            return
+        del self.subscriptions[sub.channel]
+        self.node.detach(sub.channel, sub)
+        if sub.namespace.presence or sub.namespace.join_leave:
+            task = asyncio.get_running_loop().create_task(self._leave(sub))
+            task.add_done_callback(_log_failure)
+
+    async def _leave(self, sub: Subscription) -> None:
+        if sub.namespace.presence:
+            await self.node.presence.remove_presence(sub.channel, self.client_id, sub.info.user)
+        if sub.namespace.join_leave:
+            await self.node.broker.publish_leave(sub.channel, sub.info)
+
+    # -- input -------------------------------------------------------------------
+
+    async def handle_frame(self, text: str) -> None:
+        try:
+            commands = codec.decode_frame(text)
+        except ProtocolError as exc:
+            self.disconnect(exc.code)
+            return
+        self._connect_failed = False
+        for command in commands:
+            if self.state is State.CLOSED or self._connect_failed:
+                return
+            await self._handle(command)
+
+    def handle_binary(self) -> None:
+        # JSON protocol only: a binary frame is a protocol violation.
+        self.disconnect(codes.BAD_PROTOCOL)
+
+    async def _handle(self, command: Command) -> None:
+        request = command.request
+        if request is None:  # pong
+            self.pong_deadline = 0.0
+            return
+        if self.state is State.CONNECTING and not isinstance(request, ConnectRequest):
+            self.disconnect(codes.BAD_PROTOCOL)
+            return
+        try:
+            await self._dispatch(command.id, request)
+        except Reject as exc:
+            self._send(codec.encode_error(command.id, exc.error, exc.message))
+        except Disconnect as exc:
+            self.disconnect(exc.code)
+        except BrokerUnavailable:
+            self._send(codec.encode_error(command.id, codes.INTERNAL))
+        except Exception:
+            log.exception("command failed", extra={"client": self.client_id})
+            self._send(codec.encode_error(command.id, codes.INTERNAL))
+
+    async def _dispatch(self, command_id: int, request: object) -> None:
+        if isinstance(request, ConnectRequest):
+            await self._connect(command_id, request)
+        elif isinstance(request, SubscribeRequest):
+            await self._subscribe(command_id, request)
+        elif isinstance(request, UnsubscribeRequest):
+            sub = self.subscriptions.get(request.channel)
+            if sub is not None and not sub.server_side:
+                self._drop_subscription(sub)
+            self._send(codec.encode_reply(command_id, "unsubscribe", {}))
+        elif isinstance(request, PublishRequest):
+            await self._publish(command_id, request)
+        elif isinstance(request, HistoryRequest):
+            await self._history(command_id, request)
+        elif isinstance(request, PresenceRequest):
+            self._presence_allowed(request.channel)
+            clients = await self.node.presence.presence(request.channel)
+            self._send(codec.encode_presence_result(command_id, presence=clients))
+        elif isinstance(request, PresenceStatsRequest):
+            self._presence_allowed(request.channel)
+            stats = await self.node.presence.presence_stats(request.channel)
+            self._send(
+                codec.encode_presence_stats_result(
+                    command_id, num_clients=stats.num_clients, num_users=stats.num_users
+                )
+            )
+        elif isinstance(request, RefreshRequest):
+            self._refresh(command_id, request)
+        elif isinstance(request, SubRefreshRequest):
+            self._sub_refresh(command_id, request)
+        elif isinstance(request, RPCRequest):
+            self._rpc(command_id, request)
+        elif isinstance(request, SendRequest):
+            return  # fire-and-forget messages have no handler here; ignored as Go would without one
+        else:
+            # The ping command is not part of protocol v2 usage.
+            raise Reject(codes.NOT_AVAILABLE)
+
+    # -- connect -----------------------------------------------------------------
+
+    async def _connect(self, command_id: int, request: ConnectRequest) -> None:
+        if self.state is not State.CONNECTING:
+            raise Disconnect(codes.BAD_PROTOCOL)
+        settings = self.node.settings
+        if request.token:
+            try:
+                credentials = self.verifier.verify_connection(request.token)
+            except TokenError as exc:
+                if exc.expired:
+                    self._connect_failed = True
+                    raise Reject(codes.TOKEN_EXPIRED) from None
+                raise Disconnect(codes.INVALID_TOKEN) from None
+        else:
+            credentials = Credentials(user="", expires_at=0, info=None, channels=(), project_ids=(), claims={})
+        if not credentials.user and not settings.client_anonymous:
+            self._connect_failed = True
+            raise Reject(codes.UNAUTHORIZED)
+
+        self.credentials = credentials
+        self.state = State.CONNECTED
+        now = asyncio.get_running_loop().time()
+        interval = settings.client_ping_interval_seconds
+        if interval > 0:
+            # The first ping comes at a random point of the first interval, so
+            # clients that connected together do not get their pings together.
+            self.next_ping_at = now + random.uniform(interval / 2, interval)
+
+        result: dict[str, Any] = {}
+        if credentials.expires_at:
+            self.expires_at = float(credentials.expires_at)
+            result["expires"] = True
+            result["ttl"] = max(1, int(self.expires_at - time.time()))
+
+        server_channels = []
+        if credentials.user:
+            server_channels.append(f"{settings.user_channel_prefix}:{credentials.user}")
+        server_channels += [c for c in credentials.channels if c not in server_channels]
+        opened: list[tuple[Subscription, StreamPosition]] = []
+        subs_result: dict[str, Mapping[str, Any]] = {}
+        try:
+            for channel in server_channels:
+                wanted = request.subs.get(channel) if request.subs else None
+                sub, sub_result, position = await self._open(channel, wanted, server_side=True)
+                opened.append((sub, position))
+                subs_result[channel] = sub_result
+        except BaseException:
+            for sub, _ in opened:
+                self._drop_subscription(sub)
+            self.state = State.CONNECTING
+            self.credentials = None
+            self._connect_failed = True
+            raise
+        self._send(
+            codec.encode_connect_result(
+                command_id,
+                client=self.client_id,
+                version=__version__,
+                ping=int(interval) if interval > 0 else 0,
+                pong=interval > 0,
+                subs=subs_result,
+                **result,
+            )
+        )
+        for sub, position in opened:
+            sub.go_live(position)
+            self._announce(sub)
+
+    # -- subscribe ---------------------------------------------------------------
+
+    def _check_channel(self, channel: str) -> NamespaceOptions:
+        settings = self.node.settings
+        if not channel:
+            raise Disconnect(codes.BAD_PROTOCOL)
+        if len(channel.encode()) > settings.channel_max_length:
+            raise Reject(codes.BAD_REQUEST, "channel name too long")
+        namespace = self.node.namespace(channel)
+        if namespace is None:
+            raise Reject(codes.UNKNOWN_CHANNEL)
+        return namespace
+
+    async def _subscribe(self, command_id: int, request: SubscribeRequest) -> None:
+        assert self.credentials is not None
+        namespace = self._check_channel(request.channel)
+        channel = request.channel
+        if channel in self.subscriptions:
+            raise Reject(codes.ALREADY_SUBSCRIBED)
+        if len(self.subscriptions) >= self.node.settings.client_channel_limit:
+            raise Reject(codes.LIMIT_EXCEEDED)
+        if request.type:
+            raise Reject(codes.NOT_AVAILABLE, "subscription type not supported")
+
+        expires_at = 0.0
+        chan_info: bytes | None = None
+        if request.token:
+            try:
+                claims = self.verifier.verify_subscription(
+                    request.token, channel=channel, user=self.credentials.user, client=self.client_id
+                )
+            except TokenError as exc:
+                raise Reject(codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED) from None
+            expires_at = float(claims.expires_at)
+            chan_info = claims.info
+        else:
+            decision = await self.authorizer.authorize_subscribe(
+                self.credentials, channel, self.client_id
+            )
+            if not decision.allowed:
+                raise Reject(decision.error)
+        if self.state is not State.CONNECTED or channel in self.subscriptions:
+            raise Reject(codes.ALREADY_SUBSCRIBED)
+
+        sub, result, position = await self._open(
+            channel, request, server_side=False, chan_info=chan_info, namespace=namespace
+        )
+        if expires_at:
+            sub.expires_at = expires_at
+            result["expires"] = True
+            result["ttl"] = max(1, int(expires_at - time.time()))
+        if self.state is State.CLOSED:
+            return
+        self._send(codec.encode_subscribe_result(command_id, **result))
+        sub.go_live(position)
+        self._announce(sub)
+
+    async def _open(
+        self,
+        channel: str,
+        request: SubscribeRequest | None,
+        *,
+        server_side: bool,
+        chan_info: bytes | None = None,
+        namespace: NamespaceOptions | None = None,
+    ) -> tuple[Subscription, dict[str, Any], StreamPosition]:
+        """Register a buffering subscription, then read the stream, so nothing
+        published in between is lost; the caller sends the reply and goes live."""
+        assert self.credentials is not None
+        if namespace is None:
+            namespace = self._check_channel(channel)
+        info = ClientInfo(
+            user=self.credentials.user,
+            client=self.client_id,
+            conn_info=self.credentials.info,
+            chan_info=chan_info,
+        )
+        sub = Subscription(self, channel, namespace, server_side=server_side, info=info)
+        history = namespace.history_enabled
+        sub.recoverable = history and (namespace.force_recovery or bool(request and request.recoverable))
+        sub.positioned = history and (
+            sub.recoverable or namespace.force_positioning or bool(request and request.positioned)
+        )
+        sub.join_leave = namespace.join_leave and (
+            namespace.force_push_join_leave or bool(request and request.join_leave)
+        )
+        self.subscriptions[channel] = sub
+        try:
+            await self.node.attach(channel, sub)
+            result, position = await self._position(sub, request)
+        except BaseException:
+            self._drop_subscription(sub)
+            raise
+        return sub, result, position
+
+    async def _position(
+        self, sub: Subscription, request: SubscribeRequest | None
+    ) -> tuple[dict[str, Any], StreamPosition]:
+        result: dict[str, Any] = {}
+        if not sub.positioned:
+            return result, StreamPosition(0, "")
+        broker = self.node.broker
+        options = self.node.publish_options(sub.channel)
+        result["positioned"] = True
+        if sub.recoverable:
+            result["recoverable"] = True
+        recovering = bool(sub.recoverable and request is not None and request.recover)
+        if not recovering:
+            top = await broker.history(sub.channel, limit=0, options=options)
+            result["epoch"], result["offset"] = top.position.epoch, top.position.offset
+            return result, top.position
+
+        assert request is not None
+        result["was_recovering"] = True
+        since = StreamPosition(request.offset, request.epoch)
+        history: HistoryResult | None
+        try:
+            history = await broker.history(sub.channel, since=since, limit=-1, options=options)
+        except UnrecoverablePosition:
+            history = None
+        recovered = False
+        if history is not None:
+            pubs, top = history.publications, history.position
+            if pubs:
+                recovered = pubs[0].offset == since.offset + 1 and pubs[-1].offset == top.offset
+            else:
+                recovered = top.offset == since.offset
+        if not recovered:
+            if request.flag & FLAG_REJECT_UNRECOVERED:
+                raise Reject(codes.UNRECOVERABLE_POSITION)
+            if history is None:
+                history = await broker.history(sub.channel, limit=0, options=options)
+            top = history.position
+            result["epoch"], result["offset"] = top.epoch, top.offset
+            return result, top
+        assert history is not None
+        result["recovered"] = True
+        result["epoch"] = history.position.epoch
+        result["offset"] = since.offset
+        if history.publications:
+            result["publications"] = history.publications
+        return result, history.position
+
+    def _announce(self, sub: Subscription) -> None:
+        """Presence and join after the reply went out (a client never sees its own
+        join before its subscribe reply)."""
+        if self.state is State.CLOSED:
+            return
+        if sub.namespace.presence or sub.namespace.join_leave:
+            task = asyncio.get_running_loop().create_task(self._join(sub))
+            task.add_done_callback(_log_failure)
+
+    async def _join(self, sub: Subscription) -> None:
+        if sub.namespace.presence:
+            await self.node.presence.add_presence(sub.channel, self.client_id, sub.info)
+        if sub.namespace.join_leave:
+            await self.node.broker.publish_join(sub.channel, sub.info)
+
+    # -- other commands -----------------------------------------------------------
+
+    async def _publish(self, command_id: int, request: PublishRequest) -> None:
+        namespace = self._check_channel(request.channel)
+        subscribed = request.channel in self.subscriptions
+        allowed = namespace.allow_publish_for_client or (
+            namespace.allow_publish_for_subscriber and subscribed
+        )
+        if not allowed:
+            raise Reject(codes.PERMISSION_DENIED)
+        if request.data is None:
+            raise Reject(codes.BAD_REQUEST, "publish needs data")
+        sub = self.subscriptions.get(request.channel)
+        info = sub.info if sub is not None else self._client_info()
+        await self.node.publish(request.channel, request.data, info=info)
+        self._send(codec.encode_reply(command_id, "publish", {}))
+
+    def _client_info(self) -> ClientInfo:
+        assert self.credentials is not None
+        return ClientInfo(self.credentials.user, self.client_id, self.credentials.info)
+
+    async def _history(self, command_id: int, request: HistoryRequest) -> None:
+        namespace = self._check_channel(request.channel)
+        if not namespace.history_enabled:
+            raise Reject(codes.NOT_AVAILABLE)
+        if not (namespace.allow_history_for_subscriber and request.channel in self.subscriptions):
+            raise Reject(codes.PERMISSION_DENIED)
+        since = request.since
+        if request.reverse and since is not None and since.offset == 0:
+            raise Reject(codes.BAD_REQUEST, "reverse history needs a since offset")
+        try:
+            history = await self.node.broker.history(
+                request.channel,
+                since=since,
+                limit=request.limit,
+                reverse=request.reverse,
+                options=self.node.publish_options(request.channel),
+            )
+        except UnrecoverablePosition:
+            raise Reject(codes.UNRECOVERABLE_POSITION) from None
+        self._send(
+            codec.encode_history_result(
+                command_id,
+                publications=history.publications,
+                epoch=history.position.epoch,
+                offset=history.position.offset,
+            )
+        )
+
+    def _presence_allowed(self, channel: str) -> None:
+        namespace = self._check_channel(channel)
+        if not namespace.presence:
+            raise Reject(codes.NOT_AVAILABLE)
+        if not (namespace.allow_presence_for_subscriber and channel in self.subscriptions):
+            raise Reject(codes.PERMISSION_DENIED)
+
+    def _refresh(self, command_id: int, request: RefreshRequest) -> None:
+        assert self.credentials is not None
+        if not request.token:
+            raise Disconnect(codes.BAD_PROTOCOL)
+        try:
+            credentials = self.verifier.verify_connection(request.token)
+        except TokenError as exc:
+            # An expired refresh token closes with "connection expired": the client
+            # reconnects, gets 109 for the old token and fetches a fresh one.
+            raise Disconnect(codes.CONNECTION_EXPIRED if exc.expired else codes.INVALID_TOKEN) from None
+        if credentials.user != self.credentials.user:
+            raise Disconnect(codes.INVALID_TOKEN)
+        self.credentials = credentials
+        self.expires_at = float(credentials.expires_at)
+        if self.expires_at:
+            ttl = max(1, int(self.expires_at - time.time()))
+            self._send(codec.encode_refresh_result(command_id, expires=True, ttl=ttl))
+        else:
+            self._send(codec.encode_refresh_result(command_id, expires=False, ttl=0))
+
+    def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
+        assert self.credentials is not None
+        if not request.token:
+            raise Reject(codes.BAD_REQUEST)
+        channel = request.channel or _channel_claim(request.token)
+        sub = self.subscriptions.get(channel)
+        if sub is None:
+            raise Reject(codes.PERMISSION_DENIED)
+        try:
+            claims = self.verifier.verify_subscription(
+                request.token, channel=channel, user=self.credentials.user, client=self.client_id
+            )
+        except TokenError as exc:
+            raise Reject(codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED) from None
+        if claims.expires_at and claims.expires_at < time.time():
+            raise Reject(codes.EXPIRED)
+        sub.expires_at = float(claims.expires_at)
+        if sub.expires_at:
+            ttl = max(1, int(sub.expires_at - time.time()))
+            self._send(codec.encode_sub_refresh_result(command_id, expires=True, ttl=ttl))
+        else:
+            self._send(codec.encode_sub_refresh_result(command_id, expires=False, ttl=0))
+
+    def _rpc(self, command_id: int, request: RPCRequest) -> None:
+        if request.method == "ping":
+            # Latency check used by the product's UI every 30 s.
+            self._send(codec.encode_rpc_result(command_id, data=b'{"pong":true}'))
+            return
+        raise Reject(codes.METHOD_NOT_FOUND)
+
+    # -- timers ------------------------------------------------------------------
+
+    def tick(self, now: float, wall: float) -> None:
+        settings = self.node.settings
+        if self.state is State.CLOSED:
+            return
+        started = self.outbox.write_started
+        if started and now - started > settings.websocket_write_timeout_seconds:
+            self.disconnect(codes.SLOW)
+            return
+        if self.state is State.CONNECTING:
+            if now - self._opened_at > settings.client_stale_close_delay_seconds:
+                self.disconnect(codes.STALE)
+            return
+        if self.pong_deadline and now > self.pong_deadline:
+            self.disconnect(codes.NO_PONG)
+            return
+        grace = settings.client_expired_close_delay_seconds
+        if self.expires_at and wall > self.expires_at + grace:
+            self.disconnect(codes.CONNECTION_EXPIRED)
+            return
+        for sub in list(self.subscriptions.values()):
+            if sub.expires_at and wall > sub.expires_at + grace:
+                if sub.server_side:
+                    self.disconnect(codes.SUBSCRIPTION_EXPIRED)
+                    return
+                self._drop_subscription(sub)
+                self._send(codec.encode_unsubscribe_push(sub.channel, codes.UNSUBSCRIBE_EXPIRED))
+        if self.next_ping_at and now >= self.next_ping_at:
+            self._send(codec.PING)
+            self.next_ping_at = now + settings.client_ping_interval_seconds
+            if not self.pong_deadline:
+                self.pong_deadline = now + settings.client_pong_timeout_seconds
+
+
+def _channel_claim(token: str) -> str:
+    """The `channel` claim of a subscription token, read without verifying (the
+    Python SDK sends sub_refresh without a channel; the token is verified right after)."""
+    import jwt
+
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return ""
+    channel = claims.get("channel")
+    return channel if isinstance(channel, str) else ""
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("presence/join update failed: %s", task.exception())

@@ -1,0 +1,123 @@
+"""From legacy hub messages to channel publications.
+
+Each accepted message becomes one Event; its legacy frame and its channel data
+are each encoded once, and it is published to every channel the router names, in
+order, so a legacy client that reaches it through several channels sees it once
+(by event id) and every channel keeps publish order.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from legacy.translate import Accepted, ParsedItem, channel_data, with_tool_use_id
+from legacy.wire import encode_legacy_frame, now_timestamp
+from shim.broker import BrokerUnavailable, LegacyTag
+from shim.events import Event
+from shim.node import Node
+from shim.routing import Router
+
+log = logging.getLogger("shim.ingest")
+
+
+@dataclass(slots=True)
+class ItemResult:
+    index: int
+    status: str  # "accepted" | "refused" | "failed"
+    event_id: str = ""
+    channels: tuple[str, ...] = ()
+    missing_routes: tuple[str, ...] = ()
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.event_id:
+            body["event_id"] = self.event_id
+        if self.channels:
+            body["channels"] = list(self.channels)
+        if self.missing_routes:
+            body["missing_routes"] = list(self.missing_routes)
+        if self.error:
+            body["error"] = self.error
+        return body
+
+
+@dataclass(slots=True)
+class IngestStats:
+    accepted: int = 0
+    refused: int = 0
+    failed: int = 0
+    missing_route: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Ingestor:
+    def __init__(self, node: Node, router: Router) -> None:
+        self.node = node
+        self.router = router
+        self.stats = IngestStats()
+        self._unknown_types_logged: set[str] = set()
+
+    async def ingest(self, items: Sequence[ParsedItem]) -> list[ItemResult]:
+        results = []
+        for item in items:
+            if isinstance(item, Accepted):
+                results.append(await self.publish_event(item.event, index=item.index))
+            else:
+                self.stats.refused += 1
+                results.append(ItemResult(item.index, "refused", error=item.error))
+        return results
+
+    async def publish(self, event_type: str, payload: Mapping[str, Any], **top: str) -> ItemResult:
+        """The design doc's Publisher: publish(event_type, payload) from Python code."""
+        event = Event(
+            id=uuid.uuid4().hex,
+            type=event_type,
+            payload=dict(payload),
+            timestamp=now_timestamp(),
+            task_id=top.get("task_id", ""),
+            project_id=top.get("project_id", ""),
+        )
+        return await self.publish_event(with_tool_use_id(event))
+
+    async def publish_event(self, event: Event, *, index: int = 0) -> ItemResult:
+        route = self.router.route(event)
+        if route.unknown_type and event.type not in self._unknown_types_logged:
+            self._unknown_types_logged.add(event.type)
+            log.warning("unknown event type %r routed to the default channel", event.type)
+        tag = LegacyTag(
+            event_id=event.id,
+            frame=encode_legacy_frame(event),
+            task_id=event.task_id,
+            project_id=event.project_id,
+        )
+        data = channel_data(event)
+        published: list[str] = []
+        try:
+            for channel in route.channels:
+                await self.node.publish(channel, data, legacy=tag)
+                published.append(channel)
+        except BrokerUnavailable as exc:
+            self.stats.failed += 1
+            return ItemResult(
+                index,
+                "failed",
+                event_id=event.id,
+                channels=tuple(published),
+                error=f"not stored: {exc}",
+            )
+        self.stats.accepted += 1
+        self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+        if route.missing:
+            self.stats.missing_route += 1
+        return ItemResult(
+            index,
+            "accepted",
+            event_id=event.id,
+            channels=route.channels,
+            missing_routes=route.missing,
+        )

@@ -1,0 +1,240 @@
+"""The node: local sessions, which channels they hold, and the publish path.
+
+Publishing goes through the Broker (which stores history and reaches every node);
+the broker hands each publication back to `on_publication`, which encodes it once
+per protocol and appends the same string to every local subscriber's outbox. No
+socket is ever awaited here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from shim.broker import (
+    Broker,
+    ClientInfo,
+    LegacyTag,
+    PresenceManager,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+)
+from shim.centrifuge import codec
+from shim.config import NamespaceOptions, Settings
+
+log = logging.getLogger("shim.node")
+
+
+def text_size(text: str) -> int:
+    """Bytes of `text` once UTF-8 encoded; computed once per publication."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class ChannelSubscriber(Protocol):
+    """A Centrifuge client's subscription to one channel."""
+
+    join_leave: bool
+
+    def deliver(self, pub: Publication, epoch: str, text: str, size: int) -> None: ...
+
+    def deliver_control(self, text: str, size: int) -> None: ...
+
+
+class LegacySubscriber(Protocol):
+    """A legacy client; it may reach one event through several channels."""
+
+    def deliver_legacy(self, tag: LegacyTag, size: int) -> None: ...
+
+
+class Ticking(Protocol):
+    """A session the node's ticker visits about once per `tick_interval`."""
+
+    def tick(self, now: float, wall: float) -> None: ...
+
+
+class _Channel:
+    __slots__ = ("legacy", "ready", "subscribers")
+
+    def __init__(self) -> None:
+        self.ready: asyncio.Task[None]
+        self.subscribers: dict[ChannelSubscriber, None] = {}
+        self.legacy: dict[LegacySubscriber, None] = {}
+
+    def empty(self) -> bool:
+        return not self.subscribers and not self.legacy
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        presence: PresenceManager,
+        *,
+        tick_interval: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.presence = presence
+        self.name = settings.node_name or f"{socket.gethostname()}:{settings.port}"
+        self.tick_interval = tick_interval
+        self.sessions: dict[Ticking, None] = {}
+        self._channels: dict[str, _Channel] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.publications_delivered = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self)
+        self._ticker = asyncio.create_task(self._tick_forever(), name="shim-ticker")
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.broker.close()
+
+    async def _tick_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            now, wall = loop.time(), time.time()
+            for session in list(self.sessions):
+                try:
+                    session.tick(now, wall)
+                except Exception:  # one broken session must not stop the ticker
+                    log.exception("tick failed")
+
+    # -- sessions and channels ---------------------------------------------------
+
+    def add_session(self, session: Ticking) -> None:
+        self.sessions[session] = None
+
+    def remove_session(self, session: Ticking) -> None:
+        self.sessions.pop(session, None)
+
+    def namespace(self, channel: str) -> NamespaceOptions | None:
+        return self.settings.namespace_for(channel)
+
+    def publish_options(self, channel: str) -> PublishOptions:
+        options = self.namespace(channel)
+        if options is None or not options.history_enabled:
+            return PublishOptions()
+        return PublishOptions(
+            history_size=options.history_size,
+            history_ttl_seconds=options.history_ttl_seconds,
+        )
+
+    async def attach(self, channel: str, subscriber: ChannelSubscriber) -> None:
+        """Deliver `channel` to a Centrifuge subscription from now on."""
+        entry = await self._acquire(channel)
+        entry.subscribers[subscriber] = None
+
+    async def attach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
+        """Deliver `channel`'s events to a legacy client from now on."""
+        entry = await self._acquire(channel)
+        entry.legacy[subscriber] = None
+
+    async def _acquire(self, channel: str) -> _Channel:
+        entry = self._channels.get(channel)
+        if entry is None:
+            # Registered before the broker subscribe is awaited, so concurrent attaches
+            # share it; they all wait for the same subscribe to finish.
+            entry = self._channels[channel] = _Channel()
+            entry.ready = asyncio.get_running_loop().create_task(self.broker.subscribe(channel))
+        try:
+            await asyncio.shield(entry.ready)
+        except Exception:
+            if self._channels.get(channel) is entry and entry.empty():
+                del self._channels[channel]
+            raise
+        return entry
+
+    def detach(self, channel: str, subscriber: ChannelSubscriber) -> None:
+        """Stop delivering; the broker unsubscribe of an emptied channel runs in the background."""
+        entry = self._channels.get(channel)
+        if entry is not None:
+            entry.subscribers.pop(subscriber, None)
+            self._release_if_empty(channel, entry)
+
+    def detach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
+        entry = self._channels.get(channel)
+        if entry is not None:
+            entry.legacy.pop(subscriber, None)
+            self._release_if_empty(channel, entry)
+
+    def _release_if_empty(self, channel: str, entry: _Channel) -> None:
+        if entry.empty() and self._channels.get(channel) is entry:
+            # The broker sees unsubscribe and any later subscribe in call order.
+            del self._channels[channel]
+            task = asyncio.get_running_loop().create_task(self._release(channel))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release(self, channel: str) -> None:
+        try:
+            await self.broker.unsubscribe(channel)
+        except Exception:
+            log.warning("broker unsubscribe failed", extra={"channel": channel})
+
+    def channels(self) -> Iterable[str]:
+        return self._channels.keys()
+
+    def subscriber_count(self, channel: str) -> int:
+        entry = self._channels.get(channel)
+        return 0 if entry is None else len(entry.subscribers) + len(entry.legacy)
+
+    # -- publishing --------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        legacy: LegacyTag | None = None,
+    ) -> StreamPosition:
+        pub = Publication(data=data, info=info, time_ms=time.time_ns() // 1_000_000, legacy=legacy)
+        return await self.broker.publish(channel, pub, self.publish_options(channel))
+
+    # BrokerEventHandler: called on the loop, never awaits.
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        entry = self._channels.get(channel)
+        if entry is None:
+            return
+        if entry.subscribers:
+            text = codec.encode_publication_push(channel, pub)
+            size = text_size(text)
+            for subscriber in list(entry.subscribers):
+                subscriber.deliver(pub, epoch, text, size)
+            self.publications_delivered += len(entry.subscribers)
+        if entry.legacy and pub.legacy is not None:
+            tag = pub.legacy
+            size = text_size(tag.frame)
+            for legacy in list(entry.legacy):
+                legacy.deliver_legacy(tag, size)
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        self._control(channel, codec.encode_join_push(channel, info))
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self._control(channel, codec.encode_leave_push(channel, info))
+
+    def _control(self, channel: str, text: str) -> None:
+        entry = self._channels.get(channel)
+        if entry is None:
+            return
+        size = text_size(text)
+        for subscriber in list(entry.subscribers):
+            if subscriber.join_leave:
+                subscriber.deliver_control(text, size)

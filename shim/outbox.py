@@ -1,0 +1,137 @@
+"""A connection's outbound queue: capped in bytes, filled without awaiting, drained
+by one writer task.
+
+The publish path calls `push` for every subscriber; it appends and returns, never
+touching a socket. Going over the cap makes `push` return False and the caller
+disconnects that client (3008) -- the queue is then dropped, so a stalled client
+holds at most `cap` bytes of our memory and never delays anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+
+class Outbox:
+    __slots__ = (
+        "_cap",
+        "_closed",
+        "_items",
+        "_size",
+        "_sizes",
+        "_wakeup",
+        "frames_sent",
+        "write_started",
+    )
+
+    def __init__(self, cap_bytes: int) -> None:
+        self._cap = cap_bytes
+        self._items: deque[str] = deque()
+        # Byte size of each queued message; the int objects are shared by all
+        # subscribers of a publication, so this costs one pointer per message.
+        self._sizes: deque[int] = deque()
+        self._size = 0
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        # Loop time when the writer began its current socket write, 0.0 when idle;
+        # the node's ticker compares it with the write timeout.
+        self.write_started = 0.0
+        self.frames_sent = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes waiting to be written."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def push(self, text: str, size: int) -> bool:
+        """Queue one message of `size` bytes. False when it would exceed the cap."""
+        if self._closed:
+            return True
+        if self._size + size > self._cap:
+            return False
+        self._items.append(text)
+        self._sizes.append(size)
+        self._size += size
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return True
+
+    def close(self, *, discard: bool) -> None:
+        """No more pushes. With `discard`, forget what is queued (slow client)."""
+        self._closed = True
+        if discard:
+            self._items.clear()
+            self._sizes.clear()
+            self._size = 0
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Until there is something to write or the outbox is closed."""
+        if not self._items and not self._closed:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def take(self, max_chars: int) -> list[str]:
+        """Remove and return queued messages totalling at most `max_chars` (at least one)."""
+        items, sizes = self._items, self._sizes
+        if not items:
+            return []
+        taken = [items.popleft()]
+        chars = len(taken[0])
+        freed = sizes.popleft()
+        while items and chars + len(items[0]) + 1 <= max_chars:
+            message = items.popleft()
+            chars += len(message) + 1
+            freed += sizes.popleft()
+            taken.append(message)
+        self._size -= freed
+        return taken
+
+    def take_one(self) -> str | None:
+        if not self._items:
+            return None
+        self._size -= self._sizes.popleft()
+        return self._items.popleft()
+
+
+SendText = Callable[[str], Awaitable[None]]
+
+
+async def drain_joined(outbox: Outbox, send: SendText, max_frame_chars: int) -> None:
+    """Writer loop for protocols that allow several messages per frame (Centrifuge
+    JSON: newline-separated). Everything queued while a write was in flight goes out
+    in the next frame, which is what keeps per-message cost low under fan-out."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await outbox.wait()
+        batch = outbox.take(max_frame_chars)
+        if not batch:
+            if outbox.closed:
+                return
+            continue
+        outbox.write_started = loop.time()
+        await send(batch[0] if len(batch) == 1 else "\n".join(batch))
+        outbox.write_started = 0.0
+        outbox.frames_sent += 1
+
+
+async def drain_each(outbox: Outbox, send: SendText) -> None:
+    """Writer loop for protocols that need one message per frame (legacy hub)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await outbox.wait()
+        message = outbox.take_one()
+        if message is None:
+            if outbox.closed:
+                return
+            continue
+        outbox.write_started = loop.time()
+        await send(message)
+        outbox.write_started = 0.0
+        outbox.frames_sent += 1

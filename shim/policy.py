@@ -1,0 +1,287 @@
+"""Channel authorization: may this connection subscribe to that channel?
+
+The session asks one ChannelAuthorizer. It answers for personal channels
+(`<prefix>:<user id>`) itself and hands every other channel to a ChannelPolicy:
+
+- AllowAuthenticated ("any"): every user with a non-empty id (the product is single-user).
+- ClaimsPolicy ("claims"): the connection token lists what the user may read.
+- HttpCallbackPolicy ("http"): the application answers, like Centrifugo's subscribe proxy.
+
+A refusal carries PERMISSION_DENIED (103, final); a policy that could not answer
+carries INTERNAL (100, temporary), so SDKs retry the subscription later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import httpx
+import orjson
+
+from shim.centrifuge.codes import INTERNAL, PERMISSION_DENIED, ErrorCode
+
+if TYPE_CHECKING:
+    from adapters.auth.jwt import Credentials
+    from shim.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    allowed: bool
+    # None when allowed; PERMISSION_DENIED when refused; INTERNAL when no answer was had.
+    error: ErrorCode | None = None
+    # For logs only; never sent to clients.
+    reason: str = ""
+
+    @classmethod
+    def allow(cls, reason: str) -> Decision:
+        return cls(True, None, reason)
+
+    @classmethod
+    def deny(cls, reason: str) -> Decision:
+        return cls(False, PERMISSION_DENIED, reason)
+
+    @classmethod
+    def failure(cls, reason: str) -> Decision:
+        return cls(False, INTERNAL, reason)
+
+    @property
+    def temporary(self) -> bool:
+        return self.error is not None and self.error.temporary
+
+
+class ChannelPolicy(Protocol):
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision: ...
+
+
+class AllowAuthenticated:
+    """Any connection with a user id may subscribe anywhere (the legacy hub's rule)."""
+
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        if credentials.user:
+            return Decision.allow("authenticated")
+        return Decision.deny("anonymous")
+
+
+def channel_granted(grants: tuple[str, ...], channel: str) -> bool:
+    """True when an entry of `grants` is `channel` itself or `<namespace>:*` for its
+    namespace. Nothing else is a pattern: `*` and `task:4*` are plain names, so a
+    grant never widens by accident.
+    """
+    namespace, sep, rest = channel.partition(":")
+    wildcard = f"{namespace}:*" if sep and namespace and rest else None
+    return any(grant in (channel, wildcard) for grant in grants)
+
+
+class ClaimsPolicy:
+    """The signed connection token decides; the user id plays no part, so a token
+    without `sub` still gets what it lists.
+
+    - `channels`: exact channel names, or `<namespace>:*` for a whole namespace
+      (`task:*`). The same claim makes server-side subscriptions; patterns are skipped there.
+    - `project_ids`: each id grants `<project_namespace>:<id>`.
+    - Task and quest channels come only from `channels`: a channel name does not say
+      which project a task belongs to. When access must follow project membership,
+      use HttpCallbackPolicy, where the application can look it up.
+    """
+
+    __slots__ = ("_project_prefix",)
+
+    def __init__(self, *, project_namespace: str = "project") -> None:
+        self._project_prefix = f"{project_namespace}:"
+
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        if channel_granted(credentials.channels, channel):
+            return Decision.allow("token channels")
+        if channel.startswith(self._project_prefix):
+            project_id = channel[len(self._project_prefix) :]
+            if project_id and project_id in credentials.project_ids:
+                return Decision.allow("token project_ids")
+        return Decision.deny("not granted by token")
+
+
+_Key = tuple[str, str]
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+class HttpCallbackPolicy:
+    """POSTs {"user", "channel", "client"} to the application.
+
+    200 {"allow": true} allows; 200 {"allow": false} or 403 refuses. Anything else
+    (timeout, connection error, another status, an unreadable body) is a temporary
+    INTERNAL failure. Answers, not failures, are cached per (user, channel) for
+    cache_seconds; concurrent asks for the same (user, channel) share one request.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_seconds: float = 2.0,
+        cache_seconds: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_cache_entries: int = 10_000,
+    ) -> None:
+        self._url = url
+        self._timeout = timeout_seconds
+        self._cache_seconds = cache_seconds
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds))
+        self._clock = clock
+        self._max_entries = max_cache_entries
+        self._cache: dict[_Key, tuple[float, Decision]] = {}
+        self._inflight: dict[_Key, asyncio.Task[Decision]] = {}
+
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        key = (credentials.user, channel)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._ask(key, client_id))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        # Shielded: one asker giving up (its client left) must not cancel the others' answer.
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def _ask(self, key: _Key, client_id: str) -> Decision:
+        user, channel = key
+        body = orjson.dumps({"user": user, "channel": channel, "client": client_id})
+        try:
+            # httpx timeouts are per phase; this bounds the whole exchange.
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(self._url, content=body, headers=_JSON_HEADERS)
+        except TimeoutError:
+            return self._failed(channel, "callback timed out")
+        except httpx.HTTPError as exc:
+            return self._failed(channel, f"callback failed: {type(exc).__name__}")
+        decision = _read_answer(response)
+        if decision.error is INTERNAL:
+            return self._failed(channel, decision.reason)
+        self._remember(key, decision)
+        return decision
+
+    def _failed(self, channel: str, reason: str) -> Decision:
+        logger.warning("channel policy %s: %s (channel %s)", self._url, reason, channel)
+        return Decision.failure(reason)
+
+    def _cached(self, key: _Key) -> Decision | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        expires_at, decision = entry
+        if self._clock() < expires_at:
+            return decision
+        del self._cache[key]
+        return None
+
+    def _remember(self, key: _Key, decision: Decision) -> None:
+        if self._cache_seconds <= 0:
+            return
+        now = self._clock()
+        if len(self._cache) >= self._max_entries:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) >= self._max_entries:  # all fresh: drop the oldest
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = (now + self._cache_seconds, decision)
+
+    def _forget(self, key: _Key, task: asyncio.Task[Decision]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+
+
+def _read_answer(response: httpx.Response) -> Decision:
+    if response.status_code == 403:
+        return Decision.deny("callback answered 403")
+    if response.status_code != 200:
+        return Decision.failure(f"callback answered {response.status_code}")
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return Decision.failure("callback answer is not JSON")
+    allow = body.get("allow") if isinstance(body, dict) else None
+    if allow is True:
+        return Decision.allow("callback allowed")
+    if allow is False:
+        return Decision.deny("callback refused")
+    return Decision.failure("callback answer has no boolean `allow`")
+
+
+class ChannelAuthorizer:
+    """The one entry point sessions call to authorize a subscription."""
+
+    __slots__ = ("_policy", "_user_prefix")
+
+    def __init__(self, policy: ChannelPolicy, *, user_channel_prefix: str = "user") -> None:
+        self._policy = policy
+        # An empty prefix turns the personal-channel rule off.
+        self._user_prefix = f"{user_channel_prefix}:" if user_channel_prefix else ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ChannelAuthorizer:
+        return cls(policy_from_settings(settings), user_channel_prefix=settings.user_channel_prefix)
+
+    @property
+    def policy(self) -> ChannelPolicy:
+        return self._policy
+
+    def personal_channel(self, user: str) -> str:
+        """The user's personal channel, or "" for anonymous users or when the rule is off."""
+        return f"{self._user_prefix}{user}" if user and self._user_prefix else ""
+
+    async def authorize_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        if self._user_prefix and channel.startswith(self._user_prefix):
+            # Never delegated: no policy may hand one user another's personal channel.
+            if credentials.user and channel == self.personal_channel(credentials.user):
+                return Decision.allow("own personal channel")
+            return Decision.deny("personal channel of another user")
+        try:
+            return await self._policy.can_subscribe(credentials, channel, client_id)
+        except Exception:
+            # A broken policy costs one subscribe a retry, not the session.
+            logger.exception("channel policy raised for channel %s", channel)
+            return Decision.failure("policy error")
+
+    async def aclose(self) -> None:
+        close = getattr(self._policy, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def policy_from_settings(settings: Settings) -> ChannelPolicy:
+    if settings.channel_policy == "claims":
+        return ClaimsPolicy()
+    if settings.channel_policy == "http":
+        return HttpCallbackPolicy(
+            settings.channel_policy_url,
+            settings.channel_policy_timeout_seconds,
+            settings.channel_policy_cache_seconds,
+        )
+    return AllowAuthenticated()

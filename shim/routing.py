@@ -1,0 +1,146 @@
+"""Which channels an Event is published to, from the configured RouteRules.
+
+Runs once per ingested event, so rules and templates are compiled up front and a
+route costs a few dict look-ups and string joins.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shim.config import RouteRule
+from shim.events import Event
+
+# Template keys that may also come from the legacy envelope's top-level fields.
+_TOP_LEVEL_KEYS = ("task_id", "project_id")
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    # Channels to publish to, without duplicates; the global channel is always last.
+    channels: tuple[str, ...]
+    # Templates (as configured) that could not be filled: the event lacked their key.
+    missing: tuple[str, ...]
+    # No rule matched the event type; it went to the default channel.
+    unknown_type: bool
+
+
+@dataclass(slots=True, frozen=True)
+class _Template:
+    text: str
+    # [literal, key, literal, ..., literal]: keys at odd positions, filled per event.
+    parts: tuple[str, ...]
+    optional: bool
+
+    def fill(self, event: Event) -> str | None:
+        pieces = list(self.parts)
+        for i in range(1, len(pieces), 2):
+            value = _lookup(event, pieces[i])
+            if value is None:
+                return None
+            pieces[i] = value
+        return "".join(pieces)
+
+
+@dataclass(slots=True, frozen=True)
+class _CompiledRule:
+    templates: tuple[_Template, ...]
+    fallback: str
+
+
+def _lookup(event: Event, key: str) -> str | None:
+    value = event.payload.get(key)
+    if isinstance(value, str) and value:
+        return value
+    if key in _TOP_LEVEL_KEYS:
+        top: str = getattr(event, key)
+        return top or None
+    return None
+
+
+def _compile_template(text: str, optional: bool) -> _Template:
+    parts: list[str] = []
+    literal_run = ""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"route template {text!r}: {exc}") from exc
+    for literal, key, spec, conversion in parsed:
+        literal_run += literal
+        if key is None:
+            continue
+        if not key or spec or conversion:
+            raise ValueError(f"route template {text!r}: only plain {{key}} placeholders")
+        parts += (literal_run, key)
+        literal_run = ""
+    parts.append(literal_run)
+    return _Template(text=text, parts=tuple(parts), optional=optional)
+
+
+class Router:
+    """Maps an event type to channels: the longest matching rule wins, where a rule's
+    `match` is an exact type or a prefix ending in '.'. Every event also goes to
+    `global_channel`; a type no rule matches goes to `default_channel`.
+    """
+
+    __slots__ = ("_default_channel", "_exact", "_global_channel", "_prefixes")
+
+    def __init__(
+        self, rules: Sequence[RouteRule], *, default_channel: str, global_channel: str
+    ) -> None:
+        self._default_channel = default_channel
+        self._global_channel = global_channel
+        self._exact: dict[str, _CompiledRule] = {}
+        self._prefixes: dict[str, _CompiledRule] = {}
+        for rule in rules:
+            optional = set(rule.optional)
+            compiled = _CompiledRule(
+                templates=tuple(_compile_template(t, t in optional) for t in rule.channels),
+                fallback=rule.fallback,
+            )
+            table = self._prefixes if rule.match.endswith(".") else self._exact
+            # A later rule with the same match replaces an earlier one, like a config override.
+            table[rule.match] = compiled
+
+    def _rule_for(self, event_type: str) -> _CompiledRule | None:
+        rule = self._exact.get(event_type)
+        if rule is not None:
+            return rule
+        # An exact match is always the longest; then try prefixes from the longest down.
+        end = event_type.rfind(".")
+        while end >= 0:
+            rule = self._prefixes.get(event_type[: end + 1])
+            if rule is not None:
+                return rule
+            end = event_type.rfind(".", 0, end)
+        return None
+
+    def route(self, event: Event) -> Route:
+        rule = self._rule_for(event.type)
+        if rule is None:
+            return Route(
+                channels=self._finish((self._default_channel,)),
+                missing=(),
+                unknown_type=True,
+            )
+        channels: list[str] = []
+        missing: list[str] = []
+        lacking = 0
+        for template in rule.templates:
+            channel = template.fill(event)
+            if channel is not None:
+                channels.append(channel)
+                continue
+            lacking += 1
+            if not template.optional:
+                missing.append(template.text)
+        if rule.fallback and lacking == len(rule.templates):
+            channels, missing = [rule.fallback], []
+        return Route(channels=self._finish(channels), missing=tuple(missing), unknown_type=False)
+
+    def _finish(self, channels: Sequence[str]) -> tuple[str, ...]:
+        # dict keeps first-seen order while dropping duplicates; global goes last, once.
+        unique = dict.fromkeys(c for c in channels if c != self._global_channel)
+        return (*unique, self._global_channel)

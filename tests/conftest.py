@@ -1,0 +1,115 @@
+"""Shared fixtures: a real hypercorn server on an ephemeral loopback port, running
+this process's event loop, with keys and an API key for the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapters.auth.jwt import generate_signing_key, mint_token
+from shim.app import create_app
+from shim.config import Settings, load_settings
+from shim.runtime import Runtime
+from shim.server import bind_socket, serve_app
+
+API_KEY = "test-api-key"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def signing_keys() -> tuple[str, str]:
+    return generate_signing_key("EdDSA")
+
+
+@dataclass
+class RunningServer:
+    runtime: Runtime
+    port: int
+    signing_key: str
+    http: httpx.AsyncClient
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/connection/websocket"
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    def token(self, user: str = "user-1", ttl: int | None = 3600, **extra: Any) -> str:
+        return mint_token(self.signing_key, "EdDSA", user=user, ttl_seconds=ttl, extra=extra)
+
+    async def broadcast(self, body: Any) -> httpx.Response:
+        return await self.http.post(
+            "/api/v1/broadcast", json=body, headers={"X-API-Key": API_KEY}
+        )
+
+
+@contextlib.asynccontextmanager
+async def run_server(signing_keys: tuple[str, str], **overrides: Any) -> AsyncIterator[RunningServer]:
+    private, public = signing_keys
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "token_key": public,
+        "api_key": API_KEY,
+        "use_uvloop": False,
+    }
+    values.update(overrides)
+    settings = load_settings(env={}, **values)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    runtime = Runtime(settings)
+    app = create_app(runtime)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_app(app, sock, stop.wait))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        for _ in range(200):
+            if task.done():
+                task.result()
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/health")).status_code == 200 and runtime.started:
+                    break
+            await asyncio.sleep(0.02)
+        else:
+            raise RuntimeError("server did not start")
+        server = RunningServer(runtime, port, private, http)
+        try:
+            yield server
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def server(signing_keys: tuple[str, str]) -> AsyncIterator[RunningServer]:
+    async with run_server(signing_keys) as running:
+        yield running
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def corpus() -> Iterator[list[dict[str, Any]]]:
+    import orjson
+
+    path = SHARED / "spec" / "legacy-broadcasts.json"
+    yield orjson.loads(path.read_bytes())

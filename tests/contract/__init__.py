@@ -1,0 +1,1 @@
+"""Engine contract suite: every Broker/PresenceManager implementation passes these."""

@@ -1,0 +1,132 @@
+"""The `engine` fixture, parametrized over engine factories.
+
+A factory is an async context manager yielding an `EngineUnderTest`. Tests use only
+the Broker/PresenceManager protocol methods, the recording handler and
+`advance_time`, so a Redis factory can join ENGINE_FACTORIES unchanged. Channel
+names come from the `channel` fixtures so engines with shared storage see fresh channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
+from shim.broker import Broker, ClientInfo, PresenceManager, Publication
+
+# How long an engine that delivers through a network may take to deliver.
+DELIVERY_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class RecordingHandler:
+    """A BrokerEventHandler that keeps everything it hears, in arrival order."""
+
+    publications: list[tuple[str, Publication, str]] = field(default_factory=list)
+    joins: list[tuple[str, ClientInfo]] = field(default_factory=list)
+    leaves: list[tuple[str, ClientInfo]] = field(default_factory=list)
+    # Set whenever anything arrives; waiters clear it before waiting.
+    heard: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        self.publications.append((channel, pub, epoch))
+        self.heard.set()
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        self.joins.append((channel, info))
+        self.heard.set()
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self.leaves.append((channel, info))
+        self.heard.set()
+
+    def publications_of(self, channel: str) -> list[tuple[Publication, str]]:
+        return [(pub, epoch) for ch, pub, epoch in self.publications if ch == channel]
+
+
+@dataclass(slots=True)
+class EngineUnderTest:
+    broker: Broker
+    presence: PresenceManager
+    handler: RecordingHandler
+    # Moves the engine's notion of time forward (fake clock, or a real wait).
+    advance_time: Callable[[float], Awaitable[None]]
+    # True when the handler has heard an event by the time the publishing call returns.
+    synchronous_delivery: bool
+
+    async def delivered(self, predicate: Callable[[], bool]) -> None:
+        """Assert `predicate` holds: at once for a synchronous engine, else within
+        DELIVERY_TIMEOUT_SECONDS."""
+        if self.synchronous_delivery:
+            assert predicate()
+            return
+        async with asyncio.timeout(DELIVERY_TIMEOUT_SECONDS):
+            while not predicate():
+                self.handler.heard.clear()
+                await self.handler.heard.wait()
+
+
+@dataclass(slots=True)
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@asynccontextmanager
+async def memory_engine() -> AsyncIterator[EngineUnderTest]:
+    clock = FakeClock()
+    broker = MemoryBroker(clock=clock)
+    handler = RecordingHandler()
+    await broker.start(handler)
+    try:
+        yield EngineUnderTest(
+            broker=broker,
+            presence=MemoryPresenceManager(),
+            handler=handler,
+            advance_time=clock.advance,
+            synchronous_delivery=True,
+        )
+    finally:
+        await broker.close()
+
+
+ENGINE_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[EngineUnderTest]]] = {
+    "memory": memory_engine,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "expiry: moves time with advance_time (real waiting on some engines)"
+    )
+
+
+@pytest.fixture(params=list(ENGINE_FACTORIES))
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[EngineUnderTest]:
+    async with ENGINE_FACTORIES[request.param]() as under_test:
+        yield under_test
+
+
+@pytest.fixture
+def advance_time(engine: EngineUnderTest) -> Callable[[float], Awaitable[None]]:
+    return engine.advance_time
+
+
+@pytest.fixture
+def channel() -> str:
+    return f"contract:{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def other_channel() -> str:
+    return f"contract:{uuid.uuid4().hex}"

@@ -1,0 +1,127 @@
+"""centrifuge-python (the official SDK) wrapped with event recorders for tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from centrifuge import (
+    Client,
+    ClientEventHandler,
+    ConnectedContext,
+    ConnectingContext,
+    DisconnectedContext,
+    ErrorContext,
+    JoinContext,
+    LeaveContext,
+    PublicationContext,
+    ServerPublicationContext,
+    ServerSubscribedContext,
+    ServerUnsubscribedContext,
+    Subscription,
+    SubscribedContext,
+    SubscribingContext,
+    SubscriptionErrorContext,
+    SubscriptionEventHandler,
+    UnsubscribedContext,
+)
+
+
+class Recorder:
+    """Keeps (name, ctx) of every event and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def record(self, name: str, ctx: Any) -> None:
+        self.events.append((name, ctx))
+        self._changed.set()
+
+    def named(self, name: str) -> list[Any]:
+        return [ctx for event, ctx in self.events if event == name]
+
+    async def wait_for(
+        self,
+        name: str,
+        predicate: Callable[[Any], bool] = lambda _ctx: True,
+        *,
+        timeout: float = 10.0,
+        count: int = 1,
+    ) -> Any:
+        async def until() -> Any:
+            while True:
+                matches = [ctx for ctx in self.named(name) if predicate(ctx)]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(until(), timeout)
+
+
+class ClientEvents(ClientEventHandler, Recorder):  # type: ignore[misc]
+    def __init__(self) -> None:
+        Recorder.__init__(self)
+
+    async def on_connecting(self, ctx: ConnectingContext) -> None:
+        self.record("connecting", ctx)
+
+    async def on_connected(self, ctx: ConnectedContext) -> None:
+        self.record("connected", ctx)
+
+    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
+        self.record("disconnected", ctx)
+
+    async def on_error(self, ctx: ErrorContext) -> None:
+        self.record("error", ctx)
+
+    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
+        self.record("subscribed", ctx)
+
+    async def on_unsubscribed(self, ctx: ServerUnsubscribedContext) -> None:
+        self.record("unsubscribed", ctx)
+
+    async def on_publication(self, ctx: ServerPublicationContext) -> None:
+        self.record("publication", ctx)
+
+
+class SubEvents(SubscriptionEventHandler, Recorder):  # type: ignore[misc]
+    def __init__(self) -> None:
+        Recorder.__init__(self)
+
+    async def on_subscribing(self, ctx: SubscribingContext) -> None:
+        self.record("subscribing", ctx)
+
+    async def on_subscribed(self, ctx: SubscribedContext) -> None:
+        self.record("subscribed", ctx)
+
+    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
+        self.record("unsubscribed", ctx)
+
+    async def on_publication(self, ctx: PublicationContext) -> None:
+        self.record("publication", ctx)
+
+    async def on_join(self, ctx: JoinContext) -> None:
+        self.record("join", ctx)
+
+    async def on_leave(self, ctx: LeaveContext) -> None:
+        self.record("leave", ctx)
+
+    async def on_error(self, ctx: SubscriptionErrorContext) -> None:
+        self.record("error", ctx)
+
+
+def new_client(url: str, token: str = "", **options: Any) -> tuple[Client, ClientEvents]:
+    events = ClientEvents()
+    options.setdefault("proxy", None)
+    options.setdefault("max_reconnect_delay", 0.5)
+    client = Client(url, events=events, token=token, **options)
+    return client, events
+
+
+def new_subscription(client: Client, channel: str, **options: Any) -> tuple[Subscription, SubEvents]:
+    events = SubEvents()
+    options.setdefault("max_resubscribe_delay", 0.5)
+    return client.new_subscription(channel, events=events, **options), events
