@@ -27,14 +27,15 @@ from shim.broker import (
     UnrecoverablePosition,
 )
 
-# Streams examined from the oldest end on each publish; each publish creates at most
-# one stream, so dropping up to two expired ones keeps pace with creation.
+# Streams examined from the oldest end whenever a stream may be created (publish, and a
+# read of an unknown channel); each creates at most one, so dropping up to two keeps pace.
 _SWEEP_BATCH = 2
 _DEFAULT_OPTIONS = PublishOptions()
 
 
 def new_epoch() -> str:
-    """12 URL-safe characters from the OS CSPRNG: a reset stream never reuses an epoch."""
+    """12 URL-safe characters (72 bits) from the OS CSPRNG, so a reset stream's epoch
+    differs from the old one with overwhelming probability."""
     return secrets.token_urlsafe(9)
 
 
@@ -50,11 +51,6 @@ class _Stream:
     meta_expires_at: float
     top: int = 0
     entries: deque[_Entry] = field(default_factory=deque)
-
-
-def _meta_ttl(options: PublishOptions) -> float:
-    # The meta must outlive the publications it numbers, or a reset would hide them.
-    return max(options.history_meta_ttl_seconds, options.history_ttl_seconds)
 
 
 class MemoryBroker:
@@ -84,8 +80,6 @@ class MemoryBroker:
         now = self._clock()
         self._sweep(now)
         if options.history_size <= 0 or options.history_ttl_seconds <= 0:
-            if pub.offset:
-                pub = replace(pub, offset=0)
             self._deliver(channel, pub, "")
             return StreamPosition(0, "")
         stream = self._streams.pop(channel, None)
@@ -93,7 +87,7 @@ class MemoryBroker:
             stream = _Stream(epoch=new_epoch(), meta_expires_at=0.0)
         self._streams[channel] = stream
         stream.top += 1
-        stream.meta_expires_at = now + _meta_ttl(options)
+        stream.meta_expires_at = now + options.history_meta_ttl_seconds
         pub = replace(pub, offset=stream.top)
         entries = stream.entries
         entries.append(_Entry(now + options.history_ttl_seconds, pub))
@@ -134,8 +128,9 @@ class MemoryBroker:
         stream = self._streams.get(channel)
         if stream is None or stream.meta_expires_at <= now:
             # Fix the epoch now, so a subscriber who saw the empty stream can recover later.
-            ttl = _meta_ttl(options or _DEFAULT_OPTIONS)
-            stream = _Stream(epoch=new_epoch(), meta_expires_at=now + ttl)
+            self._sweep(now)
+            meta_ttl = (options or _DEFAULT_OPTIONS).history_meta_ttl_seconds
+            stream = _Stream(epoch=new_epoch(), meta_expires_at=now + meta_ttl)
             self._streams.pop(channel, None)
             self._streams[channel] = stream
         position = StreamPosition(stream.top, stream.epoch)

@@ -322,7 +322,9 @@ _json_values = st.recursive(
 # Command-shaped objects, so that fuzzing reaches the field readers, not just the JSON parser.
 _commands = st.builds(
     lambda extra, cid, key, body: {**extra, "id": cid, key: body},
-    st.dictionaries(st.sampled_from(["id", *_REQUESTS]) | st.text(max_size=3), _json_values),
+    st.dictionaries(
+        st.sampled_from(["id", *_REQUESTS]) | st.text(max_size=3), _json_values, max_size=2
+    ),
     st.none() | st.integers(min_value=0, max_value=9) | _scalars,
     st.sampled_from(_REQUESTS),
     st.dictionaries(st.sampled_from(_FIELDS), _json_values, max_size=5) | _json_values,
@@ -345,7 +347,7 @@ def test_arbitrary_input_raises_only_protocol_error(frame: str | bytes) -> None:
     _decode_or_protocol_error(frame)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_commands | _json_values, min_size=1, max_size=3), st.booleans(), st.booleans())
 def test_arbitrary_json_commands_raise_only_protocol_error(
     values: list[Any], as_bytes: bool, ascii_only: bool

@@ -67,9 +67,7 @@ def test_minted_token_verifies_with_each_algorithm(
 
 
 @pytest.mark.parametrize("algorithm", ["EdDSA", "RS256", "ES256"])
-def test_verifier_accepts_private_key_pem(
-    keys: dict[str, tuple[str, str]], algorithm: str
-) -> None:
+def test_verifier_accepts_private_key_pem(keys: dict[str, tuple[str, str]], algorithm: str) -> None:
     private, _ = keys[algorithm]
     token = mint_token(private, algorithm, user=USER)
     assert TokenVerifier(algorithm, private.encode()).verify_connection(token).user == USER
@@ -131,7 +129,9 @@ def test_swapped_payload_is_refused(keys: dict[str, tuple[str, str]]) -> None:
     private, public = keys["EdDSA"]
     header, _, signature = mint_token(private, "EdDSA", user=USER).split(".")
     forged = b64url(orjson.dumps({"user_id": "admin", "sub": "admin"}))
-    assert refused(TokenVerifier("EdDSA", public), f"{header}.{forged}.{signature}").expired is False
+    assert (
+        refused(TokenVerifier("EdDSA", public), f"{header}.{forged}.{signature}").expired is False
+    )
 
 
 def test_token_signed_by_another_key_is_refused(keys: dict[str, tuple[str, str]]) -> None:

@@ -1,0 +1,112 @@
+"""A client that stops reading is cut off with 3008 and never delays the others."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import run_server
+from tests.pyclient import new_client, new_subscription
+
+CHANNEL = "task:stall"
+
+
+async def _raw_subscriber(url: str, token: str, channel: str) -> ClientConnection:
+    # max_queue=1: once one message waits unread, websockets stops reading the socket,
+    # so the kernel buffers fill exactly as with a client that stopped reading.
+    ws = await connect(url, compression=None, max_queue=1, ping_interval=None)
+    await ws.send(orjson.dumps({"id": 1, "connect": {"token": token}}).decode())
+    await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}).decode())
+    seen: set[int] = set()
+    while not {1, 2} <= seen:
+        for line in str(await ws.recv()).split("\n"):
+            reply = orjson.loads(line)
+            assert "error" not in reply, reply
+            if reply.get("id"):
+                seen.add(reply["id"])
+    return ws
+
+
+async def _close_code(ws: ClientConnection) -> int | None:
+    """Read what is left (the stalled client wakes up) until the close arrives."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 10)
+    return ws.close_code
+
+
+@pytest.mark.parametrize(
+    ("cut_by", "stalled_count", "overrides"),
+    [
+        # The queue cap trips first: the write timeout is far away.
+        (
+            "queue cap",
+            1,
+            {"client_queue_max_size_bytes": 512 * 1024, "websocket_write_timeout_seconds": 60},
+        ),
+        (
+            "queue cap",
+            3,
+            {"client_queue_max_size_bytes": 512 * 1024, "websocket_write_timeout_seconds": 60},
+        ),
+        # The write timeout trips first: the cap is far away.
+        (
+            "write timeout",
+            1,
+            {
+                "client_queue_max_size_bytes": 256 * 1024 * 1024,
+                "websocket_write_timeout_seconds": 1,
+            },
+        ),
+    ],
+)
+async def test_stalled_client_is_cut_off_and_fast_client_gets_everything(
+    signing_keys: tuple[str, str], cut_by: str, stalled_count: int, overrides: dict[str, int]
+) -> None:
+    async with run_server(signing_keys, **overrides) as server:
+        node = server.runtime.node
+        fast, fast_events = new_client(server.ws_url, server.token("fast"))
+        await fast.connect()
+        sub, sub_events = new_subscription(fast, CHANNEL)
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+        stalled = [
+            await _raw_subscriber(server.ws_url, server.token(f"slow-{i}"), CHANNEL)
+            for i in range(stalled_count)
+        ]
+        assert node.subscriber_count(CHANNEL) == 1 + stalled_count
+
+        # Publish 2 KB events until every stalled client is gone (bounded: the kernel
+        # buffers of a loopback socket take a few MB before the server's queue grows).
+        filler = "x" * 2000
+        total, batch = 0, 100
+        deadline = asyncio.get_running_loop().time() + 20
+        while node.subscriber_count(CHANNEL) > 1:
+            assert asyncio.get_running_loop().time() < deadline, "stalled clients never cut off"
+            response = await server.broadcast(
+                [
+                    {"type": "task.updated", "payload": {"task_id": "stall", "n": n, "pad": filler}}
+                    for n in range(total, total + batch)
+                ]
+            )
+            assert response.status_code == 200, response.text
+            total += batch
+            if cut_by == "write timeout":
+                await asyncio.sleep(0.1)
+
+        await sub_events.wait_for("publication", count=total, timeout=30)
+        publications = sub_events.named("publication")
+        assert [ctx.pub.data["n"] for ctx in publications] == list(range(total))
+        offsets = [ctx.pub.offset for ctx in publications]
+        assert offsets == list(range(offsets[0], offsets[0] + total))
+
+        for ws in stalled:
+            assert await _close_code(ws) == 3008
+        assert not fast_events.named("disconnected")
+        assert [name for name, _ in fast_events.events].count("connected") == 1
+        await fast.disconnect()
