@@ -91,7 +91,8 @@ def _build_quart(runtime: Runtime) -> Quart:
         key = request.headers.get("X-API-Key", "")
         if not key or not hmac.compare_digest(key.encode(), runtime.api_key.encode()):
             return json_response({"error": "missing or invalid X-API-Key"}, 401)
-        body = await request.get_data(cache=False, as_text=False)
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        assert isinstance(body, bytes)
         try:
             items = parse_broadcast(body, max_item_bytes=settings.ingest_max_item_bytes)
         except BroadcastError as exc:

@@ -96,7 +96,9 @@ def _default_routes() -> tuple[RouteRule, ...]:
     # task.* also to project:{project_id} when known, quests to quest:{quest_id},
     # approvals to the user when named and to `system` otherwise.
     return (
-        RouteRule("task.", ("task:{task_id}", "project:{project_id}"), optional=("project:{project_id}",)),
+        RouteRule(
+            "task.", ("task:{task_id}", "project:{project_id}"), optional=("project:{project_id}",)
+        ),
         RouteRule("session.", ("task:{task_id}",)),
         RouteRule("activity.", ("task:{task_id}",)),
         RouteRule("planning.", ("task:{task_id}",)),
@@ -292,7 +294,9 @@ def load_settings(
     for name in known:
         env_value = env.get(ENV_PREFIX + name.upper())
         if env_value is not None:
-            values[name] = orjson.loads(env_value) if name in ("namespaces", "routes") else env_value
+            values[name] = (
+                orjson.loads(env_value) if name in ("namespaces", "routes") else env_value
+            )
     values.update(overrides)
 
     final: dict[str, Any] = {}
@@ -323,7 +327,9 @@ def _validate(settings: Settings) -> None:
     if settings.token_algorithm not in ("EdDSA", "HS256", "RS256", "ES256"):
         raise ConfigError(f"token_algorithm: unsupported {settings.token_algorithm!r}")
     if settings.channel_policy not in ("any", "claims", "http"):
-        raise ConfigError(f"channel_policy: expected any|claims|http, got {settings.channel_policy!r}")
+        raise ConfigError(
+            f"channel_policy: expected any|claims|http, got {settings.channel_policy!r}"
+        )
     if settings.channel_policy == "http" and not settings.channel_policy_url:
         raise ConfigError("channel_policy_url: required when channel_policy is 'http'")
     if settings.client_queue_max_size_bytes < 1024:

@@ -73,7 +73,11 @@ class SocketPump:
                 await asyncio.wait({writer_task}, timeout=flush_timeout)
             await _bounded(
                 self._send(
-                    {"type": "websocket.close", "code": self.close_code, "reason": self.close_reason}
+                    {
+                        "type": "websocket.close",
+                        "code": self.close_code,
+                        "reason": self.close_reason,
+                    }
                 ),
                 flush_timeout,
             )
@@ -116,7 +120,10 @@ async def reject_http(send: ASGISend, status: int, body: bytes, content_type: by
         {
             "type": "websocket.http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "websocket.http.response.body", "body": body})

@@ -16,13 +16,14 @@ from hypercorn.protocol import ws_stream
 
 SUPPORTED_HYPERCORN = ("0.18.",)
 
-_original_handshake = ws_stream.Handshake
 
-
-class _NoCompressionHandshake(_original_handshake):  # type: ignore[misc, valid-type]
+class _NoCompressionHandshake(ws_stream.Handshake):
     def __init__(self, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
         super().__init__(headers, http_version)
         self.extensions = None  # as if the client had offered none
+
+
+_ORIGINAL_HANDSHAKE = ws_stream.Handshake
 
 
 def set_websocket_compression(enabled: bool) -> None:
@@ -32,4 +33,4 @@ def set_websocket_compression(enabled: bool) -> None:
             f"hypercorn {installed} is not one we checked the compression switch against; "
             f"supported: {SUPPORTED_HYPERCORN}"
         )
-    ws_stream.Handshake = _original_handshake if enabled else _NoCompressionHandshake  # type: ignore[misc]
+    ws_stream.Handshake = _ORIGINAL_HANDSHAKE if enabled else _NoCompressionHandshake  # type: ignore[misc]

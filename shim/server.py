@@ -77,7 +77,11 @@ def run(settings: Settings, *, on_ready: Callable[[int], None] | None = None) ->
         app = create_app(Runtime(settings))
         if on_ready is not None:
             loop.call_soon(on_ready, port)
-        await serve_app(app, sock, stop.wait)
+
+        async def stopped() -> None:
+            await stop.wait()
+
+        await serve_app(app, sock, stopped)
 
     if settings.use_uvloop:
         try:

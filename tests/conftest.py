@@ -53,13 +53,13 @@ class RunningServer:
         return mint_token(self.signing_key, "EdDSA", user=user, ttl_seconds=ttl, extra=extra)
 
     async def broadcast(self, body: Any) -> httpx.Response:
-        return await self.http.post(
-            "/api/v1/broadcast", json=body, headers={"X-API-Key": API_KEY}
-        )
+        return await self.http.post("/api/v1/broadcast", json=body, headers={"X-API-Key": API_KEY})
 
 
 @contextlib.asynccontextmanager
-async def run_server(signing_keys: tuple[str, str], **overrides: Any) -> AsyncIterator[RunningServer]:
+async def run_server(
+    signing_keys: tuple[str, str], **overrides: Any
+) -> AsyncIterator[RunningServer]:
     private, public = signing_keys
     values: dict[str, Any] = {
         "host": "127.0.0.1",

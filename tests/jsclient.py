@@ -216,7 +216,7 @@ class JsClient:
     async def wait_event(
         self,
         match: Match,
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
         since: int = 0,
     ) -> Event:
         """Return the earliest matching event not returned by an earlier wait_event.
@@ -253,7 +253,7 @@ class JsClient:
         if found:
             raise AssertionError(f"unexpected event(s): {found}")
 
-    async def next_event(self, timeout: float = 10.0) -> Event:  # noqa: ASYNC109
+    async def next_event(self, timeout: float = 10.0) -> Event:
         """Pop the next event from the stream (independent of wait_event's bookkeeping)."""
         return await asyncio.wait_for(self.queue.get(), timeout=timeout)
 

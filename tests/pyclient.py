@@ -19,9 +19,9 @@ from centrifuge import (
     ServerPublicationContext,
     ServerSubscribedContext,
     ServerUnsubscribedContext,
-    Subscription,
     SubscribedContext,
     SubscribingContext,
+    Subscription,
     SubscriptionErrorContext,
     SubscriptionEventHandler,
     UnsubscribedContext,
@@ -121,7 +121,9 @@ def new_client(url: str, token: str = "", **options: Any) -> tuple[Client, Clien
     return client, events
 
 
-def new_subscription(client: Client, channel: str, **options: Any) -> tuple[Subscription, SubEvents]:
+def new_subscription(
+    client: Client, channel: str, **options: Any
+) -> tuple[Subscription, SubEvents]:
     events = SubEvents()
     options.setdefault("max_resubscribe_delay", 0.5)
     return client.new_subscription(channel, events=events, **options), events

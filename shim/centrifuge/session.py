@@ -311,11 +311,7 @@ class CentrifugeSession:
         elif isinstance(request, PresenceStatsRequest):
             self._presence_allowed(request.channel)
             stats = await self.node.presence.presence_stats(request.channel)
-            self._send(
-                codec.encode_presence_stats_result(
-                    command_id, num_clients=stats.num_clients, num_users=stats.num_users
-                )
-            )
+            self._send(codec.encode_presence_stats_result(command_id, stats=stats))
         elif isinstance(request, RefreshRequest):
             self._refresh(command_id, request)
         elif isinstance(request, SubRefreshRequest):
@@ -343,7 +339,9 @@ class CentrifugeSession:
                     raise Reject(codes.TOKEN_EXPIRED) from None
                 raise Disconnect(codes.INVALID_TOKEN) from None
         else:
-            credentials = Credentials(user="", expires_at=0, info=None, channels=(), project_ids=(), claims={})
+            credentials = Credentials(
+                user="", expires_at=0, info=None, channels=(), project_ids=(), claims={}
+            )
         if not credentials.user and not settings.client_anonymous:
             self._connect_failed = True
             raise Reject(codes.UNAUTHORIZED)
@@ -426,10 +424,15 @@ class CentrifugeSession:
         if request.token:
             try:
                 claims = self.verifier.verify_subscription(
-                    request.token, channel=channel, user=self.credentials.user, client=self.client_id
+                    request.token,
+                    channel=channel,
+                    user=self.credentials.user,
+                    client=self.client_id,
                 )
             except TokenError as exc:
-                raise Reject(codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED) from None
+                raise Reject(
+                    codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED
+                ) from None
             expires_at = float(claims.expires_at)
             chan_info = claims.info
         else:
@@ -437,8 +440,8 @@ class CentrifugeSession:
                 self.credentials, channel, self.client_id
             )
             if not decision.allowed:
-                raise Reject(decision.error)
-        if self.state is not State.CONNECTED or channel in self.subscriptions:
+                raise Reject(decision.error or codes.PERMISSION_DENIED)
+        if channel in self.subscriptions:  # a concurrent subscribe won while we awaited
             raise Reject(codes.ALREADY_SUBSCRIBED)
 
         sub, result, position = await self._open(
@@ -448,8 +451,6 @@ class CentrifugeSession:
             sub.expires_at = expires_at
             result["expires"] = True
             result["ttl"] = max(1, int(expires_at - time.time()))
-        if self.state is State.CLOSED:
-            return
         self._send(codec.encode_subscribe_result(command_id, **result))
         sub.go_live(position)
         self._announce(sub)
@@ -476,7 +477,9 @@ class CentrifugeSession:
         )
         sub = Subscription(self, channel, namespace, server_side=server_side, info=info)
         history = namespace.history_enabled
-        sub.recoverable = history and (namespace.force_recovery or bool(request and request.recoverable))
+        sub.recoverable = history and (
+            namespace.force_recovery or bool(request and request.recoverable)
+        )
         sub.positioned = history and (
             sub.recoverable or namespace.force_positioning or bool(request and request.positioned)
         )
@@ -505,9 +508,9 @@ class CentrifugeSession:
             result["recoverable"] = True
         recovering = bool(sub.recoverable and request is not None and request.recover)
         if not recovering:
-            top = await broker.history(sub.channel, limit=0, options=options)
-            result["epoch"], result["offset"] = top.position.epoch, top.position.offset
-            return result, top.position
+            current = (await broker.history(sub.channel, limit=0, options=options)).position
+            result["epoch"], result["offset"] = current.epoch, current.offset
+            return result, current
 
         assert request is not None
         result["was_recovering"] = True
@@ -519,19 +522,19 @@ class CentrifugeSession:
             history = None
         recovered = False
         if history is not None:
-            pubs, top = history.publications, history.position
+            pubs, stream_top = history.publications, history.position.offset
             if pubs:
-                recovered = pubs[0].offset == since.offset + 1 and pubs[-1].offset == top.offset
+                recovered = pubs[0].offset == since.offset + 1 and pubs[-1].offset == stream_top
             else:
-                recovered = top.offset == since.offset
+                recovered = stream_top == since.offset
         if not recovered:
             if request.flag & FLAG_REJECT_UNRECOVERED:
                 raise Reject(codes.UNRECOVERABLE_POSITION)
             if history is None:
                 history = await broker.history(sub.channel, limit=0, options=options)
-            top = history.position
-            result["epoch"], result["offset"] = top.epoch, top.offset
-            return result, top
+            current = history.position
+            result["epoch"], result["offset"] = current.epoch, current.offset
+            return result, current
         assert history is not None
         result["recovered"] = True
         result["epoch"] = history.position.epoch
@@ -597,10 +600,7 @@ class CentrifugeSession:
             raise Reject(codes.UNRECOVERABLE_POSITION) from None
         self._send(
             codec.encode_history_result(
-                command_id,
-                publications=history.publications,
-                epoch=history.position.epoch,
-                offset=history.position.offset,
+                command_id, publications=history.publications, position=history.position
             )
         )
 
@@ -620,7 +620,9 @@ class CentrifugeSession:
         except TokenError as exc:
             # An expired refresh token closes with "connection expired": the client
             # reconnects, gets 109 for the old token and fetches a fresh one.
-            raise Disconnect(codes.CONNECTION_EXPIRED if exc.expired else codes.INVALID_TOKEN) from None
+            raise Disconnect(
+                codes.CONNECTION_EXPIRED if exc.expired else codes.INVALID_TOKEN
+            ) from None
         if credentials.user != self.credentials.user:
             raise Disconnect(codes.INVALID_TOKEN)
         self.credentials = credentials

@@ -67,7 +67,7 @@ def publications(js: JsClient, channel: str) -> list[Event]:
     return js.find_events(on(channel, "sub.publication"))
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
