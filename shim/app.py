@@ -14,17 +14,24 @@ from typing import Any
 import orjson
 from quart import Quart, Response, request
 
+from adapters.auth.jwt import TokenError
+from legacy.session import LegacySession, legacy_token
 from legacy.translate import BroadcastError, parse_broadcast
 from shim import __version__
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
-from shim.edge import ASGIReceive, ASGISend, SocketPump
-from shim.outbox import Outbox, drain_joined
+from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
+from shim.outbox import Outbox, drain_each, drain_joined
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.app")
 
 CENTRIFUGE_PATH = "/connection/websocket"
+LEGACY_PATH = "/api/v1/ws"
+# The Go hub's (Echo's) rejection bodies: one JSON object and a newline.
+LEGACY_MISSING = b'{"message":"missing authorization header"}\n'
+LEGACY_EXPIRED = b'{"message":"token expired"}\n'
+LEGACY_INVALID = b'{"message":"invalid token"}\n'
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -39,9 +46,13 @@ class ShimApp:
         self.quart = _build_quart(runtime)
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        if scope["type"] == "websocket" and scope["path"] == CENTRIFUGE_PATH:
-            await serve_centrifuge(self.runtime, receive, send)
-            return
+        if scope["type"] == "websocket":
+            if scope["path"] == CENTRIFUGE_PATH:
+                await serve_centrifuge(self.runtime, receive, send)
+                return
+            if scope["path"] == LEGACY_PATH:
+                await serve_legacy(self.runtime, scope, receive, send)
+                return
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
 
@@ -60,10 +71,57 @@ async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISen
         await pump.run(
             receive,
             session.handle_frame,
-            lambda _data: session.handle_binary(),
             drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes),
             flush_timeout=settings.websocket_write_timeout_seconds,
             discard_on=frozenset({codes.SLOW.code}),
+        )
+    finally:
+        session.transport_closed()
+
+
+def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, str]:
+    """(401 body, "") when the legacy token is missing or bad, else (b"", user)."""
+    token = legacy_token(scope["headers"], scope.get("query_string", b""))
+    if not token:
+        return LEGACY_MISSING, ""
+    try:
+        credentials = runtime.verifier.verify_connection(token)
+    except TokenError as exc:
+        return (LEGACY_EXPIRED if exc.expired else LEGACY_INVALID), ""
+    return b"", credentials.user
+
+
+async def serve_legacy(
+    runtime: Runtime, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    # The Go hub authenticated before looking at the handshake: a 401 before any
+    # upgrade gives the browser hook its bounded retries.
+    rejection, user = legacy_rejection(runtime, scope)
+    if rejection:
+        await reject_http(send, 401, rejection, b"application/json")
+        return
+    await send({"type": "websocket.accept"})
+    settings = runtime.settings
+    outbox = Outbox(settings.client_queue_max_size_bytes)
+    pump = SocketPump(send, outbox)
+    session = LegacySession(
+        runtime.node,
+        pump,
+        outbox,
+        runtime.legacy_stats,
+        user=user,
+        strict_matching=settings.legacy_strict_matching,
+    )
+    try:
+        await pump.run(
+            receive,
+            session.handle_frame,
+            drain_each(outbox, pump.send_text),
+            flush_timeout=settings.websocket_write_timeout_seconds,
+            discard_on=frozenset({3008}),
         )
     finally:
         session.transport_closed()
@@ -103,6 +161,19 @@ def _build_quart(runtime: Runtime) -> Quart:
             counts[result.status] += 1
         status = 503 if counts["failed"] else 200
         return json_response({**counts, "results": [r.as_dict() for r in results]}, status)
+
+    @app.get(LEGACY_PATH)
+    async def legacy_without_upgrade() -> Response:
+        # Same order as the Go hub: authentication first, then the handshake check.
+        rejection, _user = legacy_rejection(runtime, request.scope)  # type: ignore[arg-type]
+        if rejection:
+            return Response(rejection, status=401, content_type="application/json")
+        return Response(
+            "Bad Request\n",
+            status=400,
+            content_type="text/plain; charset=utf-8",
+            headers={"Sec-WebSocket-Version": "13"},
+        )
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

@@ -189,6 +189,12 @@ class Settings:
     # Channel every ingested event is also published to (legacy `*` clients read it).
     global_channel: str = "global"
 
+    # --- legacy hub protocol (GET /api/v1/ws) --------------------------------
+    # Match legacy `task:`/`project:` subscriptions the old hub's way: only on the
+    # message's top-level task_id/project_id. Off: they match the routed channels
+    # (an intentional fix: most task events never reached task subscribers before).
+    legacy_strict_matching: bool = False
+
     # --- ingest -------------------------------------------------------------
     # Key the backend sends in `X-API-Key` to POST /api/v1/broadcast; empty = generated
     # at start and printed once.

@@ -49,15 +49,14 @@ class SocketPump:
     async def run(
         self,
         receive: ASGIReceive,
-        on_text: Callable[[str], Awaitable[None]],
-        on_bytes: Callable[[bytes], None],
+        on_frame: Callable[[str | bytes], Awaitable[None]],
         writer: Awaitable[None],
         *,
         flush_timeout: float,
         discard_on: frozenset[int] = frozenset(),
     ) -> None:
         """Pump until the client leaves or a close is asked for; returns when done."""
-        reader_task = asyncio.ensure_future(_read(receive, on_text, on_bytes))
+        reader_task = asyncio.ensure_future(_read(receive, on_frame))
         writer_task = asyncio.ensure_future(writer)
         try:
             await asyncio.wait(
@@ -90,20 +89,13 @@ class SocketPump:
                     await task
 
 
-async def _read(
-    receive: ASGIReceive,
-    on_text: Callable[[str], Awaitable[None]],
-    on_bytes: Callable[[bytes], None],
-) -> None:
+async def _read(receive: ASGIReceive, on_frame: Callable[[str | bytes], Awaitable[None]]) -> None:
     while True:
         message = await receive()
         kind = message["type"]
         if kind == "websocket.receive":
             text = message.get("text")
-            if text is not None:
-                await on_text(text)
-            else:
-                on_bytes(message.get("bytes") or b"")
+            await on_frame(text if text is not None else (message.get("bytes") or b""))
         elif kind == "websocket.disconnect":
             return
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
+from legacy.session import LegacyStats
 from shim.broker import Broker, PresenceManager
 from shim.config import Settings
 from shim.ingest import Ingestor
@@ -86,6 +87,7 @@ class Runtime:
             global_channel=settings.global_channel,
         )
         self.ingestor = Ingestor(self.node, self.router)
+        self.legacy_stats = LegacyStats()
         self.started = False
 
     async def start(self) -> None:

@@ -254,9 +254,13 @@ class CentrifugeSession:
 
     # -- input -------------------------------------------------------------------
 
-    async def handle_frame(self, text: str) -> None:
+    async def handle_frame(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            # JSON protocol only: a binary frame is a protocol violation.
+            self.disconnect(codes.BAD_PROTOCOL)
+            return
         try:
-            commands = codec.decode_frame(text)
+            commands = codec.decode_frame(frame)
         except ProtocolError as exc:
             self.disconnect(exc.code)
             return
@@ -265,10 +269,6 @@ class CentrifugeSession:
             if self.state is State.CLOSED or self._connect_failed:
                 return
             await self._handle(command)
-
-    def handle_binary(self) -> None:
-        # JSON protocol only: a binary frame is a protocol violation.
-        self.disconnect(codes.BAD_PROTOCOL)
 
     async def _handle(self, command: Command) -> None:
         request = command.request
