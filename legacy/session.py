@@ -16,6 +16,7 @@ from typing import Protocol
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
 from shim.broker import LegacyTag
+from shim.hypercorn_compat import Liveness
 from shim.node import Node
 from shim.outbox import Outbox
 
@@ -27,6 +28,12 @@ WILDCARD = "*"
 # Event ids remembered to drop the second copy of an event reaching a client
 # through two of its subscriptions (copies arrive back to back, so a few suffice).
 RECENT_EVENTS = 64
+
+
+# Close codes of our own (the legacy hook reacts to every close the same way:
+# it reconnects). The reasons are for people reading a browser's network panel.
+RETIRED = (4410, "legacy protocol retired: reload the page")
+NO_PONG = (4408, "no pong within the read deadline")
 
 
 class State(enum.Enum):
@@ -54,8 +61,10 @@ class LegacyStats:
 class LegacySession:
     __slots__ = (
         "_attached",
+        "_drain_at",
         "_recent",
         "_strict",
+        "liveness",
         "node",
         "outbox",
         "state",
@@ -75,6 +84,7 @@ class LegacySession:
         *,
         user: str,
         strict_matching: bool,
+        liveness: Liveness | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -87,15 +97,14 @@ class LegacySession:
         self._attached: set[str] = set()
         self._recent: dict[str, None] = {}
         self.write_timeout = node.settings.websocket_write_timeout_seconds
+        self.liveness = liveness
+        self._drain_at = 0.0
         node.add_session(self)
 
     # -- input -------------------------------------------------------------------
 
     async def handle_frame(self, frame: str | bytes) -> None:
-        size = len(frame) if isinstance(frame, bytes) or frame.isascii() else len(frame.encode())
-        if size > READ_LIMIT_BYTES:
-            self.close(1009, "")
-            return
+        """One client frame (the edge already closed with 1009 above READ_LIMIT_BYTES)."""
         try:
             command = parse_command(frame)
         except MalformedCommand:
@@ -184,11 +193,24 @@ class LegacySession:
             self.node.detach_legacy(channel, self)
         self._attached.clear()
 
+    def drain_by(self, deadline: float) -> None:
+        """Close at loop time `deadline` (the cutover retired the protocol); 0 cancels."""
+        self._drain_at = deadline
+
     def tick(self, now: float, wall: float) -> None:
+        if self.state is State.CLOSED:
+            return
         started = self.outbox.write_started
         if started and now - started > self.write_timeout:
             self.stats.slow_disconnects += 1
             self.close(3008, "slow")
+        elif self._drain_at and now >= self._drain_at:
+            self.close(*RETIRED)
+        elif self.liveness is not None and (
+            now - self.liveness.last_pong > self.node.settings.legacy_read_deadline_seconds
+        ):
+            # The hub's read deadline: only a pong renews it, however much the client sends.
+            self.close(*NO_PONG)
 
 
 def _named(command: LegacyCommand) -> set[str]:

@@ -15,23 +15,21 @@ import orjson
 from quart import Quart, Response, request
 
 from adapters.auth.jwt import TokenError
-from legacy.session import LegacySession, legacy_token
+from legacy.session import legacy_token
 from legacy.translate import BroadcastError, parse_broadcast
 from shim import __version__
-from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession
-from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
-from shim.outbox import Outbox, drain_each, drain_joined
+from shim.cutover import CutoverError, Protocol
+from shim.edge import ASGIReceive, ASGISend
 from shim.runtime import Runtime
+from shim.ws_endpoints import (
+    CENTRIFUGE_PATH,
+    LEGACY_PATH,
+    legacy_rejection,
+    serve_centrifuge,
+    serve_legacy,
+)
 
 log = logging.getLogger("shim.app")
-
-CENTRIFUGE_PATH = "/connection/websocket"
-LEGACY_PATH = "/api/v1/ws"
-# The Go hub's (Echo's) rejection bodies: one JSON object and a newline.
-LEGACY_MISSING = b'{"message":"missing authorization header"}\n'
-LEGACY_EXPIRED = b'{"message":"token expired"}\n'
-LEGACY_INVALID = b'{"message":"invalid token"}\n'
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -54,77 +52,6 @@ class ShimApp:
                 await serve_legacy(self.runtime, scope, receive, send)
                 return
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
-
-
-async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISend) -> None:
-    first = await receive()
-    if first["type"] != "websocket.connect":
-        return
-    # No subprotocol is selected: JSON is the default, and the Python SDK's empty
-    # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
-    await send({"type": "websocket.accept"})
-    settings = runtime.settings
-    outbox = Outbox(settings.client_queue_max_size_bytes)
-    pump = SocketPump(send, outbox)
-    session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
-    try:
-        await pump.run(
-            receive,
-            session.handle_frame,
-            drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes),
-            flush_timeout=settings.websocket_write_timeout_seconds,
-            discard_on=frozenset({codes.SLOW.code}),
-        )
-    finally:
-        session.transport_closed()
-
-
-def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, str]:
-    """(401 body, "") when the legacy token is missing or bad, else (b"", user)."""
-    token = legacy_token(scope["headers"], scope.get("query_string", b""))
-    if not token:
-        return LEGACY_MISSING, ""
-    try:
-        credentials = runtime.verifier.verify_connection(token)
-    except TokenError as exc:
-        return (LEGACY_EXPIRED if exc.expired else LEGACY_INVALID), ""
-    return b"", credentials.user
-
-
-async def serve_legacy(
-    runtime: Runtime, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
-) -> None:
-    first = await receive()
-    if first["type"] != "websocket.connect":
-        return
-    # The Go hub authenticated before looking at the handshake: a 401 before any
-    # upgrade gives the browser hook its bounded retries.
-    rejection, user = legacy_rejection(runtime, scope)
-    if rejection:
-        await reject_http(send, 401, rejection, b"application/json")
-        return
-    await send({"type": "websocket.accept"})
-    settings = runtime.settings
-    outbox = Outbox(settings.client_queue_max_size_bytes)
-    pump = SocketPump(send, outbox)
-    session = LegacySession(
-        runtime.node,
-        pump,
-        outbox,
-        runtime.legacy_stats,
-        user=user,
-        strict_matching=settings.legacy_strict_matching,
-    )
-    try:
-        await pump.run(
-            receive,
-            session.handle_frame,
-            drain_each(outbox, pump.send_text),
-            flush_timeout=settings.websocket_write_timeout_seconds,
-            discard_on=frozenset({3008}),
-        )
-    finally:
-        session.transport_closed()
 
 
 def _build_quart(runtime: Runtime) -> Quart:
@@ -174,6 +101,69 @@ def _build_quart(runtime: Runtime) -> Quart:
             content_type="text/plain; charset=utf-8",
             headers={"Sec-WebSocket-Version": "13"},
         )
+
+    @app.get("/api/v1/realtime/config")
+    async def realtime_config() -> Response:
+        """Which protocol and URL the calling user should use now."""
+        token = legacy_token(list(request.scope["headers"]), request.scope["query_string"])
+        if not token:
+            return json_response({"error": "missing token"}, 401)
+        try:
+            user = runtime.verifier.verify_connection(token).user
+        except TokenError as exc:
+            return json_response(
+                {"error": "token expired" if exc.expired else "invalid token"}, 401
+            )
+        cutover = runtime.cutover
+        protocol = cutover.protocol_for(user)
+        return json_response(
+            {
+                "user": user,
+                "protocol": protocol.value,
+                "url": CENTRIFUGE_PATH if protocol is Protocol.CHANNELS else LEGACY_PATH,
+                "mode": cutover.mode.value,
+                "cutover_version": cutover.version,
+            }
+        )
+
+    def admin_allowed() -> bool:
+        key = request.headers.get("X-Admin-Key", "")
+        return bool(key) and hmac.compare_digest(key.encode(), settings.admin_api_key.encode())
+
+    def cutover_report() -> dict[str, Any]:
+        stats = runtime.legacy_stats
+        return {
+            "cutover": runtime.cutover.as_dict(),
+            "connections": runtime.connection_counts(),
+            "legacy": {
+                "malformed_commands": stats.malformed_commands,
+                "unknown_actions": stats.unknown_actions,
+                "slow_disconnects": stats.slow_disconnects,
+            },
+        }
+
+    @app.get("/api/v1/admin/cutover")
+    async def show_cutover() -> Response:
+        if not admin_allowed():
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
+        return json_response(cutover_report())
+
+    @app.post("/api/v1/admin/cutover")
+    async def change_cutover() -> Response:
+        if not admin_allowed():
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
+        try:
+            changes = orjson.loads(await request.get_data(as_text=False))
+        except orjson.JSONDecodeError:
+            return json_response({"error": "body must be a JSON object"}, 400)
+        if not isinstance(changes, dict):
+            return json_response({"error": "body must be a JSON object"}, 400)
+        try:
+            state = runtime.cutover.updated(changes)
+        except CutoverError as exc:
+            return json_response({"error": str(exc)}, 400)
+        runtime.apply_cutover(state)
+        return json_response(cutover_report())
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

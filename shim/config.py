@@ -194,6 +194,28 @@ class Settings:
     # message's top-level task_id/project_id. Off: they match the routed channels
     # (an intentional fix: most task events never reached task subscribers before).
     legacy_strict_matching: bool = False
+    # Seconds between WebSocket pings to legacy clients (the hub's 30 s).
+    legacy_ping_interval_seconds: float = 30.0
+    # Seconds a legacy client may go without answering a ping before it is dropped
+    # (the hub's 60 s read deadline, renewed only by pongs).
+    legacy_read_deadline_seconds: float = 60.0
+
+    # --- cutover (changed at runtime through the admin API) -------------------
+    # Starting mode: "legacy" (legacy only), "dual" (both) or "channels" (legacy refused).
+    cutover_mode: str = "dual"
+    # Share of users (0-100, stable hash of the user id) told to use channels in "dual".
+    cutover_channels_percent: float = 0.0
+    # Comma-separated user ids always told to use channels.
+    cutover_allow_users: str = ""
+    # Comma-separated user ids always told to use the legacy protocol (wins over allow).
+    cutover_deny_users: str = ""
+    # Seconds over which existing legacy connections are closed after entering "channels".
+    cutover_drain_seconds: float = 300.0
+    # Serve the Centrifuge protocol to an SDK that connects to /api/v1/ws (recognised by
+    # its first frame) in "dual" and "channels".
+    detect_centrifuge_on_legacy_path: bool = True
+    # Key for the admin API (`X-Admin-Key`); empty = generated in the dev key directory.
+    admin_api_key: str = ""
 
     # --- ingest -------------------------------------------------------------
     # Key the backend sends in `X-API-Key` to POST /api/v1/broadcast; empty = generated
@@ -332,6 +354,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"engine: expected 'memory' or 'redis', got {settings.engine!r}")
     if settings.token_algorithm not in ("EdDSA", "HS256", "RS256", "ES256"):
         raise ConfigError(f"token_algorithm: unsupported {settings.token_algorithm!r}")
+    if settings.cutover_mode not in ("legacy", "dual", "channels"):
+        raise ConfigError(
+            f"cutover_mode: expected legacy|dual|channels, got {settings.cutover_mode!r}"
+        )
+    if not 0 <= settings.cutover_channels_percent <= 100:
+        raise ConfigError("cutover_channels_percent: must be within 0..100")
     if settings.channel_policy not in ("any", "claims", "http"):
         raise ConfigError(
             f"channel_policy: expected any|claims|http, got {settings.channel_policy!r}"

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
 from shim.outbox import Outbox
 
 log = logging.getLogger("shim.edge")
@@ -53,10 +54,11 @@ class SocketPump:
         writer: Awaitable[None],
         *,
         flush_timeout: float,
+        read_limit_bytes: int,
         discard_on: frozenset[int] = frozenset(),
     ) -> None:
         """Pump until the client leaves or a close is asked for; returns when done."""
-        reader_task = asyncio.ensure_future(_read(receive, on_frame))
+        reader_task = asyncio.ensure_future(self._read(receive, on_frame, read_limit_bytes))
         writer_task = asyncio.ensure_future(writer)
         try:
             await asyncio.wait(
@@ -64,6 +66,8 @@ class SocketPump:
             )
             if not self._close_requested.done():
                 return  # the client went away
+            # Nothing more is queued once a close is decided, whoever decided it.
+            self.outbox.close(discard=self.close_code in discard_on)
             if self.close_code in discard_on:
                 writer_task.cancel()
             else:
@@ -88,16 +92,31 @@ class SocketPump:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    async def _read(
+        self,
+        receive: ASGIReceive,
+        on_frame: Callable[[str | bytes], Awaitable[None]],
+        limit: int,
+    ) -> None:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
+                # hypercorn's own limit counts characters of text frames; ours counts bytes.
+                if len(frame) > limit // 4 and frame_size(frame) > limit:
+                    self.close(WS_MESSAGE_TOO_BIG, "")
+                    return
+                await on_frame(frame)
+            elif kind == "websocket.disconnect":
+                return
 
-async def _read(receive: ASGIReceive, on_frame: Callable[[str | bytes], Awaitable[None]]) -> None:
-    while True:
-        message = await receive()
-        kind = message["type"]
-        if kind == "websocket.receive":
-            text = message.get("text")
-            await on_frame(text if text is not None else (message.get("bytes") or b""))
-        elif kind == "websocket.disconnect":
-            return
+
+def frame_size(frame: str | bytes) -> int:
+    if isinstance(frame, bytes) or frame.isascii():
+        return len(frame)
+    return len(frame.encode())
 
 
 async def _bounded(awaitable: Awaitable[None], timeout: float) -> None:

@@ -1,20 +1,45 @@
-"""The one place we reach into hypercorn: permessage-deflate on or off.
+"""The one place we reach into hypercorn, for two things ASGI cannot express.
 
-hypercorn 0.18 negotiates permessage-deflate whenever a client offers it and has
-no setting for it. Compression costs memory per connection and CPU per client per
-message (it defeats encode-once), so we want it off by default. Hypercorn builds a
-`Handshake` from the request headers; we install a subclass that forgets the
-offered extensions unless compression is enabled. It is process-wide (one node per
-process) and checked against the hypercorn version it was written for.
+1. permessage-deflate on or off. hypercorn 0.18 negotiates it whenever a client
+   offers it and has no setting for it. Compression costs memory per connection
+   and CPU per client per message (it defeats encode-once), so we want it off by
+   default. hypercorn builds a `Handshake` from the request headers; ours forgets
+   the offered extensions unless compression is enabled.
+2. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
+   every 30 s and dropped clients that did not pong within 60 s; ASGI has no ping
+   or pong messages. A connection whose scope carries a `Liveness` under
+   LIVENESS_EXTENSION before it is accepted gets pings at its interval, and every
+   pong it answers is recorded there for the app to read.
+
+Both are process-wide (one node per process) and checked against the hypercorn
+version they were written for.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from importlib.metadata import version
+from typing import Any
 
-from hypercorn.protocol import ws_stream
+from hypercorn.protocol import h2, h11, ws_stream
+from wsproto.events import Event as WSEvent
+from wsproto.events import Ping, Pong
 
 SUPPORTED_HYPERCORN = ("0.18.",)
+LIVENESS_EXTENSION = "dex.liveness"
+
+_ORIGINAL_HANDSHAKE = ws_stream.Handshake
+
+
+class Liveness:
+    """Shared by the app and the protocol layer for one connection."""
+
+    __slots__ = ("last_pong", "ping_interval")
+
+    def __init__(self, ping_interval: float) -> None:
+        self.ping_interval = ping_interval
+        self.last_pong = asyncio.get_running_loop().time()
 
 
 class _NoCompressionHandshake(ws_stream.Handshake):
@@ -23,14 +48,44 @@ class _NoCompressionHandshake(ws_stream.Handshake):
         self.extensions = None  # as if the client had offered none
 
 
-_ORIGINAL_HANDSHAKE = ws_stream.Handshake
+class _PingingWSStream(ws_stream.WSStream):
+    async def _accept(self, message: Any) -> None:
+        await super()._accept(message)
+        liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
+        if not isinstance(liveness, Liveness):
+            return
+        connection = self.connection
+        read_events = connection.events
+
+        def events_noting_pongs() -> Iterator[WSEvent]:
+            for event in read_events():
+                if isinstance(event, Pong):
+                    liveness.last_pong = asyncio.get_running_loop().time()
+                yield event
+
+        connection.events = events_noting_pongs  # type: ignore[method-assign, unused-ignore]
+        self.task_group.spawn(self._ping_forever, liveness.ping_interval)
+
+    async def _ping_forever(self, interval: float) -> None:
+        while not self.closed:
+            await self.context.sleep(interval)
+            if not self.closed:
+                await self._send_wsproto_event(Ping())
 
 
-def set_websocket_compression(enabled: bool) -> None:
+def install_hypercorn_hooks(*, compression: bool) -> None:
     installed = version("hypercorn")
     if not installed.startswith(SUPPORTED_HYPERCORN):
         raise RuntimeError(
-            f"hypercorn {installed} is not one we checked the compression switch against; "
+            f"hypercorn {installed} is not one we checked our hooks against; "
             f"supported: {SUPPORTED_HYPERCORN}"
         )
-    ws_stream.Handshake = _ORIGINAL_HANDSHAKE if enabled else _NoCompressionHandshake  # type: ignore[misc]
+    ws_stream.Handshake = _ORIGINAL_HANDSHAKE if compression else _NoCompressionHandshake  # type: ignore[misc]
+    # The HTTP/1.1 and HTTP/2 protocols build their streams from these names.
+    setattr(h11, "WSStream", _PingingWSStream)  # noqa: B010
+    setattr(h2, "WSStream", _PingingWSStream)  # noqa: B010
+
+
+def set_websocket_compression(enabled: bool) -> None:
+    """Turn permessage-deflate negotiation on or off (and install the ping hook)."""
+    install_hypercorn_hooks(compression=enabled)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import secrets
 from dataclasses import replace
 from pathlib import Path
 
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
-from legacy.session import LegacyStats
+from legacy.session import LegacySession, LegacyStats
 from shim.broker import Broker, PresenceManager
 from shim.config import Settings
+from shim.cutover import CutoverState, Mode
 from shim.ingest import Ingestor
 from shim.node import Node
 from shim.policy import ChannelAuthorizer, policy_from_settings
@@ -38,9 +41,9 @@ def dev_signing_key(algorithm: str) -> tuple[str, str]:
     return private_path.read_text(), public_path.read_text()
 
 
-def dev_api_key() -> str:
-    """The ingest API key kept in DEV_KEY_DIR (never logged), made on first use."""
-    path = DEV_KEY_DIR / "api-key"
+def dev_api_key(name: str = "api-key") -> str:
+    """A key kept in DEV_KEY_DIR (never logged), made on first use."""
+    path = DEV_KEY_DIR / name
     if not path.exists():
         DEV_KEY_DIR.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(24))
@@ -72,6 +75,9 @@ class Runtime:
         if not settings.api_key:
             settings = replace(settings, api_key=dev_api_key())
             log.warning("no api_key configured: using the development key in %s", DEV_KEY_DIR)
+        if not settings.admin_api_key:
+            settings = replace(settings, admin_api_key=dev_api_key("admin-key"))
+            log.warning("no admin_api_key configured: using the development key in %s", DEV_KEY_DIR)
         self.settings = settings
         self.api_key = settings.api_key
         self.broker: Broker = broker or MemoryBroker()
@@ -88,7 +94,38 @@ class Runtime:
         )
         self.ingestor = Ingestor(self.node, self.router)
         self.legacy_stats = LegacyStats()
+        self.cutover = CutoverState(
+            mode=Mode(settings.cutover_mode),
+            channels_percent=settings.cutover_channels_percent,
+            allow_users=_user_list(settings.cutover_allow_users),
+            deny_users=_user_list(settings.cutover_deny_users),
+            drain_seconds=settings.cutover_drain_seconds,
+            detect_centrifuge_on_legacy_path=settings.detect_centrifuge_on_legacy_path,
+        )
         self.started = False
+
+    def apply_cutover(self, state: CutoverState) -> None:
+        """Make `state` current on this node. Entering `channels` schedules every
+        open legacy connection to close at a random moment of the drain window, so
+        reconnecting browsers do not arrive all at once."""
+        previous, self.cutover = self.cutover, state
+        log.info("cutover %s -> %s", previous.as_dict(), state.as_dict())
+        draining = state.mode is Mode.CHANNELS
+        if draining == (previous.mode is Mode.CHANNELS):
+            return
+        now = asyncio.get_running_loop().time()
+        for session in list(self.node.sessions):
+            if isinstance(session, LegacySession):
+                if draining:
+                    session.drain_by(now + random.uniform(0, state.drain_seconds))
+                else:
+                    session.drain_by(0.0)
+
+    def connection_counts(self) -> dict[str, int]:
+        counts = {"legacy": 0, "channels": 0}
+        for session in self.node.sessions:
+            counts["legacy" if isinstance(session, LegacySession) else "channels"] += 1
+        return counts
 
     async def start(self) -> None:
         if not self.started:
@@ -99,3 +136,7 @@ class Runtime:
         if self.started:
             await self.node.close()
             self.started = False
+
+
+def _user_list(text: str) -> frozenset[str]:
+    return frozenset(user.strip() for user in text.split(",") if user.strip())

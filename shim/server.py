@@ -15,7 +15,7 @@ from hypercorn.config import Config
 
 from shim.app import ShimApp, create_app
 from shim.config import Settings
-from shim.hypercorn_compat import set_websocket_compression
+from shim.hypercorn_compat import install_hypercorn_hooks
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.server")
@@ -54,7 +54,7 @@ async def serve_app(
     sock: socket.socket,
     shutdown: Callable[[], Awaitable[None]],
 ) -> None:
-    set_websocket_compression(app.runtime.settings.websocket_compression)
+    install_hypercorn_hooks(compression=app.runtime.settings.websocket_compression)
     config = hypercorn_config(app.runtime.settings, sock)
     try:
         await serve(app, config, shutdown_trigger=shutdown)  # type: ignore[arg-type]

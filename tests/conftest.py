@@ -21,6 +21,7 @@ from shim.runtime import Runtime
 from shim.server import bind_socket, serve_app
 
 API_KEY = "test-api-key"
+ADMIN_KEY = "test-admin-key"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -66,6 +67,7 @@ async def run_server(
         "port": 0,
         "token_key": public,
         "api_key": API_KEY,
+        "admin_api_key": ADMIN_KEY,
         "use_uvloop": False,
     }
     values.update(overrides)

@@ -72,6 +72,8 @@ INVALID_TOKEN = DisconnectCode(3500, "invalid token")
 BAD_PROTOCOL = DisconnectCode(3501, "bad request")
 STALE = DisconnectCode(3502, "stale")
 FORCE_DISCONNECT = DisconnectCode(3503, "force disconnect")
+# The cutover is in `legacy` mode: channel clients are turned away without retrying.
+CHANNELS_DISABLED = DisconnectCode(3503, "channel protocol disabled")
 CHANNEL_LIMIT = DisconnectCode(3505, "channel limit")
 INAPPROPRIATE_PROTOCOL = DisconnectCode(3506, "inappropriate protocol")
 DISCONNECT_PERMISSION_DENIED = DisconnectCode(3507, "permission denied")

@@ -340,6 +340,19 @@ async def test_expired_token_is_error_109_and_socket_stays_open(server: RunningS
         assert "connect" in await client.call("connect", {"token": server.token("alice")})
 
 
+async def test_rest_of_frame_after_failed_connect_is_dropped(server: RunningServer) -> None:
+    # Spec §4.3: after a connect error reply Go reads no further commands of the frame.
+    async with raw_client(server) as client:
+        await client.send(
+            {"id": 1, "connect": {"token": server.token("alice", ttl=-10)}},
+            {"id": 2, "subscribe": {"channel": "task:t1"}},
+        )
+        assert await client.receive() == error(1, 109, "token expired")
+        with contextlib.suppress(TimeoutError):
+            message = await client.receive(QUIET)
+            raise AssertionError(f"unexpected message after 109: {message}")
+
+
 async def assert_invalid_token_close(server: RunningServer, token: str) -> None:
     async with bystander(server), raw_client(server) as client:
         await client.send({"id": 1, "connect": {"token": token}})

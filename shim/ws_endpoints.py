@@ -1,0 +1,181 @@
+"""The two WebSocket endpoints: who gets which protocol, and the pump around it.
+
+`/connection/websocket` serves the Centrifuge protocol. `/api/v1/ws` serves the
+legacy hub protocol -- authenticated before the upgrade as the Go hub did -- and,
+while the cutover allows it, also a Centrifuge SDK pointed at that URL,
+recognised by its first frame (a `connect` command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+
+from adapters.auth.jwt import TokenError
+from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
+from legacy.session import RETIRED, LegacySession, legacy_token
+from shim.centrifuge import codes
+from shim.centrifuge.session import CentrifugeSession
+from shim.edge import ASGIReceive, ASGISend, SocketPump, frame_size, reject_http
+from shim.hypercorn_compat import LIVENESS_EXTENSION, Liveness
+from shim.outbox import Outbox, drain_each, drain_joined
+from shim.runtime import Runtime
+
+CENTRIFUGE_PATH = "/connection/websocket"
+LEGACY_PATH = "/api/v1/ws"
+# The Go hub's (Echo's) rejection bodies: one JSON object and a newline.
+LEGACY_MISSING = b'{"message":"missing authorization header"}\n'
+LEGACY_EXPIRED = b'{"message":"token expired"}\n'
+LEGACY_INVALID = b'{"message":"invalid token"}\n'
+# A socket on the legacy path without a token that turned out not to be a
+# Centrifuge SDK: the legacy answer would have been a 401 before the upgrade.
+LEGACY_MISSING_CLOSE = (4401, "missing authorization header")
+SLOW_CODE = codes.SLOW.code
+
+
+def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, str]:
+    """(401 body, "") when the legacy token is missing or bad, else (b"", user)."""
+    token = legacy_token(scope["headers"], scope.get("query_string", b""))
+    if not token:
+        return LEGACY_MISSING, ""
+    try:
+        credentials = runtime.verifier.verify_connection(token)
+    except TokenError as exc:
+        return (LEGACY_EXPIRED if exc.expired else LEGACY_INVALID), ""
+    return b"", credentials.user
+
+
+async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISend) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    # No subprotocol is selected: JSON is the default, and the Python SDK's empty
+    # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
+    await send({"type": "websocket.accept"})
+    if not runtime.cutover.channels_served:
+        await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
+        return
+    await _run_centrifuge(runtime, receive, send, first_frame=None)
+
+
+async def _run_centrifuge(
+    runtime: Runtime, receive: ASGIReceive, send: ASGISend, *, first_frame: str | bytes | None
+) -> None:
+    settings = runtime.settings
+    outbox = Outbox(settings.client_queue_max_size_bytes)
+    pump = SocketPump(send, outbox)
+    session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
+    try:
+        if first_frame is not None:
+            await session.handle_frame(first_frame)
+        await pump.run(
+            receive,
+            session.handle_frame,
+            drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes),
+            flush_timeout=settings.websocket_write_timeout_seconds,
+            read_limit_bytes=settings.websocket_read_limit_bytes,
+            discard_on=frozenset({SLOW_CODE}),
+        )
+    finally:
+        session.transport_closed()
+
+
+async def serve_legacy(
+    runtime: Runtime, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    cutover = runtime.cutover
+    detect = cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
+    has_token = bool(legacy_token(scope["headers"], scope.get("query_string", b"")))
+    user = ""
+    # The Go hub authenticated before looking at the handshake: a 401 before any
+    # upgrade gives the browser hook its bounded retries. Only a socket without any
+    # token may be a Centrifuge SDK (its token travels in the connect command).
+    if has_token or not detect:
+        rejection, user = legacy_rejection(runtime, scope)
+        if rejection:
+            await reject_http(send, 401, rejection, b"application/json")
+            return
+    settings = runtime.settings
+    liveness = Liveness(settings.legacy_ping_interval_seconds)
+    scope["extensions"][LIVENESS_EXTENSION] = liveness
+    await send({"type": "websocket.accept"})
+
+    first_frame: str | bytes | None = None
+    if detect:
+        first_frame = await _first_frame(receive, settings.client_stale_close_delay_seconds)
+        if first_frame is None:
+            await _close(send, codes.STALE.code, codes.STALE.reason)
+            return
+        if frame_size(first_frame) > LEGACY_READ_LIMIT_BYTES and not looks_like_centrifuge(
+            first_frame
+        ):
+            await _close(send, codes.WS_MESSAGE_TOO_BIG, "")
+            return
+        if looks_like_centrifuge(first_frame):
+            await _run_centrifuge(runtime, receive, send, first_frame=first_frame)
+            return
+        if not has_token:
+            await _close(send, *LEGACY_MISSING_CLOSE)
+            return
+    if not runtime.cutover.legacy_served:
+        await _close(send, *RETIRED)
+        return
+
+    outbox = Outbox(settings.client_queue_max_size_bytes)
+    pump = SocketPump(send, outbox)
+    session = LegacySession(
+        runtime.node,
+        pump,
+        outbox,
+        runtime.legacy_stats,
+        user=user,
+        strict_matching=settings.legacy_strict_matching,
+        liveness=liveness,
+    )
+    try:
+        if first_frame is not None:
+            await session.handle_frame(first_frame)
+        await pump.run(
+            receive,
+            session.handle_frame,
+            drain_each(outbox, pump.send_text),
+            flush_timeout=settings.websocket_write_timeout_seconds,
+            read_limit_bytes=LEGACY_READ_LIMIT_BYTES,
+            discard_on=frozenset({SLOW_CODE}),
+        )
+    finally:
+        session.transport_closed()
+
+
+def looks_like_centrifuge(frame: str | bytes) -> bool:
+    """A Centrifuge SDK's first frame starts with a connect command; a legacy
+    client's holds an `action`."""
+    first_line = frame.split(b"\n", 1)[0] if isinstance(frame, bytes) else frame.split("\n", 1)[0]
+    try:
+        command = orjson.loads(first_line)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(command, dict) and isinstance(command.get("connect"), dict)
+
+
+async def _first_frame(receive: ASGIReceive, timeout: float) -> str | bytes | None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return None
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    return text if text is not None else (message.get("bytes") or b"")
+    return None
+
+
+async def _close(send: ASGISend, code: int, reason: str) -> None:
+    await send({"type": "websocket.close", "code": code, "reason": reason})
