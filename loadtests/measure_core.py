@@ -443,9 +443,12 @@ class CentrifugeClient:
     async def _command(self, command_id: int, body: dict[str, Any]) -> None:
         await self.ws.send(orjson.dumps({"id": command_id, **body}).decode())
         async with asyncio.timeout(20):
-            while True:
+            answered = False
+            while not answered:
                 frame = await self.ws.recv()
+                now = time.time_ns()
                 text = frame if isinstance(frame, str) else frame.decode()
+                # The whole frame is read: a publication may share it with the reply.
                 for line in text.split("\n"):
                     if line == "{}":
                         await self.ws.send("{}")
@@ -454,7 +457,9 @@ class CentrifugeClient:
                     if reply.get("id") == command_id:
                         if "error" in reply:
                             raise RuntimeError(f"command {command_id} refused: {reply['error']}")
-                        return
+                        answered = True
+                    for sent in sent_times(line):
+                        self.tally.add(now - sent)
 
     async def _read(self) -> None:
         tally = self.tally

@@ -54,6 +54,10 @@ LIMIT_EXCEEDED = ErrorCode(106, "limit exceeded")
 BAD_REQUEST = ErrorCode(107, "bad request")
 NOT_AVAILABLE = ErrorCode(108, "not available")
 TOKEN_EXPIRED = ErrorCode(109, "token expired")
+# For sub_refresh: the SDKs drop a subscription for good on a non-temporary error
+# there, while a temporary one makes them retry; if they never get a fresh token the
+# subscription expires on its own (unsubscribe 2501, which makes them resubscribe).
+TOKEN_EXPIRED_RETRY = ErrorCode(109, "token expired", temporary=True)
 EXPIRED = ErrorCode(110, "expired")
 TOO_MANY_REQUESTS = ErrorCode(111, "too many requests", temporary=True)
 UNRECOVERABLE_POSITION = ErrorCode(112, "unrecoverable position")

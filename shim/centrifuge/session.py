@@ -345,6 +345,10 @@ class CentrifugeSession:
         if not credentials.user and not settings.client_anonymous:
             self._connect_failed = True
             raise Reject(codes.UNAUTHORIZED)
+        if credentials.expires_at and credentials.expires_at <= time.time():
+            # `expire_at` in the past: as good as expired, so the SDK fetches a new token.
+            self._connect_failed = True
+            raise Reject(codes.TOKEN_EXPIRED)
 
         self.credentials = credentials
         self.state = State.CONNECTED
@@ -364,7 +368,8 @@ class CentrifugeSession:
         server_channels = []
         if credentials.user:
             server_channels.append(f"{settings.user_channel_prefix}:{credentials.user}")
-        server_channels += [c for c in credentials.channels if c not in server_channels]
+        # Wildcard grants (`task:*`) in the token authorize, they do not subscribe.
+        server_channels += [c for c in credentials.server_side_channels if c not in server_channels]
         opened: list[tuple[Subscription, StreamPosition]] = []
         subs_result: dict[str, Mapping[str, Any]] = {}
         try:
@@ -646,7 +651,9 @@ class CentrifugeSession:
                 request.token, channel=channel, user=self.credentials.user, client=self.client_id
             )
         except TokenError as exc:
-            raise Reject(codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED) from None
+            raise Reject(
+                codes.TOKEN_EXPIRED_RETRY if exc.expired else codes.PERMISSION_DENIED
+            ) from None
         if claims.expires_at and claims.expires_at < time.time():
             raise Reject(codes.EXPIRED)
         sub.expires_at = float(claims.expires_at)
