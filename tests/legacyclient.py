@@ -18,7 +18,7 @@ import base64
 import contextlib
 import os
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,14 @@ class LegacyClient:
         await self._until(self._consumed + count, timeout)
         start, self._consumed = self._consumed, self._consumed + count
         return self.frames[start : self._consumed]
+
+    async def skip_until(self, match: Callable[[Frame], bool], timeout: float = TIMEOUT) -> Frame:
+        """Take frames until one matches; return it (the others are dropped)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.next_frame(timeout)
+                if match(frame):
+                    return frame
 
     async def expect_silence(self, within: float) -> None:
         """Fail if any frame beyond those already taken arrives within `within` seconds."""
@@ -210,8 +218,7 @@ class RawSocket:
                 ).encode()
             )
             head = await reader.readuntil(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0]
-        if b" 101 " not in status + b" ":
+        if head.split(b" ", 2)[1] != b"101":
             writer.close()
             raise ConnectionError(f"handshake refused: {head!r}")
         return cls(reader, writer)
@@ -265,3 +272,49 @@ class RawSocket:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+# --- making every client's commands so far take effect ---------------------------------
+
+
+def probe_event(task_id: str, nonce: int) -> dict[str, Any]:
+    """An event every `*` or `task:<task_id>` holder receives, strict matching or not."""
+    return {"type": "task.updated", "task_id": task_id, "payload": {"task_id": task_id, "probe": nonce}}
+
+
+def is_probe(frame: Frame, nonce: int | None = None) -> bool:
+    probe = frame.message.get("payload", {}).get("probe")
+    return probe is not None and (nonce is None or probe == nonce)
+
+
+async def settle(
+    publish: Callable[[Any], Awaitable[Any]],
+    clients: Sequence[LegacyClient],
+    task_id: str,
+    *,
+    timeout: float = TIMEOUT,
+) -> None:
+    """Return once every client's commands sent so far are in effect.
+
+    The hub never answers a command, so this publishes probes to `task:<task_id>`
+    until each client (holding `*` or that task) has seen one -- its commands are
+    handled in order, so the earlier ones are in effect too -- then one last probe
+    all clients read up to, leaving no probe behind in any client's stream.
+    """
+    nonce = 0
+    pending = list(clients)
+    async with asyncio.timeout(timeout):
+        while pending:
+            nonce += 1
+            await publish(probe_event(task_id, nonce))
+            waiting = []
+            for client in pending:
+                try:
+                    await client.skip_until(lambda f, n=nonce: is_probe(f, n), 0.3)
+                except TimeoutError:
+                    waiting.append(client)
+            pending = waiting
+        nonce += 1
+        await publish(probe_event(task_id, nonce))
+        for client in clients:
+            await client.skip_until(lambda f, n=nonce: is_probe(f, n), timeout)
