@@ -5,12 +5,14 @@ The publish path calls `push` for every subscriber; it appends and returns, neve
 touching a socket. Going over the cap makes `push` return False and the caller
 disconnects that client (3008) -- the queue is then dropped, so a stalled client
 holds at most `cap` bytes of our memory and never delays anyone else.
+
+Kept small on purpose (idle connections are the common case): two plain lists that
+the writer swaps out whole, and a future that exists only while the writer waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 
@@ -21,19 +23,19 @@ class Outbox:
         "_items",
         "_size",
         "_sizes",
-        "_wakeup",
+        "_waiter",
         "frames_sent",
         "write_started",
     )
 
     def __init__(self, cap_bytes: int) -> None:
         self._cap = cap_bytes
-        self._items: deque[str] = deque()
+        self._items: list[str] = []
         # Byte size of each queued message; the int objects are shared by all
         # subscribers of a publication, so this costs one pointer per message.
-        self._sizes: deque[int] = deque()
+        self._sizes: list[int] = []
         self._size = 0
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         # Loop time when the writer began its current socket write, 0.0 when idle;
         # the node's ticker compares it with the write timeout.
@@ -58,46 +60,57 @@ class Outbox:
         self._items.append(text)
         self._sizes.append(size)
         self._size += size
-        if not self._wakeup.is_set():
-            self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return True
 
     def close(self, *, discard: bool) -> None:
         """No more pushes. With `discard`, forget what is queued (slow client)."""
         self._closed = True
         if discard:
-            self._items.clear()
-            self._sizes.clear()
+            self._items = []
+            self._sizes = []
             self._size = 0
-        self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def wait(self) -> None:
         """Until there is something to write or the outbox is closed."""
-        if not self._items and not self._closed:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        if self._items or self._closed:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def take(self, max_chars: int) -> list[str]:
         """Remove and return queued messages totalling at most `max_chars` (at least one)."""
-        items, sizes = self._items, self._sizes
+        items = self._items
         if not items:
             return []
-        taken = [items.popleft()]
-        chars = len(taken[0])
-        freed = sizes.popleft()
-        while items and chars + len(items[0]) + 1 <= max_chars:
-            message = items.popleft()
-            chars += len(message) + 1
-            freed += sizes.popleft()
-            taken.append(message)
-        self._size -= freed
+        total = len(items) - 1 + sum(map(len, items))
+        if total <= max_chars:
+            # The common case: everything queued goes in one frame.
+            self._items, self._sizes, self._size = [], [], 0
+            return items
+        count, chars = 1, len(items[0])
+        while count < len(items) and chars + len(items[count]) + 1 <= max_chars:
+            chars += len(items[count]) + 1
+            count += 1
+        taken = items[:count]
+        self._size -= sum(self._sizes[:count])
+        del items[:count]
+        del self._sizes[:count]
         return taken
 
     def take_one(self) -> str | None:
         if not self._items:
             return None
-        self._size -= self._sizes.popleft()
-        return self._items.popleft()
+        self._size -= self._sizes.pop(0)
+        return self._items.pop(0)
 
 
 SendText = Callable[[str], Awaitable[None]]
@@ -121,17 +134,19 @@ async def drain_joined(outbox: Outbox, send: SendText, max_frame_chars: int) -> 
         outbox.frames_sent += 1
 
 
-async def drain_each(outbox: Outbox, send: SendText) -> None:
-    """Writer loop for protocols that need one message per frame (legacy hub)."""
+async def drain_each(outbox: Outbox, send: SendText, max_batch_chars: int) -> None:
+    """Writer loop for protocols that need one message per frame (legacy hub). It
+    takes a batch at a time so the queue lock-step costs one swap, not one per message."""
     loop = asyncio.get_running_loop()
     while True:
         await outbox.wait()
-        message = outbox.take_one()
-        if message is None:
+        batch = outbox.take(max_batch_chars)
+        if not batch:
             if outbox.closed:
                 return
             continue
-        outbox.write_started = loop.time()
-        await send(message)
-        outbox.write_started = 0.0
-        outbox.frames_sent += 1
+        for message in batch:
+            outbox.write_started = loop.time()
+            await send(message)
+            outbox.write_started = 0.0
+            outbox.frames_sent += 1

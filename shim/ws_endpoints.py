@@ -144,7 +144,7 @@ async def serve_legacy(
         await pump.run(
             receive,
             session.handle_frame,
-            drain_each(outbox, pump.send_text),
+            drain_each(outbox, pump.send_text, settings.websocket_max_frame_bytes),
             flush_timeout=settings.websocket_write_timeout_seconds,
             read_limit_bytes=LEGACY_READ_LIMIT_BYTES,
             discard_on=frozenset({SLOW_CODE}),
