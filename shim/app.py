@@ -71,6 +71,13 @@ def _build_quart(runtime: Runtime) -> Quart:
     async def health() -> Response:
         return json_response({"status": "ok", "version": __version__})
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Ready to take traffic: started, and the engine reachable (Redis pub/sub up)."""
+        engine_ok = bool(getattr(runtime.broker, "healthy", True))
+        body = {"ready": runtime.started and engine_ok, "engine": settings.engine}
+        return json_response(body, 200 if body["ready"] else 503)
+
     @app.post("/api/v1/broadcast")
     async def broadcast() -> Response:
         key = request.headers.get("X-API-Key", "")

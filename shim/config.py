@@ -124,8 +124,16 @@ class Settings:
     # --- engine -------------------------------------------------------------
     # "memory" (single node, the default) or "redis".
     engine: str = "memory"
-    # Redis address(es), comma-separated for client-side sharding by channel.
+    # Redis address(es), comma-separated for client-side sharding by channel (every
+    # node must list the same addresses in the same order).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key and pub/sub channel of this deployment.
+    redis_prefix: str = "dex"
+    # Seconds a presence entry lives unless its node refreshes it (a dead node's
+    # clients disappear from presence after this).
+    presence_ttl_seconds: float = 60.0
+    # Seconds between a node's refreshes of its clients' presence entries.
+    presence_refresh_seconds: float = 25.0
 
     # --- connections --------------------------------------------------------
     # Bytes a client's outbound queue may hold before it is disconnected with 3008.
@@ -366,6 +374,8 @@ def _validate(settings: Settings) -> None:
         )
     if settings.channel_policy == "http" and not settings.channel_policy_url:
         raise ConfigError("channel_policy_url: required when channel_policy is 'http'")
+    if settings.presence_refresh_seconds >= settings.presence_ttl_seconds:
+        raise ConfigError("presence_refresh_seconds: must be below presence_ttl_seconds")
     if settings.client_queue_max_size_bytes < 1024:
         raise ConfigError("client_queue_max_size_bytes: must be at least 1024")
     if settings.websocket_max_frame_bytes > 1024 * 1024:

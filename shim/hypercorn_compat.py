@@ -18,6 +18,7 @@ version they were written for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
@@ -49,6 +50,13 @@ class _NoCompressionHandshake(ws_stream.Handshake):
 
 
 class _PingingWSStream(ws_stream.WSStream):
+    _stream_ended: asyncio.Event | None = None
+
+    async def handle(self, event: Any) -> None:
+        await super().handle(event)
+        if self.closed and self._stream_ended is not None:
+            self._stream_ended.set()  # wakes the ping loop at once, not a ping later
+
     async def _accept(self, message: Any) -> None:
         await super()._accept(message)
         liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
@@ -64,11 +72,14 @@ class _PingingWSStream(ws_stream.WSStream):
                 yield event
 
         connection.events = events_noting_pongs  # type: ignore[method-assign, unused-ignore]
-        self.task_group.spawn(self._ping_forever, liveness.ping_interval)
+        self._stream_ended = asyncio.Event()
+        self.task_group.spawn(self._ping_until_closed, liveness.ping_interval, self._stream_ended)
 
-    async def _ping_forever(self, interval: float) -> None:
+    async def _ping_until_closed(self, interval: float, ended: asyncio.Event) -> None:
         while not self.closed:
-            await self.context.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await ended.wait()
             if not self.closed:
                 await self._send_wsproto_event(Ping())
 

@@ -80,8 +80,10 @@ class Runtime:
             log.warning("no admin_api_key configured: using the development key in %s", DEV_KEY_DIR)
         self.settings = settings
         self.api_key = settings.api_key
-        self.broker: Broker = broker or MemoryBroker()
-        self.presence: PresenceManager = presence or MemoryPresenceManager()
+        if broker is None or presence is None:
+            broker, presence = _engine(settings)
+        self.broker: Broker = broker
+        self.presence: PresenceManager = presence
         self.node = Node(settings, self.broker, self.presence)
         self.verifier = TokenVerifier.from_settings(settings)
         self.authorizer = ChannelAuthorizer(
@@ -135,8 +137,28 @@ class Runtime:
     async def close(self) -> None:
         if self.started:
             await self.node.close()
+            close_presence = getattr(self.presence, "close", None)
+            if close_presence is not None:
+                await close_presence()
+            await self.authorizer.aclose()
             self.started = False
 
 
 def _user_list(text: str) -> frozenset[str]:
     return frozenset(user.strip() for user in text.split(",") if user.strip())
+
+
+def _engine(settings: Settings) -> tuple[Broker, PresenceManager]:
+    if settings.engine == "redis":
+        from adapters.brokers.redis import RedisBroker, RedisPresenceManager, parse_urls
+
+        urls = parse_urls(settings.redis_url)
+        return (
+            RedisBroker(urls, prefix=settings.redis_prefix),
+            RedisPresenceManager(
+                urls,
+                prefix=settings.redis_prefix,
+                presence_ttl_seconds=settings.presence_ttl_seconds,
+            ),
+        )
+    return MemoryBroker(), MemoryPresenceManager()

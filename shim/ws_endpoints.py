@@ -19,7 +19,7 @@ from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
-from shim.edge import ASGIReceive, ASGISend, SocketPump, frame_size, reject_http
+from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.hypercorn_compat import LIVENESS_EXTENSION, Liveness
 from shim.outbox import Outbox, drain_each, drain_joined
 from shim.runtime import Runtime
@@ -90,13 +90,17 @@ async def serve_legacy(
     if first["type"] != "websocket.connect":
         return
     cutover = runtime.cutover
-    detect = cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
     has_token = bool(legacy_token(scope["headers"], scope.get("query_string", b"")))
+    # Only a socket without any token may be a Centrifuge SDK (its token travels in
+    # the connect command); one with a token is a legacy client, which may well stay
+    # silent, so it is never kept waiting for a first frame.
+    detect = (
+        not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
+    )
     user = ""
     # The Go hub authenticated before looking at the handshake: a 401 before any
-    # upgrade gives the browser hook its bounded retries. Only a socket without any
-    # token may be a Centrifuge SDK (its token travels in the connect command).
-    if has_token or not detect:
+    # upgrade gives the browser hook its bounded retries.
+    if not detect:
         rejection, user = legacy_rejection(runtime, scope)
         if rejection:
             await reject_http(send, 401, rejection, b"application/json")
@@ -112,17 +116,11 @@ async def serve_legacy(
         if first_frame is None:
             await _close(send, codes.STALE.code, codes.STALE.reason)
             return
-        if frame_size(first_frame) > LEGACY_READ_LIMIT_BYTES and not looks_like_centrifuge(
-            first_frame
-        ):
-            await _close(send, codes.WS_MESSAGE_TOO_BIG, "")
-            return
         if looks_like_centrifuge(first_frame):
             await _run_centrifuge(runtime, receive, send, first_frame=first_frame)
             return
-        if not has_token:
-            await _close(send, *LEGACY_MISSING_CLOSE)
-            return
+        await _close(send, *LEGACY_MISSING_CLOSE)
+        return
     if not runtime.cutover.legacy_served:
         await _close(send, *RETIRED)
         return

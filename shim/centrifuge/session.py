@@ -162,6 +162,7 @@ class CentrifugeSession:
         "credentials",
         "expires_at",
         "next_ping_at",
+        "next_presence_at",
         "node",
         "outbox",
         "pong_deadline",
@@ -190,6 +191,7 @@ class CentrifugeSession:
         self.subscriptions: dict[str, Subscription] = {}
         self.expires_at = 0.0
         self.next_ping_at = 0.0
+        self.next_presence_at = 0.0
         self.pong_deadline = 0.0
         self._opened_at = asyncio.get_running_loop().time()
         self._connect_failed = False
@@ -548,6 +550,22 @@ class CentrifugeSession:
             result["publications"] = history.publications
         return result, history.position
 
+    def _refresh_presence(self, now: float) -> None:
+        """Renew this client's presence entries before the engine expires them (a node
+        that dies stops renewing, so its clients leave presence by themselves)."""
+        first = self.next_presence_at == 0.0
+        self.next_presence_at = now + self.node.settings.presence_refresh_seconds
+        if first:
+            return  # entries were just written by the subscribes
+        present = [sub for sub in self.subscriptions.values() if sub.namespace.presence]
+        if present:
+            task = asyncio.get_running_loop().create_task(self._renew(present))
+            task.add_done_callback(_log_failure)
+
+    async def _renew(self, subs: list[Subscription]) -> None:
+        for sub in subs:
+            await self.node.presence.add_presence(sub.channel, self.client_id, sub.info)
+
     def _announce(self, sub: Subscription) -> None:
         """Presence and join after the reply went out (a client never sees its own
         join before its subscribe reply)."""
@@ -698,6 +716,8 @@ class CentrifugeSession:
                     return
                 self._drop_subscription(sub)
                 self._send(codec.encode_unsubscribe_push(sub.channel, codes.UNSUBSCRIBE_EXPIRED))
+        if now >= self.next_presence_at:
+            self._refresh_presence(now)
         if self.next_ping_at and now >= self.next_ping_at:
             self._send(codec.PING)
             self.next_ping_at = now + settings.client_ping_interval_seconds

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
+from adapters.brokers.redis import RedisBroker, RedisPresenceManager
 from shim.broker import Broker, ClientInfo, PresenceManager, Publication
+from tests.redis_server import RedisServer
 
 # How long an engine that delivers through a network may take to deliver.
 DELIVERY_TIMEOUT_SECONDS = 5.0
@@ -100,8 +102,30 @@ async def memory_engine() -> AsyncIterator[EngineUnderTest]:
         await broker.close()
 
 
+@asynccontextmanager
+async def redis_engine() -> AsyncIterator[EngineUnderTest]:
+    """A fresh redis-server per test; time passes for real."""
+    async with RedisServer() as server:
+        broker = RedisBroker([server.url])
+        presence = RedisPresenceManager([server.url])
+        handler = RecordingHandler()
+        await broker.start(handler)
+        try:
+            yield EngineUnderTest(
+                broker=broker,
+                presence=presence,
+                handler=handler,
+                advance_time=asyncio.sleep,
+                synchronous_delivery=False,
+            )
+        finally:
+            await broker.close()
+            await presence.close()
+
+
 ENGINE_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[EngineUnderTest]]] = {
     "memory": memory_engine,
+    "redis": redis_engine,
 }
 
 

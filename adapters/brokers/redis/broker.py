@@ -1,0 +1,208 @@
+"""The multi-node Broker: history streams in Redis, delivery through Redis pub/sub.
+
+Each publish with history runs one Lua script that increments the channel's offset,
+appends, trims, expires and PUBLISHes atomically, so offsets grow strictly across all
+nodes and every node hears a channel's publications in offset order. Channels are
+spread over the URLs by keys.shard_index; each shard has one command pool and one
+pub/sub listener.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from adapters.brokers.memory import new_epoch
+from adapters.brokers.redis import scripts, wire
+from adapters.brokers.redis.keys import channel_keys, check_prefix, pubsub_prefix
+from adapters.brokers.redis.listener import ShardListener
+from adapters.brokers.redis.shards import Shards, Timeouts, make_pool
+from shim.broker import (
+    BrokerEventHandler,
+    BrokerUnavailable,
+    ClientInfo,
+    HistoryResult,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+    UnrecoverablePosition,
+)
+
+log = logging.getLogger("adapters.brokers.redis")
+
+_DEFAULT_OPTIONS = PublishOptions()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
+
+
+class RedisBroker:
+    def __init__(
+        self,
+        urls: Sequence[str] | str,
+        *,
+        prefix: str = "dex",
+        socket_timeout_seconds: float = 3.0,
+        connect_timeout_seconds: float = 2.0,
+        ping_interval_seconds: float = 5.0,
+        reconnect_max_delay_seconds: float = 2.0,
+        max_connections_per_shard: int = 32,
+    ) -> None:
+        """`urls`: redis:// URLs (or one comma-separated string), the same list in the
+        same order on every node. `ping_interval_seconds`: an idle pub/sub connection
+        is pinged after this long, and dropped when a second interval passes unanswered.
+        `max_connections_per_shard`: command connections; more concurrent calls wait.
+        """
+        self._prefix = check_prefix(prefix)
+        self._pubsub_prefix = pubsub_prefix(prefix)
+        timeouts = Timeouts(socket_timeout_seconds, connect_timeout_seconds)
+        self._shards = Shards(urls, timeouts, max_connections_per_shard)
+        self._listeners = [
+            ShardListener(
+                make_pool(url, timeouts),
+                self._on_message,
+                name=f"redis-pubsub-{index}",
+                confirm_timeout_seconds=timeouts.deadline,
+                ping_interval_seconds=ping_interval_seconds,
+                max_delay_seconds=reconnect_max_delay_seconds,
+            )
+            for index, url in enumerate(self._shards.urls)
+        ]
+        self._handler: BrokerEventHandler | None = None
+        self._subscribed: set[str] = set()
+        self._closed = False
+
+    @property
+    def healthy(self) -> bool:
+        """Every shard's pub/sub connection is up and subscribed (for readiness)."""
+        return not self._closed and all(listener.healthy for listener in self._listeners)
+
+    async def ping(self) -> bool:
+        """Every shard answers a command now."""
+        return not self._closed and await self._shards.ping()
+
+    def shard_of(self, channel: str) -> int:
+        return self._shards.index(channel)
+
+    async def start(self, handler: BrokerEventHandler) -> None:
+        self._handler = handler
+        for listener in self._listeners:
+            listener.start()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._handler = None
+        self._subscribed.clear()
+        for listener in self._listeners:
+            await listener.close()
+        await self._shards.close()
+
+    async def publish(
+        self, channel: str, pub: Publication, options: PublishOptions
+    ) -> StreamPosition:
+        self._check_open()
+        keys = channel_keys(self._prefix, channel)
+        client = self._shards.client(channel)
+        body = wire.encode_body(pub)
+        if options.history_size <= 0 or options.history_ttl_seconds <= 0:
+            await self._shards.call(client, "PUBLISH", keys.pubsub, wire.publication_message(body))
+            return StreamPosition(0, "")
+        reply = await self._shards.run(
+            client,
+            scripts.PUBLISH,
+            (keys.meta, keys.history),
+            keys.pubsub,
+            body,
+            options.history_size,
+            _ms(options.history_ttl_seconds),
+            _ms(options.history_meta_ttl_seconds),
+            new_epoch(),
+        )
+        offset, epoch = reply
+        return StreamPosition(int(offset), epoch.decode())
+
+    async def publish_join(self, channel: str, info: ClientInfo) -> None:
+        await self._publish_presence(channel, True, info)
+
+    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
+        await self._publish_presence(channel, False, info)
+
+    async def _publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
+        self._check_open()
+        keys = channel_keys(self._prefix, channel)
+        message = wire.presence_message(join, info)
+        await self._shards.call(self._shards.client(channel), "PUBLISH", keys.pubsub, message)
+
+    async def subscribe(self, channel: str) -> None:
+        self._check_open()
+        self._subscribed.add(channel)
+        try:
+            await self._listener(channel).subscribe(channel_keys(self._prefix, channel).pubsub)
+        except BaseException:
+            self._subscribed.discard(channel)
+            raise
+
+    async def unsubscribe(self, channel: str) -> None:
+        # Messages already on their way are dropped by the local check in _on_message.
+        self._subscribed.discard(channel)
+        if not self._closed:
+            await self._listener(channel).unsubscribe(channel_keys(self._prefix, channel).pubsub)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+        options: PublishOptions | None = None,
+    ) -> HistoryResult:
+        self._check_open()
+        keys = channel_keys(self._prefix, channel)
+        meta_ttl = (options or _DEFAULT_OPTIONS).history_meta_ttl_seconds
+        reply = await self._shards.run(
+            self._shards.client(channel),
+            scripts.HISTORY,
+            (keys.meta, keys.history),
+            new_epoch(),
+            _ms(meta_ttl),
+            limit,
+            -1 if since is None else since.offset,
+            1 if reverse else 0,
+            "" if since is None else since.epoch,
+        )
+        position = StreamPosition(int(reply[0]), reply[1].decode())
+        if since is not None and since.epoch and since.epoch != position.epoch:
+            raise UnrecoverablePosition(channel)
+        return HistoryResult([wire.decode_history_entry(e) for e in reply[2:]], position)
+
+    async def remove_history(self, channel: str) -> None:
+        self._check_open()
+        keys = channel_keys(self._prefix, channel)
+        await self._shards.call(self._shards.client(channel), "DEL", keys.meta, keys.history)
+
+    def _listener(self, channel: str) -> ShardListener:
+        return self._listeners[self._shards.index(channel)]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerUnavailable("redis broker is closed")
+
+    def _on_message(self, name: bytes, payload: bytes) -> None:
+        handler = self._handler
+        if handler is None or not name.startswith(self._pubsub_prefix):
+            return
+        channel = name[len(self._pubsub_prefix) :].decode()
+        if channel not in self._subscribed:
+            return
+        message = wire.decode_message(payload)
+        if isinstance(message, wire.PresenceMessage):
+            if message.join:
+                handler.on_join(channel, message.info)
+            else:
+                handler.on_leave(channel, message.info)
+        else:
+            handler.on_publication(channel, message.pub, message.epoch)

@@ -1,0 +1,178 @@
+"""Lua scripts: every read-modify-write of a channel runs atomically in Redis.
+
+Times come from the Redis clock (TIME), so nodes with skewed clocks agree on expiry.
+Numbers are formatted with %d: Lua 5.1 would print large ones in exponent notation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+
+@dataclass(slots=True, frozen=True)
+class Script:
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+# KEYS: meta, history. ARGV: pubsub name, body, history size, history ttl ms,
+# meta ttl ms (<= 0: no expiry), epoch to use if the stream is new.
+# Returns {offset, epoch}. Entry: "<expires_at_ms>:<offset>:<body>";
+# message: "p<offset>:<epoch>\n<body>" (see wire.py).
+PUBLISH = Script(
+    _NOW
+    + """
+local meta, history = KEYS[1], KEYS[2]
+local size, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  -- A new stream: whatever is left of an old list belongs to a lost epoch.
+  epoch = ARGV[6]
+  redis.call('DEL', history)
+  redis.call('HSET', meta, 'e', epoch)
+end
+local offset = redis.call('HINCRBY', meta, 's', 1)
+if meta_ttl > 0 then
+  redis.call('PEXPIRE', meta, meta_ttl)
+else
+  redis.call('PERSIST', meta)
+end
+redis.call('RPUSH', history, string.format('%d:%d:', now + ttl, offset) .. ARGV[2])
+redis.call('LTRIM', history, -size, -1)
+-- Drop expired entries from the front; ones behind a longer-lived head are
+-- filtered on read (TTLs may differ between publishes).
+while true do
+  local head = redis.call('LINDEX', history, 0)
+  if not head or tonumber(string.match(head, '^(%d+):')) > now then break end
+  redis.call('LPOP', history)
+end
+if redis.call('PTTL', history) < ttl then redis.call('PEXPIRE', history, ttl) end
+redis.call('PUBLISH', ARGV[1], string.format('p%d:', offset) .. epoch .. '\\n' .. ARGV[2])
+return {offset, epoch}
+"""
+)
+
+# KEYS: meta, history. ARGV: epoch to use if the stream is new, meta ttl ms for a new
+# stream, limit (-1 all, 0 none), since offset (-1 none), "1" reverse, since epoch.
+# Returns {top, epoch, entry...}; no entries when since epoch is set and differs.
+# The list holds consecutive offsets ending at top, so `since` maps to an index.
+HISTORY = Script(
+    _NOW
+    + """
+local meta, history = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', history)
+  redis.call('HSET', meta, 'e', epoch, 's', 0)
+  local meta_ttl = tonumber(ARGV[2])
+  if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) end
+end
+local top = tonumber(redis.call('HGET', meta, 's') or '0')
+local result = {top, epoch}
+local limit, since, reverse = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+if limit == 0 or (ARGV[6] ~= '' and ARGV[6] ~= epoch) then return result end
+local len = redis.call('LLEN', history)
+local first = top - len + 1
+local lo, hi = 0, len - 1
+if since >= 0 then
+  if reverse then hi = math.min(hi, since - first - 1) else lo = math.max(lo, since - first + 1) end
+end
+local step = hi - lo + 1
+if limit > 0 then step = limit end
+local function take(entry)
+  if tonumber(string.match(entry, '^(%d+):')) > now then result[#result + 1] = entry end
+  return limit > 0 and #result - 2 >= limit
+end
+if reverse then
+  local j = hi
+  while j >= lo do
+    local i = math.max(lo, j - step + 1)
+    local chunk = redis.call('LRANGE', history, i, j)
+    for k = #chunk, 1, -1 do
+      if take(chunk[k]) then return result end
+    end
+    j = i - 1
+  end
+else
+  local i = lo
+  while i <= hi do
+    local j = math.min(hi, i + step - 1)
+    local chunk = redis.call('LRANGE', history, i, j)
+    for k = 1, #chunk do
+      if take(chunk[k]) then return result end
+    end
+    i = j + 1
+  end
+end
+return result
+"""
+)
+
+# Drop presence entries whose expiry passed. KEYS: presence, expiry, users.
+_PRUNE = (
+    _NOW
+    + """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  for i = 1, #gone, 1000 do
+    local part = {unpack(gone, i, math.min(i + 999, #gone))}
+    redis.call('HDEL', KEYS[1], unpack(part))
+    redis.call('HDEL', KEYS[3], unpack(part))
+  end
+end
+"""
+)
+
+# ARGV: client id, info body, user, ttl ms. Adding again refreshes the expiry.
+PRESENCE_ADD = Script(
+    _PRUNE
+    + """
+local ttl = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[2], string.format('%d', now + ttl), ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+for i = 1, 3 do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return 1
+"""
+)
+
+# ARGV: client id.
+PRESENCE_REMOVE = Script(
+    """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+)
+
+# Returns HGETALL of the live entries: {client id, info body, ...}.
+PRESENCE_GET = Script(_PRUNE + "\nreturn redis.call('HGETALL', KEYS[1])\n")
+
+# Returns {clients, distinct users}.
+PRESENCE_STATS = Script(
+    _PRUNE
+    + """
+local seen, users = {}, 0
+for _, user in ipairs(redis.call('HVALS', KEYS[3])) do
+  if not seen[user] then
+    seen[user] = true
+    users = users + 1
+  end
+end
+return {redis.call('HLEN', KEYS[1]), users}
+"""
+)
