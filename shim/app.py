@@ -18,6 +18,7 @@ from adapters.auth.jwt import TokenError
 from legacy.session import legacy_token
 from legacy.translate import BroadcastError, parse_broadcast
 from shim import __version__
+from shim.broker import BrokerUnavailable
 from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend
 from shim.runtime import Runtime
@@ -75,7 +76,14 @@ def _build_quart(runtime: Runtime) -> Quart:
     async def ready() -> Response:
         """Ready to take traffic: started, and the engine reachable (Redis pub/sub up)."""
         engine_ok = bool(getattr(runtime.broker, "healthy", True))
-        body = {"ready": runtime.started and engine_ok, "engine": settings.engine}
+        consumer = runtime.stream_consumer
+        ingest_ok = consumer is None or consumer.running
+        body = {
+            "ready": runtime.started and engine_ok and ingest_ok,
+            "engine": settings.engine,
+            "engine_reachable": engine_ok,
+            "ingest_stream": None if consumer is None else consumer.running,
+        }
         return json_response(body, 200 if body["ready"] else 503)
 
     @app.post("/api/v1/broadcast")
@@ -137,11 +145,19 @@ def _build_quart(runtime: Runtime) -> Quart:
         key = request.headers.get("X-Admin-Key", "")
         return bool(key) and hmac.compare_digest(key.encode(), settings.admin_api_key.encode())
 
-    def cutover_report() -> dict[str, Any]:
+    async def cutover_report() -> dict[str, Any]:
         stats = runtime.legacy_stats
+        nodes = await runtime.nodes()
+        totals = {"legacy": 0, "channels": 0}
+        for counts in nodes.values():
+            for protocol in totals:
+                totals[protocol] += counts.get(protocol, 0)
         return {
             "cutover": runtime.cutover.as_dict(),
+            "node": runtime.node.name,
             "connections": runtime.connection_counts(),
+            "nodes": nodes,
+            "totals": totals,
             "legacy": {
                 "malformed_commands": stats.malformed_commands,
                 "unknown_actions": stats.unknown_actions,
@@ -153,7 +169,7 @@ def _build_quart(runtime: Runtime) -> Quart:
     async def show_cutover() -> Response:
         if not admin_allowed():
             return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
-        return json_response(cutover_report())
+        return json_response(await cutover_report())
 
     @app.post("/api/v1/admin/cutover")
     async def change_cutover() -> Response:
@@ -166,11 +182,12 @@ def _build_quart(runtime: Runtime) -> Quart:
         if not isinstance(changes, dict):
             return json_response({"error": "body must be a JSON object"}, 400)
         try:
-            state = runtime.cutover.updated(changes)
+            await runtime.change_cutover(changes)
         except CutoverError as exc:
             return json_response({"error": str(exc)}, 400)
-        runtime.apply_cutover(state)
-        return json_response(cutover_report())
+        except BrokerUnavailable:
+            return json_response({"error": "cutover state store (Redis) unavailable"}, 503)
+        return json_response(await cutover_report())
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

@@ -118,7 +118,7 @@ class Settings:
     port: int = 8000
     # Use uvloop when it is installed.
     use_uvloop: bool = True
-    # Name of this node in info and metrics; empty = hostname:port.
+    # Name of this node in info and metrics; empty = hostname:pid.
     node_name: str = ""
 
     # --- engine -------------------------------------------------------------
@@ -237,6 +237,12 @@ class Settings:
     ingest_max_item_bytes: int = 256 * 1024
     # Largest request body of POST /api/v1/broadcast, in bytes.
     ingest_max_body_bytes: int = 8 * 1024 * 1024
+    # Redis stream the backend may append legacy hub messages to (field `message`),
+    # consumed by every node in one consumer group; empty = no stream ingest. It lives
+    # on the first address of redis_url.
+    ingest_stream_key: str = ""
+    # Seconds an entry may stay pending with a silent node before another claims it.
+    ingest_stream_claim_idle_seconds: float = 30.0
 
     def namespace_for(self, channel: str) -> NamespaceOptions | None:
         """Options of the channel's namespace, or None when it is not configured."""

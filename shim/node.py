@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterable
@@ -82,7 +83,7 @@ class Node:
         self.settings = settings
         self.broker = broker
         self.presence = presence
-        self.name = settings.node_name or f"{socket.gethostname()}:{settings.port}"
+        self.name = settings.node_name or f"{socket.gethostname()}:{os.getpid()}"
         self.tick_interval = tick_interval
         self.sessions: dict[Ticking, None] = {}
         self._channels: dict[str, _Channel] = {}

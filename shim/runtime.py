@@ -7,8 +7,10 @@ import logging
 import os
 import random
 import secrets
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
@@ -20,6 +22,12 @@ from shim.ingest import Ingestor
 from shim.node import Node
 from shim.policy import ChannelAuthorizer, policy_from_settings
 from shim.routing import Router
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from adapters.ingest.redis_stream import StreamConsumer
+    from adapters.redis_control import RedisControl
 
 log = logging.getLogger("shim.runtime")
 
@@ -104,6 +112,8 @@ class Runtime:
             drain_seconds=settings.cutover_drain_seconds,
             detect_centrifuge_on_legacy_path=settings.detect_centrifuge_on_legacy_path,
         )
+        self.control: RedisControl | None = None
+        self.stream_consumer: StreamConsumer | None = None
         self.started = False
 
     def apply_cutover(self, state: CutoverState) -> None:
@@ -130,13 +140,59 @@ class Runtime:
         return counts
 
     async def start(self) -> None:
-        if not self.started:
-            await self.node.start()
-            self.started = True
+        if self.started:
+            return
+        await self.node.start()
+        settings = self.settings
+        if settings.engine == "redis":
+            from adapters.redis_control import RedisControl
+
+            self.control = RedisControl(
+                _redis_client(settings),
+                prefix=settings.redis_prefix,
+                node_name=self.node.name,
+                on_cutover=self.apply_cutover,
+                counts=self.connection_counts,
+            )
+            await self.control.start()
+        if settings.ingest_stream_key:
+            from adapters.ingest.redis_stream import StreamConsumer, StreamOptions
+
+            self.stream_consumer = StreamConsumer(
+                _redis_client(settings),
+                self.ingestor,
+                StreamOptions(
+                    key=settings.ingest_stream_key,
+                    consumer=self.node.name,
+                    claim_idle_seconds=settings.ingest_stream_claim_idle_seconds,
+                    max_item_bytes=settings.ingest_max_item_bytes,
+                ),
+            )
+            await self.stream_consumer.start()
+        self.started = True
+
+    async def change_cutover(self, changes: Mapping[str, Any]) -> CutoverState:
+        """Apply an admin change here and, with Redis, on every node."""
+        state = self.cutover.updated(changes)
+        if self.control is not None:
+            return await self.control.save_cutover(state)
+        self.apply_cutover(state)
+        return state
+
+    async def nodes(self) -> dict[str, dict[str, int]]:
+        """Connection counts per node: every live node with Redis, this one otherwise."""
+        if self.control is not None:
+            return await self.control.nodes()
+        return {self.node.name: self.connection_counts()}
 
     async def close(self) -> None:
         if self.started:
             await self.node.close()
+            if self.stream_consumer is not None:
+                await self.stream_consumer.close()
+                await self.stream_consumer.redis.aclose()
+            if self.control is not None:
+                await self.control.close()
             close_presence = getattr(self.presence, "close", None)
             if close_presence is not None:
                 await close_presence()
@@ -162,3 +218,17 @@ def _engine(settings: Settings) -> tuple[Broker, PresenceManager]:
             ),
         )
     return MemoryBroker(), MemoryPresenceManager()
+
+
+def _redis_client(settings: Settings) -> Redis:
+    """A client on the first Redis address (control state and the ingest stream)."""
+    from redis.asyncio import Redis
+
+    from adapters.brokers.redis import parse_urls
+
+    return Redis.from_url(
+        parse_urls(settings.redis_url)[0],
+        protocol=2,
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
+    )

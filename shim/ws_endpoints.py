@@ -94,9 +94,7 @@ async def serve_legacy(
     # Only a socket without any token may be a Centrifuge SDK (its token travels in
     # the connect command); one with a token is a legacy client, which may well stay
     # silent, so it is never kept waiting for a first frame.
-    detect = (
-        not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
-    )
+    detect = not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
     user = ""
     # The Go hub authenticated before looking at the handshake: a 401 before any
     # upgrade gives the browser hook its bounded retries.

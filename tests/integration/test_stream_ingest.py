@@ -1,0 +1,207 @@
+"""Durable ingest through a Redis stream, and the cutover flag shared by nodes.
+
+Real redis-server processes started by the tests, real servers, the Python SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import ADMIN_KEY, run_server
+from tests.pyclient import new_client, new_subscription
+from tests.redis_server import RedisServer
+
+STREAM = "dex:ingest"
+GROUP = "dex-shim"
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    async with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def _message(n: int, task: str = "s1") -> dict[str, bytes]:
+    body = {"type": "task.updated", "payload": {"task_id": task, "n": n}}
+    return {"message": orjson.dumps(body)}
+
+
+async def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_stream_entries_are_published_then_acknowledged(
+    signing_keys: tuple[str, str], redis_server: RedisServer, redis: Redis
+) -> None:
+    async with run_server(
+        signing_keys, engine="redis", redis_url=redis_server.url, ingest_stream_key=STREAM
+    ) as server:
+        client, events = new_client(server.ws_url, server.token("alice"))
+        await client.connect()
+        sub, sub_events = new_subscription(client, "task:s1")
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+
+        for n in range(20):
+            await redis.xadd(STREAM, _message(n))
+        await redis.xadd(STREAM, {"message": b"{not json"})
+
+        await sub_events.wait_for("publication", count=20)
+        assert [ctx.pub.data["n"] for ctx in sub_events.named("publication")] == list(range(20))
+
+        async def all_acknowledged() -> bool:
+            pending = await redis.xpending(STREAM, GROUP)
+            return bool(pending["pending"] == 0)
+
+        await _wait_until(all_acknowledged)
+        refused = await redis.xrange(f"{STREAM}:refused")
+        assert len(refused) == 1 and b"not valid JSON" in refused[0][1][b"error"]
+        ready = (await server.http.get("/ready")).json()
+        assert ready["ingest_stream"] is True
+        await client.disconnect()
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_and_published_once(
+    signing_keys: tuple[str, str], redis_server: RedisServer, redis: Redis
+) -> None:
+    # A node that read three entries and died before acknowledging them; it had
+    # published (and marked) the first one already.
+    await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ids = [(await redis.xadd(STREAM, _message(n))).decode() for n in range(3)]
+    taken = await redis.xreadgroup(GROUP, "dead-node", {STREAM: ">"}, count=3)
+    assert len(taken[0][1]) == 3
+    await redis.set(f"{STREAM}:done:{ids[0]}", b"1")
+
+    async with run_server(
+        signing_keys,
+        engine="redis",
+        redis_url=redis_server.url,
+        ingest_stream_key=STREAM,
+        ingest_stream_claim_idle_seconds=1,
+    ) as server:
+        client, _events = new_client(server.ws_url, server.token("alice"))
+        await client.connect()
+        sub, sub_events = new_subscription(client, "task:s1")
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+
+        await sub_events.wait_for("publication", count=2, timeout=15)
+
+        async def nothing_pending() -> bool:
+            return bool((await redis.xpending(STREAM, GROUP))["pending"] == 0)
+
+        await _wait_until(nothing_pending, timeout=15)
+        await asyncio.sleep(0.3)
+        received = [ctx.pub.data["n"] for ctx in sub_events.named("publication")]
+        assert received == [1, 2]  # entry 0 was already published: not again
+        consumer = server.runtime.stream_consumer
+        assert consumer is not None
+        assert consumer.stats.claimed == 3
+        assert consumer.stats.skipped_already_published == 1
+        # The same event ids a republish would carry: derived from the entry ids.
+        history = await server.runtime.broker.history("task:s1", limit=-1)
+        assert len(history.publications) == 2
+        await client.disconnect()
+
+
+async def test_stream_ingest_survives_a_redis_restart(
+    signing_keys: tuple[str, str], redis_server: RedisServer
+) -> None:
+    async with run_server(
+        signing_keys, engine="redis", redis_url=redis_server.url, ingest_stream_key=STREAM
+    ) as server:
+        consumer = server.runtime.stream_consumer
+        assert consumer is not None
+        await _wait_until(_true_when(lambda: consumer.running))
+
+        await redis_server.kill()
+
+        async def not_ready() -> bool:
+            return (await server.http.get("/ready")).status_code == 503
+
+        await _wait_until(not_ready)
+        await redis_server.start()
+        client, _events = new_client(server.ws_url, server.token("alice"))
+        await client.connect()
+        sub, sub_events = new_subscription(client, "task:s1")
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed", timeout=15)
+        redis = Redis.from_url(redis_server.url)
+        try:
+            await redis.xadd(STREAM, _message(7))
+            publication = await sub_events.wait_for("publication", timeout=15)
+            assert publication.pub.data["n"] == 7
+        finally:
+            await redis.aclose()
+
+        async def ready_again() -> bool:
+            return (await server.http.get("/ready")).status_code == 200
+
+        await _wait_until(ready_again, timeout=15)
+        await client.disconnect()
+
+
+def _true_when(check: Any) -> Any:
+    async def predicate() -> bool:
+        return bool(check())
+
+    return predicate
+
+
+async def test_cutover_changed_on_one_node_reaches_the_other(
+    signing_keys: tuple[str, str], redis_server: RedisServer
+) -> None:
+    async with (
+        # Both run in this test's process: name them (the default is hostname:pid).
+        run_server(
+            signing_keys, engine="redis", redis_url=redis_server.url, node_name="a"
+        ) as node_a,
+        run_server(
+            signing_keys, engine="redis", redis_url=redis_server.url, node_name="b"
+        ) as node_b,
+    ):
+        client, events = new_client(node_b.ws_url, node_b.token("alice"))
+        await client.connect()
+        await events.wait_for("connected")
+
+        response = await node_a.http.post(
+            "/api/v1/admin/cutover",
+            json={"channels_percent": 40, "allow_users": ["alice"]},
+            headers={"X-Admin-Key": ADMIN_KEY},
+        )
+        assert response.status_code == 200, response.text
+        version = response.json()["cutover"]["version"]
+
+        async def b_has_it() -> bool:
+            state = node_b.runtime.cutover
+            return state.version == version and state.channels_percent == 40
+
+        await _wait_until(b_has_it, timeout=5)
+        config = await node_b.http.get(
+            "/api/v1/realtime/config",
+            headers={"Authorization": f"Bearer {node_b.token('alice')}"},
+        )
+        assert config.json()["protocol"] == "channels"
+
+        async def both_nodes_counted() -> bool:
+            report = (
+                await node_a.http.get("/api/v1/admin/cutover", headers={"X-Admin-Key": ADMIN_KEY})
+            ).json()
+            return len(report["nodes"]) == 2 and report["totals"]["channels"] == 1
+
+        await _wait_until(both_nodes_counted, timeout=15)
+        await client.disconnect()
