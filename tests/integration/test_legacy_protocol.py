@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -27,9 +29,10 @@ from websockets.http11 import Response
 from adapters.auth.jwt import generate_signing_key, mint_token
 from tests.conftest import ADMIN_KEY, RunningServer, run_server
 from tests.legacyclient import (
-    SUBSCRIBE_ALL,
     OP_CLOSE,
     OP_PING,
+    SHORT_PINGS,
+    SUBSCRIBE_ALL,
     LegacyClient,
     RawSocket,
     legacy_client,
@@ -51,8 +54,21 @@ TICK = 1.0
 SLACK = 0.7
 
 
-def task_event(task_id: str, n: int, **top: str) -> dict[str, Any]:
-    return {"type": "task.updated", "payload": {"task_id": task_id, "n": n}, **top}
+def serve(
+    signing_keys: Keys, **overrides: Any
+) -> contextlib.AbstractAsyncContextManager[RunningServer]:
+    return run_server(signing_keys, **{**SHORT_PINGS, **overrides})
+
+
+@pytest.fixture
+async def server(signing_keys: Keys) -> AsyncIterator[RunningServer]:
+    """conftest's server, with SHORT_PINGS."""
+    async with serve(signing_keys) as running:
+        yield running
+
+
+def task_event(task: str, n: int, **top: str) -> dict[str, Any]:
+    return {"type": "task.updated", "payload": {"task_id": task, "n": n}, **top}
 
 
 async def publish(server: RunningServer, body: Any) -> None:
@@ -120,7 +136,7 @@ async def test_upgrade_selects_no_subprotocol_nor_extension_and_accepts_any_orig
     async with legacy_client(
         server.port,
         server.token(),
-        origin="https://attacker.example",  # type: ignore[arg-type]
+        origin="https://attacker.example",
         subprotocols=["chat"],
         compression="deflate",
     ) as client:
@@ -160,13 +176,11 @@ async def test_bad_tokens_get_the_hubs_401_bodies_before_any_upgrade(
 
 
 async def test_no_token_is_a_401_when_centrifuge_detection_is_off(signing_keys: Keys) -> None:
-    async with run_server(signing_keys, detect_centrifuge_on_legacy_path=False) as server:
+    async with serve(signing_keys, detect_centrifuge_on_legacy_path=False) as server:
         assert_rejected(await refused(server.port), MISSING)
         # An empty parameter and a header of another scheme count as no token.
         assert_rejected(await refused(server.port, ""), MISSING)
-        assert_rejected(
-            await refused(server.port, headers={"Authorization": "Token abc"}), MISSING
-        )
+        assert_rejected(await refused(server.port, headers={"Authorization": "Token abc"}), MISSING)
 
 
 async def test_no_token_with_detection_on_is_upgraded_then_closed_4401(
@@ -252,7 +266,7 @@ async def test_silent_client_is_not_dropped_as_a_stale_centrifuge_socket(
     # stale-socket rule (no connect within the delay) must not apply to a legacy
     # socket that authenticated with its token.
     async with (
-        run_server(signing_keys, client_stale_close_delay_seconds=1) as server,
+        serve(signing_keys, client_stale_close_delay_seconds=1) as server,
         legacy_client(server.port, server.token(), first_commands=()) as idle,
     ):
         await asyncio.sleep(1 + TICK + SLACK)
@@ -264,7 +278,11 @@ async def test_silent_client_is_not_dropped_as_a_stale_centrifuge_socket(
 async def test_every_event_is_one_frame_with_keys_in_hub_order(server: RunningServer) -> None:
     events = [
         {"type": "quest.content_delta", "payload": {"quest_id": "q1", "delta": "x"}},
-        {"type": "task.updated", "payload": {"task_id": "T1", "status": "running"}, "task_id": "T1"},
+        {
+            "type": "task.updated",
+            "payload": {"task_id": "T1", "status": "running"},
+            "task_id": "T1",
+        },
         {"type": "project.updated", "payload": {"name": "p"}, "project_id": "P1"},
         {"type": "session.started", "payload": {"s": 1}, "task_id": "T1", "project_id": "P1"},
         {"type": "approval.resolved", "payload": {"id": "a", "status": "approved"}},
@@ -447,7 +465,7 @@ async def test_pings_every_interval_and_only_pongs_keep_a_client(signing_keys: K
             # The answering client saw a ping about every second and was never closed.
             assert not [f for f in kept.frames if f.opcode == OP_CLOSE]
             assert len(pings) >= 4, pings
-            gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
             assert all(0.7 <= gap <= 1.4 for gap in gaps), gaps
             assert all(f.payload == b"" for f in kept.frames if f.opcode == OP_PING)
             # websockets answers pings itself: still connected after 5.5 s, still served.
@@ -468,7 +486,7 @@ async def test_pings_every_interval_and_only_pongs_keep_a_client(signing_keys: K
 async def test_stalled_client_is_cut_off_3008_and_fast_client_gets_everything(
     signing_keys: Keys,
 ) -> None:
-    async with run_server(signing_keys, client_queue_max_size_bytes=256 * 1024) as server:
+    async with serve(signing_keys, client_queue_max_size_bytes=256 * 1024) as server:
         # max_queue=1: websockets stops reading the socket once one message waits.
         stalled = await connect(
             legacy_url(server.port, server.token("slow")),
@@ -508,9 +526,22 @@ async def test_stalled_client_is_cut_off_3008_and_fast_client_gets_everything(
         await stalled.close()
 
 
+async def test_server_stops_promptly_after_legacy_clients_leave(signing_keys: Keys) -> None:
+    # Default settings (30 s pings). A closed legacy socket must not keep anything of
+    # the server busy: shutdown then has nothing to wait for.
+    async with run_server(signing_keys) as server:
+        for _ in range(3):
+            async with legacy_client(server.port, server.token()) as client:
+                await settle(publisher(server), [client], "leave")
+        assert (await admin_report(server))["connections"]["legacy"] == 0
+        await asyncio.sleep(0.5)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 3.0
+
+
 async def test_raw_handshake_without_token_param_in_legacy_mode(signing_keys: Keys) -> None:
     # In `legacy` mode nothing on this path may be a Centrifuge SDK: the exact 401.
-    async with run_server(signing_keys, cutover_mode="legacy") as server:
+    async with serve(signing_keys, cutover_mode="legacy") as server:
         assert_rejected(await refused(server.port), MISSING)
         async with httpx.AsyncClient(base_url=server.url) as http:
             assert (await http.get("/api/v1/ws")).content == MISSING

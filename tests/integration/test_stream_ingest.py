@@ -50,7 +50,7 @@ async def test_stream_entries_are_published_then_acknowledged(
     async with run_server(
         signing_keys, engine="redis", redis_url=redis_server.url, ingest_stream_key=STREAM
     ) as server:
-        client, events = new_client(server.ws_url, server.token("alice"))
+        client, _events = new_client(server.ws_url, server.token("alice"))
         await client.connect()
         sub, sub_events = new_subscription(client, "task:s1")
         await sub.subscribe()
