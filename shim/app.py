@@ -21,6 +21,7 @@ from shim import __version__
 from shim.broker import BrokerUnavailable
 from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend
+from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
 from shim.ws_endpoints import (
     CENTRIFUGE_PATH,
@@ -71,6 +72,10 @@ def _build_quart(runtime: Runtime) -> Quart:
     @app.get("/health")
     async def health() -> Response:
         return json_response({"status": "ok", "version": __version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from adapters.auth.jwt import mint_token
 from shim.config import ConfigError, describe_settings, load_settings
+from shim.logs import configure_logging
 from shim.runtime import dev_signing_key
 
 
@@ -21,6 +22,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = load_settings(args.config, **overrides)
+    redactor = configure_logging(
+        level=settings.log_level,
+        json=settings.log_format == "json",
+        secrets=[settings.api_key, settings.admin_api_key, settings.token_key],
+    )
 
     def ready(port: int) -> None:
         print(
@@ -29,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    run(settings, on_ready=ready)
+    run(settings, on_ready=ready, redactor=redactor)
     return 0
 
 
@@ -86,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(func=_checkconfig)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -118,6 +118,12 @@ class Settings:
     port: int = 8000
     # Use uvloop when it is installed.
     use_uvloop: bool = True
+    # "json" (one object per line, with client/user/channel fields) or "text".
+    log_format: str = "json"
+    # Lowest level logged: debug, info, warning, error.
+    log_level: str = "info"
+    # Log every HTTP request and WebSocket upgrade (tokens in URLs are redacted).
+    access_log: bool = False
     # Name of this node in info and metrics; empty = hostname:pid.
     node_name: str = ""
 
@@ -364,6 +370,10 @@ def _is_rule_tuple(raw: Any) -> bool:
 
 
 def _validate(settings: Settings) -> None:
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError(f"log_format: expected json or text, got {settings.log_format!r}")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: unknown level {settings.log_level!r}")
     if settings.engine not in ("memory", "redis"):
         raise ConfigError(f"engine: expected 'memory' or 'redis', got {settings.engine!r}")
     if settings.token_algorithm not in ("EdDSA", "HS256", "RS256", "ES256"):

@@ -48,11 +48,17 @@ class ItemResult:
 
 @dataclass(slots=True)
 class IngestStats:
-    accepted: int = 0
-    refused: int = 0
-    failed: int = 0
-    missing_route: int = 0
-    by_type: dict[str, int] = field(default_factory=dict)
+    # (event type, result) -> count; results: accepted, refused, failed, and the
+    # accepted ones that also had a missing route or an unknown type.
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    in_flight: int = 0
+
+    def count(self, event_type: str, result: str) -> None:
+        key = (event_type, result)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def total(self, result: str) -> int:
+        return sum(n for (_type, outcome), n in self.counts.items() if outcome == result)
 
 
 class Ingestor:
@@ -64,12 +70,17 @@ class Ingestor:
 
     async def ingest(self, items: Sequence[ParsedItem]) -> list[ItemResult]:
         results = []
-        for item in items:
-            if isinstance(item, Accepted):
-                results.append(await self.publish_event(item.event, index=item.index))
-            else:
-                self.stats.refused += 1
-                results.append(ItemResult(item.index, "refused", error=item.error))
+        self.stats.in_flight += 1
+        try:
+            for item in items:
+                if isinstance(item, Accepted):
+                    results.append(await self.publish_event(item.event, index=item.index))
+                else:
+                    # A refused item has no trustworthy type: counted under "".
+                    self.stats.count("", "refused")
+                    results.append(ItemResult(item.index, "refused", error=item.error))
+        finally:
+            self.stats.in_flight -= 1
         return results
 
     async def publish(self, event_type: str, payload: Mapping[str, Any], **top: str) -> ItemResult:
@@ -102,7 +113,7 @@ class Ingestor:
                 await self.node.publish(channel, data, legacy=tag)
                 published.append(channel)
         except BrokerUnavailable as exc:
-            self.stats.failed += 1
+            self.stats.count(event.type, "failed")
             return ItemResult(
                 index,
                 "failed",
@@ -110,10 +121,11 @@ class Ingestor:
                 channels=tuple(published),
                 error=f"not stored: {exc}",
             )
-        self.stats.accepted += 1
-        self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+        self.stats.count(event.type, "accepted")
         if route.missing:
-            self.stats.missing_route += 1
+            self.stats.count(event.type, "missing_route")
+        if route.unknown_type:
+            self.stats.count(event.type, "unknown_type")
         return ItemResult(
             index,
             "accepted",

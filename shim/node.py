@@ -19,6 +19,7 @@ from typing import Protocol
 
 from shim.broker import (
     Broker,
+    BrokerUnavailable,
     ClientInfo,
     LegacyTag,
     PresenceManager,
@@ -59,6 +60,46 @@ class Ticking(Protocol):
     def tick(self, now: float, wall: float) -> None: ...
 
 
+class NodeCounters:
+    """Plain integers bumped on hot paths (a Prometheus counter per delivery would
+    take a lock per subscriber); /metrics reads them at scrape time."""
+
+    __slots__ = ("broker_errors", "deliveries", "disconnects", "publications")
+
+    def __init__(self) -> None:
+        # Messages appended to client queues, by protocol ("channels" / "legacy").
+        self.deliveries = {"channels": 0, "legacy": 0}
+        # Publications handed to this node by the broker.
+        self.publications = 0
+        # (protocol, close code) -> server-initiated disconnects.
+        self.disconnects: dict[tuple[str, int], int] = {}
+        # Broker operation -> failures.
+        self.broker_errors: dict[str, int] = {}
+
+    def disconnected(self, protocol: str, code: int) -> None:
+        key = (protocol, code)
+        self.disconnects[key] = self.disconnects.get(key, 0) + 1
+
+    def broker_failed(self, operation: str) -> None:
+        self.broker_errors[operation] = self.broker_errors.get(operation, 0) + 1
+
+
+class Observer(Protocol):
+    """Where timings go (Prometheus histograms in production, nothing in unit tests)."""
+
+    def command(self, method: str, seconds: float) -> None: ...
+
+    def publish_to_enqueue(self, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def command(self, method: str, seconds: float) -> None:
+        pass
+
+    def publish_to_enqueue(self, seconds: float) -> None:
+        pass
+
+
 class _Channel:
     __slots__ = ("legacy", "ready", "subscribers")
 
@@ -89,7 +130,8 @@ class Node:
         self._channels: dict[str, _Channel] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.publications_delivered = 0
+        self.counters = NodeCounters()
+        self.observer: Observer = _NoObserver()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -205,7 +247,11 @@ class Node:
         legacy: LegacyTag | None = None,
     ) -> StreamPosition:
         pub = Publication(data=data, info=info, time_ms=time.time_ns() // 1_000_000, legacy=legacy)
-        return await self.broker.publish(channel, pub, self.publish_options(channel))
+        try:
+            return await self.broker.publish(channel, pub, self.publish_options(channel))
+        except BrokerUnavailable:
+            self.counters.broker_failed("publish")
+            raise
 
     # BrokerEventHandler: called on the loop, never awaits.
 
@@ -213,17 +259,25 @@ class Node:
         entry = self._channels.get(channel)
         if entry is None:
             return
+        counters = self.counters
+        counters.publications += 1
         if entry.subscribers:
             text = codec.encode_publication_push(channel, pub)
             size = text_size(text)
-            for subscriber in list(entry.subscribers):
+            subscribers = list(entry.subscribers)
+            for subscriber in subscribers:
                 subscriber.deliver(pub, epoch, text, size)
-            self.publications_delivered += len(entry.subscribers)
+            counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is not None:
             tag = pub.legacy
             size = text_size(tag.frame)
-            for legacy in list(entry.legacy):
+            legacy_subscribers = list(entry.legacy)
+            for legacy in legacy_subscribers:
                 legacy.deliver_legacy(tag, size)
+            # Counts reach, before a legacy session drops a copy it already had.
+            counters.deliveries["legacy"] += len(legacy_subscribers)
+        if pub.time_ms:
+            self.observer.publish_to_enqueue(max(0.0, time.time() - pub.time_ms / 1000))
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
         self._control(channel, codec.encode_join_push(channel, info))

@@ -19,6 +19,7 @@ from shim.broker import Broker, PresenceManager
 from shim.config import Settings
 from shim.cutover import CutoverState, Mode
 from shim.ingest import Ingestor
+from shim.metrics import Metrics
 from shim.node import Node
 from shim.policy import ChannelAuthorizer, policy_from_settings
 from shim.routing import Router
@@ -104,6 +105,8 @@ class Runtime:
         )
         self.ingestor = Ingestor(self.node, self.router)
         self.legacy_stats = LegacyStats()
+        self.metrics = Metrics(self)
+        self.node.observer = self.metrics.histograms
         self.cutover = CutoverState(
             mode=Mode(settings.cutover_mode),
             channels_percent=settings.cutover_channels_percent,
@@ -132,6 +135,13 @@ class Runtime:
                     session.drain_by(now + random.uniform(0, state.drain_seconds))
                 else:
                     session.drain_by(0.0)
+
+    def secrets(self) -> list[str]:
+        """Strings that must never appear in a log line."""
+        found = [self.settings.api_key, self.settings.admin_api_key]
+        if self.settings.token_algorithm.startswith("HS"):
+            found.append(self.settings.token_key)
+        return [s for s in found if s]
 
     def connection_counts(self) -> dict[str, int]:
         counts = {"legacy": 0, "channels": 0}

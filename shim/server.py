@@ -16,6 +16,7 @@ from hypercorn.config import Config
 from shim.app import ShimApp, create_app
 from shim.config import Settings
 from shim.hypercorn_compat import install_hypercorn_hooks
+from shim.logs import Redactor
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.server")
@@ -43,7 +44,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     )
     # Our own app-level pings drive liveness; hypercorn's are off.
     config.websocket_ping_interval = None
-    config.accesslog = None
+    config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 10.0
     return config
@@ -63,7 +64,12 @@ async def serve_app(
         sock.detach()
 
 
-def run(settings: Settings, *, on_ready: Callable[[int], None] | None = None) -> None:
+def run(
+    settings: Settings,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    redactor: Redactor | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM."""
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
@@ -74,7 +80,10 @@ def run(settings: Settings, *, on_ready: Callable[[int], None] | None = None) ->
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, stop.set)
-        app = create_app(Runtime(settings))
+        runtime = Runtime(settings)
+        if redactor is not None:
+            redactor.add(runtime.secrets())
+        app = create_app(runtime)
         if on_ready is not None:
             loop.call_soon(on_ready, port)
 

@@ -20,8 +20,10 @@ from shim.config import Settings, load_settings
 from shim.runtime import Runtime
 from shim.server import bind_socket, serve_app
 
-API_KEY = "test-api-key"
-ADMIN_KEY = "test-admin-key"
+API_KEY = "test-api-key-0123456789"
+ADMIN_KEY = "test-admin-key-0123456789"
+# Every token minted by the suite: none may appear in the logs of the whole run.
+MINTED_TOKENS: set[str] = set()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -51,7 +53,9 @@ class RunningServer:
         return self.runtime.settings
 
     def token(self, user: str = "user-1", ttl: int | None = 3600, **extra: Any) -> str:
-        return mint_token(self.signing_key, "EdDSA", user=user, ttl_seconds=ttl, extra=extra)
+        token = mint_token(self.signing_key, "EdDSA", user=user, ttl_seconds=ttl, extra=extra)
+        MINTED_TOKENS.add(token)
+        return token
 
     async def broadcast(self, body: Any) -> httpx.Response:
         return await self.http.post("/api/v1/broadcast", json=body, headers={"X-API-Key": API_KEY})
@@ -115,3 +119,45 @@ def corpus() -> Iterator[list[dict[str, Any]]]:
 
     path = SHARED / "spec" / "legacy-broadcasts.json"
     yield orjson.loads(path.read_bytes())
+
+
+# --- the whole run's logs, as production would write them ---------------------------
+
+_RUN_LOG: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import logging
+    import tempfile
+
+    from shim.logs import JsonFormatter, Redactor
+
+    handle = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+    handler = logging.StreamHandler(handle)
+    handler.setFormatter(JsonFormatter(Redactor([API_KEY, ADMIN_KEY])))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    _RUN_LOG.update(handle=handle, handler=handler)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Grep everything the run logged (through the production formatter) for any token
+    or key the tests used; a hit fails the run."""
+    import logging
+    import os
+
+    handle, handler = _RUN_LOG.get("handle"), _RUN_LOG.get("handler")
+    if handle is None:
+        return
+    logging.getLogger().removeHandler(handler)
+    handle.flush()
+    handle.seek(0)
+    text = handle.read()
+    handle.close()
+    os.unlink(handle.name)
+    leaks = [t for t in MINTED_TOKENS | {API_KEY, ADMIN_KEY} if t in text]
+    if leaks:
+        print(f"\nSECRETS IN LOGS: {len(leaks)} token(s)/key(s) found in the run's log output")
+        session.exitstatus = 1

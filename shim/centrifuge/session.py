@@ -50,6 +50,20 @@ from shim.policy import ChannelAuthorizer
 
 log = logging.getLogger("shim.centrifuge")
 
+_COMMAND_NAMES: dict[type, str] = {
+    ConnectRequest: "connect",
+    SubscribeRequest: "subscribe",
+    UnsubscribeRequest: "unsubscribe",
+    PublishRequest: "publish",
+    PresenceRequest: "presence",
+    PresenceStatsRequest: "presence_stats",
+    HistoryRequest: "history",
+    RefreshRequest: "refresh",
+    SubRefreshRequest: "sub_refresh",
+    RPCRequest: "rpc",
+    SendRequest: "send",
+}
+
 # SubscribeRequest.flag bit: the client prefers error 112 over recovered=false.
 FLAG_REJECT_UNRECOVERED = 2
 
@@ -213,11 +227,20 @@ class CentrifugeSession:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.node.counters.disconnected("channels", code.code)
+        log.info(
+            "disconnecting: %s",
+            code.reason,
+            extra={"client": self.client_id, "user": self._user(), "code": code.code},
+        )
         # A slow client's queue is dropped at once; otherwise replies already queued
         # (e.g. the error explaining the disconnect) still go out before the close.
         self.outbox.close(discard=code is codes.SLOW)
         self.transport.close(code.code, codec.close_reason(code))
         self._release_all()
+
+    def _user(self) -> str:
+        return self.credentials.user if self.credentials is not None else ""
 
     def lost_position(self, sub: Subscription) -> None:
         """A gap or epoch change in a positioned stream: the client must resync."""
@@ -280,6 +303,7 @@ class CentrifugeSession:
         if self.state is State.CONNECTING and not isinstance(request, ConnectRequest):
             self.disconnect(codes.BAD_PROTOCOL)
             return
+        started = time.perf_counter()
         try:
             await self._dispatch(command.id, request)
         except Reject as exc:
@@ -287,10 +311,15 @@ class CentrifugeSession:
         except Disconnect as exc:
             self.disconnect(exc.code)
         except BrokerUnavailable:
+            self.node.counters.broker_failed("command")
             self._send(codec.encode_error(command.id, codes.INTERNAL))
         except Exception:
             log.exception("command failed", extra={"client": self.client_id})
             self._send(codec.encode_error(command.id, codes.INTERNAL))
+        finally:
+            self.node.observer.command(
+                _COMMAND_NAMES.get(type(request), "unknown"), time.perf_counter() - started
+            )
 
     async def _dispatch(self, command_id: int, request: object) -> None:
         if isinstance(request, ConnectRequest):
@@ -387,6 +416,7 @@ class CentrifugeSession:
             self.credentials = None
             self._connect_failed = True
             raise
+        log.debug("connected", extra={"client": self.client_id, "user": credentials.user})
         self._send(
             codec.encode_connect_result(
                 command_id,
@@ -447,6 +477,11 @@ class CentrifugeSession:
                 self.credentials, channel, self.client_id
             )
             if not decision.allowed:
+                log.info(
+                    "subscribe refused: %s",
+                    decision.reason,
+                    extra={"client": self.client_id, "user": self._user(), "channel": channel},
+                )
                 raise Reject(decision.error or codes.PERMISSION_DENIED)
         if channel in self.subscriptions:  # a concurrent subscribe won while we awaited
             raise Reject(codes.ALREADY_SUBSCRIBED)

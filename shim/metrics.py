@@ -1,0 +1,183 @@
+"""Prometheus metrics: names follow Centrifuge's (`centrifuge_node_num_clients` ...)
+under our own prefix, with a `protocol` label where both protocols count.
+
+Gauges and counters are read from the runtime at scrape time (the hot paths bump
+plain integers, see shim.node.NodeCounters); only the histograms are observed as
+things happen. Each Runtime has its own registry, so several nodes can live in one
+process (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from shim.runtime import Runtime
+
+PREFIX = "dex_shim"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histograms:
+    """The node's Observer: command latency and publish-to-enqueue latency."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._commands = Histogram(
+            f"{PREFIX}_client_command_duration_seconds",
+            "Time to handle one Centrifuge client command, by method.",
+            ["method"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self._publish = Histogram(
+            f"{PREFIX}_node_publish_to_enqueue_seconds",
+            "Time from a publish call to the last local subscriber queue append.",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+        self._by_method: dict[str, Histogram] = {}
+
+    def command(self, method: str, seconds: float) -> None:
+        child = self._by_method.get(method)
+        if child is None:
+            child = self._by_method[method] = self._commands.labels(method)
+        child.observe(seconds)
+
+    def publish_to_enqueue(self, seconds: float) -> None:
+        self._publish.observe(seconds)
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        node = runtime.node
+        counters = node.counters
+        node_label = node.name
+
+        clients = GaugeMetricFamily(
+            f"{PREFIX}_node_num_clients",
+            "Connected clients by protocol.",
+            labels=["node", "protocol"],
+        )
+        for protocol, count in runtime.connection_counts().items():
+            clients.add_metric([node_label, protocol], count)
+        yield clients
+
+        users: set[str] = set()
+        queued = 0
+        subscriptions = 0
+        for session in node.sessions:
+            user = _user_of(session)
+            if user:
+                users.add(user)
+            outbox = getattr(session, "outbox", None)
+            if outbox is not None:
+                queued += outbox.size
+            subscriptions += len(getattr(session, "subscriptions", ()))
+        yield _gauge("node_num_users", "Distinct users connected to this node.", len(users))
+        yield _gauge(
+            "node_num_channels", "Channels with local subscribers.", sum(1 for _ in node.channels())
+        )
+        yield _gauge(
+            "node_num_subscriptions",
+            "Subscriptions of local clients (both protocols).",
+            subscriptions,
+        )
+        yield _gauge("client_queue_bytes", "Bytes waiting in client queues.", queued)
+
+        publications = CounterMetricFamily(
+            f"{PREFIX}_node_publications", "Publications handed to this node by the broker."
+        )
+        publications.add_metric([], counters.publications)
+        yield publications
+
+        deliveries = CounterMetricFamily(
+            f"{PREFIX}_node_messages_sent",
+            "Publications appended to client queues, by protocol.",
+            labels=["protocol"],
+        )
+        for protocol, count in counters.deliveries.items():
+            deliveries.add_metric([protocol], count)
+        yield deliveries
+
+        disconnects = CounterMetricFamily(
+            f"{PREFIX}_client_num_server_disconnects",
+            "Server-initiated disconnects by protocol and code (3008 = slow).",
+            labels=["protocol", "code"],
+        )
+        for (protocol, code), count in sorted(counters.disconnects.items()):
+            disconnects.add_metric([protocol, str(code)], count)
+        yield disconnects
+
+        ingested = CounterMetricFamily(
+            f"{PREFIX}_ingest_events",
+            "Ingested legacy hub messages by event type and result.",
+            labels=["type", "result"],
+        )
+        for (event_type, result), count in sorted(runtime.ingestor.stats.counts.items()):
+            ingested.add_metric([event_type, result], count)
+        yield ingested
+
+        broker_errors = CounterMetricFamily(
+            f"{PREFIX}_broker_errors", "Failed broker operations.", labels=["operation"]
+        )
+        for operation, count in sorted(counters.broker_errors.items()):
+            broker_errors.add_metric([operation], count)
+        yield broker_errors
+
+        legacy = runtime.legacy_stats
+        ignored = CounterMetricFamily(
+            f"{PREFIX}_legacy_ignored_commands",
+            "Legacy client commands ignored as the Go hub did.",
+            labels=["reason"],
+        )
+        ignored.add_metric(["malformed"], legacy.malformed_commands)
+        ignored.add_metric(["unknown_action"], legacy.unknown_actions)
+        yield ignored
+
+        cutover = runtime.cutover
+        mode = GaugeMetricFamily(
+            f"{PREFIX}_cutover_mode", "1 for the current cutover mode.", labels=["mode"]
+        )
+        for name in ("legacy", "dual", "channels"):
+            mode.add_metric([name], 1 if cutover.mode.value == name else 0)
+        yield mode
+        yield _gauge(
+            "cutover_channels_percent",
+            "Share of users told to use channels in dual mode.",
+            cutover.channels_percent,
+        )
+        yield _gauge(
+            "cutover_cohort_users",
+            "Users on the allow list (always channels).",
+            len(cutover.allow_users),
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+def _user_of(session: object) -> str:
+    credentials = getattr(session, "credentials", None)
+    if credentials is not None:
+        return str(credentials.user)
+    return str(getattr(session, "user", ""))
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.histograms = Histograms(self.registry)
+        self.registry.register(RuntimeCollector(runtime))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
