@@ -23,6 +23,7 @@ from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend
 from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
+from shim.server_api import server_api_blueprint
 from shim.ws_endpoints import (
     CENTRIFUGE_PATH,
     LEGACY_PATH,
@@ -193,6 +194,8 @@ def _build_quart(runtime: Runtime) -> Quart:
         except BrokerUnavailable:
             return json_response({"error": "cutover state store (Redis) unavailable"}, 503)
         return json_response(await cutover_report())
+
+    app.register_blueprint(server_api_blueprint(runtime))
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

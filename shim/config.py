@@ -118,6 +118,9 @@ class Settings:
     port: int = 8000
     # Use uvloop when it is installed.
     use_uvloop: bool = True
+    # Seconds a stopping node (SIGTERM) gives its clients to receive what is queued
+    # and in-flight ingest requests to finish, before it closes anyway.
+    shutdown_grace_seconds: float = 10.0
     # "json" (one object per line, with client/user/channel fields) or "text".
     log_format: str = "json"
     # Lowest level logged: debug, info, warning, error.

@@ -16,6 +16,8 @@ from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy.session import LegacySession, LegacyStats
 from shim.broker import Broker, PresenceManager
+from shim.centrifuge import codes
+from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
 from shim.cutover import CutoverState, Mode
 from shim.ingest import Ingestor
@@ -116,6 +118,9 @@ class Runtime:
             detect_centrifuge_on_legacy_path=settings.detect_centrifuge_on_legacy_path,
         )
         self.control: RedisControl | None = None
+        # WebSocket handlers still running, and whether the node is stopping.
+        self.open_sockets = 0
+        self.shutting_down = False
         self.stream_consumer: StreamConsumer | None = None
         self.started = False
 
@@ -180,6 +185,29 @@ class Runtime:
             )
             await self.stream_consumer.start()
         self.started = True
+
+    async def shutdown(self) -> None:
+        """Before the listener closes: turn new clients away, tell every client to go
+        (Centrifuge 3001 "shutdown", which makes SDKs reconnect elsewhere; legacy 1001),
+        let queued writes and in-flight ingest finish, all within the grace period."""
+        self.shutting_down = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace_seconds
+        if self.stream_consumer is not None:
+            await self.stream_consumer.close()  # an entry in progress finishes first
+        for session in list(self.node.sessions):
+            if isinstance(session, LegacySession):
+                session.close(1001, "server shutting down")
+            elif isinstance(session, CentrifugeSession):
+                session.disconnect(codes.SHUTDOWN)
+        # A bounded poll of two counters, once per shutdown.
+        while (self.open_sockets or self.ingestor.stats.in_flight) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        log.info(
+            "shutdown drained: %d sockets and %d ingest requests left",
+            self.open_sockets,
+            self.ingestor.stats.in_flight,
+        )
 
     async def change_cutover(self, changes: Mapping[str, Any]) -> CutoverState:
         """Apply an admin change here and, with Redis, on every node."""

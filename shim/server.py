@@ -46,7 +46,8 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     config.websocket_ping_interval = None
     config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 10.0
+    # After our own drain (Runtime.shutdown), hypercorn's wait is only a backstop.
+    config.graceful_timeout = 2.0
     return config
 
 
@@ -57,8 +58,13 @@ async def serve_app(
 ) -> None:
     install_hypercorn_hooks(compression=app.runtime.settings.websocket_compression)
     config = hypercorn_config(app.runtime.settings, sock)
+
+    async def drain_then_stop() -> None:
+        await shutdown()
+        await app.runtime.shutdown()
+
     try:
-        await serve(app, config, shutdown_trigger=shutdown)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=drain_then_stop)  # type: ignore[arg-type]
     finally:
         # hypercorn took the descriptor over (fd://) and closed it.
         sock.detach()

@@ -34,6 +34,7 @@ LEGACY_INVALID = b'{"message":"invalid token"}\n'
 # Centrifuge SDK: the legacy answer would have been a 401 before the upgrade.
 LEGACY_MISSING_CLOSE = (4401, "missing authorization header")
 SLOW_CODE = codes.SLOW.code
+SHUTTING_DOWN = b'{"message":"server shutting down"}\n'
 
 
 def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, str]:
@@ -55,6 +56,9 @@ async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISen
     # No subprotocol is selected: JSON is the default, and the Python SDK's empty
     # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
     await send({"type": "websocket.accept"})
+    if runtime.shutting_down:
+        await _close(send, codes.SHUTDOWN.code, codes.SHUTDOWN.reason)
+        return
     if not runtime.cutover.channels_served:
         await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
         return
@@ -68,6 +72,7 @@ async def _run_centrifuge(
     outbox = Outbox(settings.client_queue_max_size_bytes)
     pump = SocketPump(send, outbox)
     session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
+    runtime.open_sockets += 1
     try:
         if first_frame is not None:
             await session.handle_frame(first_frame)
@@ -80,6 +85,7 @@ async def _run_centrifuge(
             discard_on=frozenset({SLOW_CODE}),
         )
     finally:
+        runtime.open_sockets -= 1
         session.transport_closed()
 
 
@@ -103,6 +109,9 @@ async def serve_legacy(
         if rejection:
             await reject_http(send, 401, rejection, b"application/json")
             return
+    if runtime.shutting_down:
+        await reject_http(send, 503, SHUTTING_DOWN, b"application/json")
+        return
     settings = runtime.settings
     liveness = Liveness(settings.legacy_ping_interval_seconds)
     scope["extensions"][LIVENESS_EXTENSION] = liveness
@@ -134,6 +143,7 @@ async def serve_legacy(
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
     )
+    runtime.open_sockets += 1
     try:
         if first_frame is not None:
             await session.handle_frame(first_frame)
@@ -146,6 +156,7 @@ async def serve_legacy(
             discard_on=frozenset({SLOW_CODE}),
         )
     finally:
+        runtime.open_sockets -= 1
         session.transport_closed()
 
 

@@ -161,8 +161,10 @@ async def open_legacy(
     options.setdefault("close_timeout", 2)
     ws = await connect(legacy_url(port, token), additional_headers=extra, **options)
     client = LegacyClient(ws)
-    for command in first_commands:
-        await client.send(command)
+    # A browser drops what is sent on a socket the server already closed, silently.
+    with contextlib.suppress(ConnectionClosed):
+        for command in first_commands:
+            await client.send(command)
     return client
 
 
