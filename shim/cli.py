@@ -1,4 +1,5 @@
-"""`dex-shim`: serve, and mint development tokens."""
+"""`dex-shim`: serve; mint development tokens; check the configuration; publish a
+legacy hub message or change the cutover flag on a running node."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import httpx
+import orjson
+
 from adapters.auth.jwt import mint_token
 from shim.config import ConfigError, describe_settings, load_settings
 from shim.logs import configure_logging
-from shim.runtime import dev_signing_key
+from shim.runtime import dev_api_key, dev_signing_key
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,6 +69,58 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    settings = load_settings(args.config)
+    return f"http://{settings.host}:{settings.port}"
+
+
+def _key(configured: str, dev_name: str) -> str:
+    """A configured key, or the development one `serve` made in this directory."""
+    return configured or dev_api_key(dev_name)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    """Send one legacy hub message, exactly as the backend would."""
+    settings = load_settings(args.config)
+    message: dict[str, object] = {"type": args.type, "payload": orjson.loads(args.payload)}
+    if args.task_id:
+        message["task_id"] = args.task_id
+    response = httpx.post(
+        f"{_node_url(args)}/api/v1/broadcast",
+        content=orjson.dumps(message),
+        headers={"X-API-Key": _key(settings.api_key, "api-key")},
+        timeout=10,
+    )
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
+def _cutover(args: argparse.Namespace) -> int:
+    """Show the cutover flag of a running node, or change it."""
+    settings = load_settings(args.config)
+    headers = {"X-Admin-Key": _key(settings.admin_api_key, "admin-key")}
+    changes: dict[str, object] = {}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.percent is not None:
+        changes["channels_percent"] = args.percent
+    if args.allow is not None:
+        changes["allow_users"] = [u for u in args.allow.split(",") if u]
+    if args.deny is not None:
+        changes["deny_users"] = [u for u in args.deny.split(",") if u]
+    if args.drain_seconds is not None:
+        changes["drain_seconds"] = args.drain_seconds
+    url = f"{_node_url(args)}/api/v1/admin/cutover"
+    if changes:
+        response = httpx.post(url, content=orjson.dumps(changes), headers=headers, timeout=10)
+    else:
+        response = httpx.get(url, headers=headers, timeout=10)
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
 def _checkconfig(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     for name, default, doc in describe_settings():
@@ -91,6 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("checkconfig", help="print the effective settings and their docs")
     check.set_defaults(func=_checkconfig)
 
+    publish = commands.add_parser("publish", help="send one legacy hub message to a running node")
+    publish.add_argument("type", help="event type, e.g. task.updated")
+    publish.add_argument("payload", help="payload as JSON text")
+    publish.add_argument("--task-id", help="the legacy top-level task_id")
+    publish.add_argument("--url", help="node base URL (default: from settings)")
+    publish.set_defaults(func=_publish)
+
+    cutover = commands.add_parser("cutover", help="show or change a running node's cutover flag")
+    cutover.add_argument("--mode", choices=["legacy", "dual", "channels"])
+    cutover.add_argument("--percent", type=float, help="share of users on channels (0-100)")
+    cutover.add_argument("--allow", help="comma-separated users always on channels ('' clears)")
+    cutover.add_argument("--deny", help="comma-separated users always on legacy ('' clears)")
+    cutover.add_argument("--drain-seconds", type=float)
+    cutover.add_argument("--url", help="node base URL (default: from settings)")
+    cutover.set_defaults(func=_cutover)
+
     args = parser.parse_args(argv)
     if args.command != "serve":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -98,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the node: {exc}", file=sys.stderr)
+        return 2
+    except orjson.JSONDecodeError:
+        print("payload is not valid JSON", file=sys.stderr)
         return 2
 
 

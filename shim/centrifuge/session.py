@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import logging
 import random
 import time
@@ -173,6 +174,7 @@ class CentrifugeSession:
         "_opened_at",
         "authorizer",
         "client_id",
+        "console",
         "credentials",
         "expires_at",
         "next_ping_at",
@@ -209,6 +211,7 @@ class CentrifugeSession:
         self.pong_deadline = 0.0
         self._opened_at = asyncio.get_running_loop().time()
         self._connect_failed = False
+        self.console = False
         node.add_session(self)
 
     # -- output ------------------------------------------------------------------
@@ -361,7 +364,11 @@ class CentrifugeSession:
         if self.state is not State.CONNECTING:
             raise Disconnect(codes.BAD_PROTOCOL)
         settings = self.node.settings
-        if request.token:
+        if request.token and _is_admin_key(request.token, settings.admin_api_key):
+            # The operator console (/console) tails channels with the admin key.
+            self.console = True
+            credentials = Credentials(user=CONSOLE_USER, claims={"console": True})
+        elif request.token:
             try:
                 credentials = self.verifier.verify_connection(request.token)
             except TokenError as exc:
@@ -397,7 +404,7 @@ class CentrifugeSession:
             result["ttl"] = max(1, int(self.expires_at - time.time()))
 
         server_channels = []
-        if credentials.user:
+        if credentials.user and not self.console:
             server_channels.append(f"{settings.user_channel_prefix}:{credentials.user}")
         # Wildcard grants (`task:*`) in the token authorize, they do not subscribe.
         server_channels += [c for c in credentials.server_side_channels if c not in server_channels]
@@ -472,7 +479,7 @@ class CentrifugeSession:
                 ) from None
             expires_at = float(claims.expires_at)
             chan_info = claims.info
-        else:
+        elif not self.console:  # the console reads any channel
             decision = await self.authorizer.authorize_subscribe(
                 self.credentials, channel, self.client_id
             )
@@ -758,6 +765,13 @@ class CentrifugeSession:
             self.next_ping_at = now + settings.client_ping_interval_seconds
             if not self.pong_deadline:
                 self.pong_deadline = now + settings.client_pong_timeout_seconds
+
+
+CONSOLE_USER = "dex-shim-console"
+
+
+def _is_admin_key(token: str, admin_key: str) -> bool:
+    return bool(admin_key) and hmac.compare_digest(token.encode(), admin_key.encode())
 
 
 def _channel_claim(token: str) -> str:

@@ -74,6 +74,19 @@ async def test_serve_and_token_work_together_without_setup(tmp_path: Path) -> No
         assert response.status_code == 200, response.text
         publication = await sub_events.wait_for("publication")
         assert publication.pub.data["status"] == "done"
+
+        # The operator's commands against the running node.
+        node = f"http://127.0.0.1:{port}"
+        out = await _run(
+            tmp_path, "publish", "task.updated", '{"task_id":"cli","status":"again"}', "--url", node
+        )
+        assert '"accepted":1' in out
+        publication = await sub_events.wait_for("publication", count=2)
+        assert publication.pub.data["status"] == "again"
+        out = await _run(tmp_path, "cutover", "--percent", "25", "--allow", "alice", "--url", node)
+        assert '"channels_percent":25.0' in out and '"allow_users":["alice"]' in out
+        out = await _run(tmp_path, "cutover", "--url", node)
+        assert '"channels":1' in out  # this client, counted as a channel-protocol connection
         await client.disconnect()
     finally:
         if server.returncode is None:
