@@ -19,6 +19,7 @@ from legacy.session import legacy_token
 from legacy.translate import BroadcastError, parse_broadcast
 from shim import __version__
 from shim.broker import BrokerUnavailable
+from shim.console import console_blueprint
 from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend
 from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -196,6 +197,7 @@ def _build_quart(runtime: Runtime) -> Quart:
         return json_response(await cutover_report())
 
     app.register_blueprint(server_api_blueprint(runtime))
+    app.register_blueprint(console_blueprint(runtime))
 
     @app.errorhandler(413)
     async def too_large(_error: Exception) -> Response:

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
+from legacy.session import LegacySession
 from shim import __version__
 from shim.broker import (
     BrokerUnavailable,
@@ -44,7 +45,6 @@ from shim.broker import (
 from shim.centrifuge import codec, codes
 from shim.centrifuge.session import CentrifugeSession, State
 from shim.config import NamespaceOptions
-from shim.node import text_size
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.server_api")
@@ -140,10 +140,11 @@ class _IdempotencyCache:
 
     def put(self, channel: str, key: str, position: StreamPosition, now: float) -> None:
         # Insertion order is expiry order: drop the expired front.
-        for old, (expires, _) in list(self._entries.items()):
-            if expires > now:
+        while self._entries:
+            oldest = next(iter(self._entries))
+            if self._entries[oldest][0] > now:
                 break
-            del self._entries[old]
+            del self._entries[oldest]
         self._entries.pop((channel, key), None)
         self._entries[(channel, key)] = (now + IDEMPOTENCY_SECONDS, position)
 
@@ -282,7 +283,7 @@ class ServerApi:
         for session in self._sessions(body):
             names = [channel] if channel else list(session.subscriptions)
             for name in names:
-                server_unsubscribe(session, name)
+                session.unsubscribe_server(name)
         return {}
 
     async def subscribe(self, body: Mapping[str, Any]) -> Result:
@@ -291,13 +292,11 @@ class ServerApi:
         data = _raw(body, "data")
         expire_at = _int(body, "expire_at")
         _refuse(body, "b64info", "b64data", "recover_since", "override")
-        namespace = self._namespace(channel)
+        self._namespace(channel)
         sessions = self._sessions(body)
         outcomes = await asyncio.gather(
             *(
-                server_subscribe(
-                    s, channel, namespace, chan_info=info, data=data, expire_at=expire_at
-                )
+                s.subscribe_server_side(channel, chan_info=info, data=data, expire_at=expire_at)
                 for s in sessions
             ),
             return_exceptions=True,
@@ -386,11 +385,11 @@ class ServerApi:
         node = runtime.node
         users: set[str] = set()
         for session in node.sessions:
-            if isinstance(session, CentrifugeSession):
-                if session.credentials is not None:
-                    users.add(session.credentials.user)
-            else:
-                users.add(str(getattr(session, "user", "")))
+            if isinstance(session, CentrifugeSession) and session.credentials is not None:
+                users.add(session.credentials.user)
+            elif isinstance(session, LegacySession):
+                users.add(session.user)
+        users.discard("")  # anonymous connections are not a user
         channels = [c for c in list(node.channels()) if node.subscriber_count(c)]
         here: Result = {
             "uid": node.name,
@@ -447,55 +446,6 @@ class ServerApi:
 # --- server-side subscriptions of a live session ---------------------------------------
 # These use the session's own subscribe/unsubscribe steps (`_open`, `_announce`,
 # `_drop_subscription`); they belong on CentrifugeSession as public methods.
-
-
-async def server_subscribe(
-    session: CentrifugeSession,
-    channel: str,
-    namespace: NamespaceOptions,
-    *,
-    chan_info: bytes | None = None,
-    data: bytes | None = None,
-    expire_at: int = 0,
-) -> None:
-    """Add a server-side subscription to a connected session and send the subscribe
-    push (centrifuge-js reports it as a client-level `subscribed`)."""
-    if session.state is not State.CONNECTED or channel in session.subscriptions:
-        return  # already subscribed: nothing to do, as in Centrifugo
-    sub, result, position = await session._open(
-        channel, None, server_side=True, chan_info=chan_info, namespace=namespace
-    )
-    if _closed(session):
-        return  # closing released the subscription already
-    if expire_at:
-        sub.expires_at = float(expire_at)
-    push = codec.encode_subscribe_push(
-        channel,
-        recoverable=bool(result.get("recoverable")),
-        epoch=str(result.get("epoch", "")),
-        offset=int(result.get("offset", 0)),
-        positioned=bool(result.get("positioned")),
-        data=data,
-    )
-    session.enqueue(push, text_size(push))
-    # The push is queued before anything published during the subscribe.
-    sub.go_live(position)
-    session._announce(sub)
-
-
-def _closed(session: CentrifugeSession) -> bool:
-    # A function, so the check after an await is not narrowed away by the one before it.
-    return session.state is State.CLOSED
-
-
-def server_unsubscribe(session: CentrifugeSession, channel: str) -> None:
-    """Drop a subscription (client- or server-side) and tell the client (code 2000)."""
-    sub = session.subscriptions.get(channel)
-    if sub is None:
-        return
-    session._drop_subscription(sub)
-    push = codec.encode_unsubscribe_push(channel, codes.UNSUBSCRIBE_SERVER)
-    session.enqueue(push, text_size(push))
 
 
 # --- HTTP ------------------------------------------------------------------------------

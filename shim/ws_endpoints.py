@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import orjson
 
@@ -72,21 +73,10 @@ async def _run_centrifuge(
     outbox = Outbox(settings.client_queue_max_size_bytes)
     pump = SocketPump(send, outbox)
     session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
-    runtime.open_sockets += 1
-    try:
-        if first_frame is not None:
-            await session.handle_frame(first_frame)
-        await pump.run(
-            receive,
-            session.handle_frame,
-            drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes),
-            flush_timeout=settings.websocket_write_timeout_seconds,
-            read_limit_bytes=settings.websocket_read_limit_bytes,
-            discard_on=frozenset({SLOW_CODE}),
-        )
-    finally:
-        runtime.open_sockets -= 1
-        session.transport_closed()
+    writer = drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes)
+    await _pump(
+        runtime, session, pump, receive, writer, settings.websocket_read_limit_bytes, first_frame
+    )
 
 
 async def serve_legacy(
@@ -143,6 +133,26 @@ async def serve_legacy(
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
     )
+    writer = drain_each(outbox, pump.send_text, settings.websocket_max_frame_bytes)
+    await _pump(runtime, session, pump, receive, writer, LEGACY_READ_LIMIT_BYTES, first_frame)
+
+
+class _Session(Protocol):
+    async def handle_frame(self, frame: str | bytes) -> None: ...
+
+    def transport_closed(self) -> None: ...
+
+
+async def _pump(
+    runtime: Runtime,
+    session: _Session,
+    pump: SocketPump,
+    receive: ASGIReceive,
+    writer: Awaitable[None],
+    read_limit_bytes: int,
+    first_frame: str | bytes | None,
+) -> None:
+    """Run one connection of either protocol until it ends, counted for shutdown."""
     runtime.open_sockets += 1
     try:
         if first_frame is not None:
@@ -150,9 +160,9 @@ async def serve_legacy(
         await pump.run(
             receive,
             session.handle_frame,
-            drain_each(outbox, pump.send_text, settings.websocket_max_frame_bytes),
-            flush_timeout=settings.websocket_write_timeout_seconds,
-            read_limit_bytes=LEGACY_READ_LIMIT_BYTES,
+            writer,
+            flush_timeout=runtime.settings.websocket_write_timeout_seconds,
+            read_limit_bytes=read_limit_bytes,
             discard_on=frozenset({SLOW_CODE}),
         )
     finally:

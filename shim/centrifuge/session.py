@@ -250,8 +250,7 @@ class CentrifugeSession:
         if sub.server_side:
             self.disconnect(codes.INSUFFICIENT_STATE)
             return
-        self._drop_subscription(sub)
-        self._send(codec.encode_unsubscribe_push(sub.channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE))
+        self.unsubscribe_server(sub.channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE)
 
     def transport_closed(self) -> None:
         """The socket is gone (client left or the edge closed it)."""
@@ -592,6 +591,50 @@ class CentrifugeSession:
             result["publications"] = history.publications
         return result, history.position
 
+    # -- server API ------------------------------------------------------------------
+
+    async def subscribe_server_side(
+        self,
+        channel: str,
+        *,
+        chan_info: bytes | None = None,
+        data: bytes | None = None,
+        expire_at: int = 0,
+    ) -> None:
+        """Add a server-side subscription to a connected client and tell it with a
+        subscribe push (centrifuge-js reports a client-level `subscribed`)."""
+        if self.state is not State.CONNECTED or channel in self.subscriptions:
+            return  # nothing to do, as in Centrifugo
+        sub, result, position = await self._open(
+            channel, None, server_side=True, chan_info=chan_info
+        )
+        if _is_closed(self):
+            return  # closing released the subscription already
+        if expire_at:
+            sub.expires_at = float(expire_at)
+        self._send(
+            codec.encode_subscribe_push(
+                channel,
+                recoverable=bool(result.get("recoverable")),
+                epoch=str(result.get("epoch", "")),
+                offset=int(result.get("offset", 0)),
+                positioned=bool(result.get("positioned")),
+                data=data,
+            )
+        )
+        # The push is queued before anything published during the subscribe.
+        sub.go_live(position)
+        self._announce(sub)
+
+    def unsubscribe_server(
+        self, channel: str, code: codes.UnsubscribeCode = codes.UNSUBSCRIBE_SERVER
+    ) -> None:
+        """Drop a subscription (client- or server-side) and tell the client."""
+        sub = self.subscriptions.get(channel)
+        if sub is not None:
+            self._drop_subscription(sub)
+            self._send(codec.encode_unsubscribe_push(channel, code))
+
     def _refresh_presence(self, now: float) -> None:
         """Renew this client's presence entries before the engine expires them (a node
         that dies stops renewing, so its clients leave presence by themselves)."""
@@ -756,8 +799,7 @@ class CentrifugeSession:
                 if sub.server_side:
                     self.disconnect(codes.SUBSCRIPTION_EXPIRED)
                     return
-                self._drop_subscription(sub)
-                self._send(codec.encode_unsubscribe_push(sub.channel, codes.UNSUBSCRIBE_EXPIRED))
+                self.unsubscribe_server(sub.channel, codes.UNSUBSCRIBE_EXPIRED)
         if now >= self.next_presence_at:
             self._refresh_presence(now)
         if self.next_ping_at and now >= self.next_ping_at:
@@ -768,6 +810,11 @@ class CentrifugeSession:
 
 
 CONSOLE_USER = "dex-shim-console"
+
+
+def _is_closed(session: CentrifugeSession) -> bool:
+    # A function, so a state check after an await is not narrowed away by one before it.
+    return session.state is State.CLOSED
 
 
 def _is_admin_key(token: str, admin_key: str) -> bool:

@@ -1,0 +1,70 @@
+"""The operator console: one static page at /console and the JSON it polls.
+
+The page asks for the admin key, keeps it in the tab's sessionStorage and sends it as
+X-Admin-Key; the static files themselves hold no secrets and are served to anyone.
+Cutover changes go through the existing admin API (/api/v1/admin/cutover); the live
+tail connects to /connection/websocket with the admin key as its token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import orjson
+from quart import Blueprint, Response, request
+
+from shim.console.overview import overview
+from shim.runtime import Runtime
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+# The page loads only its own files and talks only to its own origin (HTTP and
+# WebSocket): injected markup could neither load script nor send the key elsewhere.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def console_blueprint(runtime: Runtime) -> Blueprint:
+    blueprint = Blueprint(
+        "console",
+        __name__,
+        url_prefix="/console",
+        static_folder=str(STATIC),
+        static_url_path="/static",
+    )
+    admin_key = runtime.settings.admin_api_key
+
+    def json_response(body: object, status: int = 200) -> Response:
+        response = Response(orjson.dumps(body), status=status, content_type="application/json")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @blueprint.get("")
+    @blueprint.get("/")
+    async def page() -> Response:
+        response = await blueprint.send_static_file("index.html")
+        # A new deploy's page (and the script it names) is picked up on reload.
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @blueprint.get("/api/overview")
+    async def show_overview() -> Response:
+        key = request.headers.get("X-Admin-Key", "")
+        if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
+        return json_response(await overview(runtime))
+
+    @blueprint.after_request
+    async def secure(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    return blueprint
