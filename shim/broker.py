@@ -6,6 +6,7 @@ the same contract suite (tests/contract) for multi-node.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,6 +109,14 @@ class Broker(Protocol):
         """Store (when options keep history) and deliver to every node subscribed to
         the channel. Returns the publication's position; its offset is 0 without
         history. Raises BrokerUnavailable when nothing was stored."""
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, Publication, PublishOptions]]
+    ) -> list[StreamPosition | BrokerUnavailable]:
+        """Publish several, as `publish` would one by one in this order (a channel's
+        publications keep their order), but in as few round trips as the engine can.
+        Each item's result is its position, or the BrokerUnavailable it failed with
+        (a failed item was not stored; later items may still have been)."""
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None: ...
 

@@ -69,19 +69,23 @@ class Ingestor:
         self._unknown_types_logged: set[str] = set()
 
     async def ingest(self, items: Sequence[ParsedItem]) -> list[ItemResult]:
-        results = []
+        """Publish every accepted item of one request together (one round trip per
+        shard with Redis); each item gets its own result."""
         self.stats.in_flight += 1
         try:
+            accepted = [(item.index, item.event) for item in items if isinstance(item, Accepted)]
+            published = iter(await self.publish_events(accepted))
+            results = []
             for item in items:
                 if isinstance(item, Accepted):
-                    results.append(await self.publish_event(item.event, index=item.index))
+                    results.append(next(published))
                 else:
                     # A refused item has no trustworthy type: counted under "".
                     self.stats.count("", "refused")
                     results.append(ItemResult(item.index, "refused", error=item.error))
+            return results
         finally:
             self.stats.in_flight -= 1
-        return results
 
     async def publish(self, event_type: str, payload: Mapping[str, Any], **top: str) -> ItemResult:
         """The design doc's Publisher: publish(event_type, payload) from Python code."""
@@ -96,40 +100,57 @@ class Ingestor:
         return await self.publish_event(with_tool_use_id(event))
 
     async def publish_event(self, event: Event, *, index: int = 0) -> ItemResult:
-        route = self.router.route(event)
-        if route.unknown_type and event.type not in self._unknown_types_logged:
-            self._unknown_types_logged.add(event.type)
-            log.warning("unknown event type %r routed to the default channel", event.type)
-        tag = LegacyTag(
-            event_id=event.id,
-            frame=encode_legacy_frame(event),
-            task_id=event.task_id,
-            project_id=event.project_id,
-        )
-        data = channel_data(event)
-        published: list[str] = []
-        try:
-            for channel in route.channels:
-                await self.node.publish(channel, data, legacy=tag)
-                published.append(channel)
-        except BrokerUnavailable as exc:
-            self.stats.count(event.type, "failed")
-            return ItemResult(
-                index,
-                "failed",
+        return (await self.publish_events([(index, event)]))[0]
+
+    async def publish_events(self, events: Sequence[tuple[int, Event]]) -> list[ItemResult]:
+        """Route and encode each event once, publish them all in order, and say per
+        event whether every one of its channels stored it."""
+        batch: list[tuple[str, bytes, LegacyTag]] = []
+        routes = []
+        for _index, event in events:
+            route = self.router.route(event)
+            if route.unknown_type and event.type not in self._unknown_types_logged:
+                self._unknown_types_logged.add(event.type)
+                log.warning("unknown event type %r routed to the default channel", event.type)
+            tag = LegacyTag(
                 event_id=event.id,
-                channels=tuple(published),
-                error=f"not stored: {exc}",
+                frame=encode_legacy_frame(event),
+                task_id=event.task_id,
+                project_id=event.project_id,
             )
-        self.stats.count(event.type, "accepted")
-        if route.missing:
-            self.stats.count(event.type, "missing_route")
-        if route.unknown_type:
-            self.stats.count(event.type, "unknown_type")
-        return ItemResult(
-            index,
-            "accepted",
-            event_id=event.id,
-            channels=route.channels,
-            missing_routes=route.missing,
-        )
+            data = channel_data(event)
+            batch.extend((channel, data, tag) for channel in route.channels)
+            routes.append(route)
+        outcomes = iter(await self.node.publish_many(batch))
+
+        results = []
+        for (index, event), route in zip(events, routes, strict=True):
+            stored = [(channel, next(outcomes)) for channel in route.channels]
+            failures = [o for _c, o in stored if isinstance(o, BrokerUnavailable)]
+            if failures:
+                self.stats.count(event.type, "failed")
+                results.append(
+                    ItemResult(
+                        index,
+                        "failed",
+                        event_id=event.id,
+                        channels=tuple(c for c, o in stored if not isinstance(o, Exception)),
+                        error=f"not stored: {failures[0]}",
+                    )
+                )
+                continue
+            self.stats.count(event.type, "accepted")
+            if route.missing:
+                self.stats.count(event.type, "missing_route")
+            if route.unknown_type:
+                self.stats.count(event.type, "unknown_type")
+            results.append(
+                ItemResult(
+                    index,
+                    "accepted",
+                    event_id=event.id,
+                    channels=route.channels,
+                    missing_routes=route.missing,
+                )
+            )
+        return results

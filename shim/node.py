@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from shim.broker import (
@@ -252,6 +252,27 @@ class Node:
         except BrokerUnavailable:
             self.counters.broker_failed("publish")
             raise
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, bytes, LegacyTag | None]]
+    ) -> list[StreamPosition | BrokerUnavailable]:
+        """Publish (channel, data, legacy tag) items in order, in as few round trips as
+        the engine allows; a result per item."""
+        time_ms = time.time_ns() // 1_000_000
+        results = await self.broker.publish_many(
+            [
+                (
+                    channel,
+                    Publication(data=data, time_ms=time_ms, legacy=legacy),
+                    self.publish_options(channel),
+                )
+                for channel, data, legacy in items
+            ]
+        )
+        for result in results:
+            if isinstance(result, BrokerUnavailable):
+                self.counters.broker_failed("publish")
+        return results
 
     # BrokerEventHandler: called on the loop, never awaits.
 

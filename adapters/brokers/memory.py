@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
@@ -96,6 +96,17 @@ class MemoryBroker:
         _drop_expired_front(entries, now)
         self._deliver(channel, pub, stream.epoch)
         return StreamPosition(stream.top, stream.epoch)
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, Publication, PublishOptions]]
+    ) -> list[StreamPosition | BrokerUnavailable]:
+        results: list[StreamPosition | BrokerUnavailable] = []
+        for channel, pub, options in items:
+            try:
+                results.append(await self.publish(channel, pub, options))
+            except BrokerUnavailable as error:
+                results.append(error)
+        return results
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         self._check_open()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ from shim.centrifuge import codes
 
 if TYPE_CHECKING:
     from shim.runtime import Runtime
+
+log = logging.getLogger("shim.console")
 
 # Channels listed in "top channels"; the rest only count towards the total.
 TOP_CHANNELS = 10
@@ -32,7 +35,13 @@ def disconnects(runtime: Runtime) -> list[dict[str, Any]]:
 
 
 async def overview(runtime: Runtime) -> dict[str, Any]:
-    nodes = await runtime.nodes()
+    nodes_error = None
+    try:
+        nodes = await runtime.nodes()
+    except Exception:  # the cluster view needs Redis; this node's own numbers do not
+        log.warning("console: the node list is unavailable", exc_info=True)
+        nodes = {runtime.node.name: runtime.connection_counts()}
+        nodes_error = "node list unavailable (Redis): showing this node only"
     totals = {"legacy": 0, "channels": 0}
     for counts in nodes.values():
         for protocol in totals:
@@ -48,6 +57,7 @@ async def overview(runtime: Runtime) -> dict[str, Any]:
         "node": runtime.node.name,
         "engine": runtime.settings.engine,
         "nodes": nodes,
+        "nodes_error": nodes_error,
         "totals": totals,
         "connections": runtime.connection_counts(),
         "channels": {

@@ -412,3 +412,49 @@ async def test_publish_after_close_is_refused(engine: EngineUnderTest, channel: 
 
     with pytest.raises(BrokerUnavailable):
         await engine.broker.publish(channel, pub(1), KEEP_10)
+
+
+async def test_publish_many_keeps_each_channels_order(
+    engine: EngineUnderTest, channel: str, other_channel: str
+) -> None:
+    # A channel's options are fixed (its namespace's), so one without history is its own.
+    unkept_channel = other_channel + "-nohistory"
+    for name in (channel, other_channel, unkept_channel):
+        await engine.broker.subscribe(name)
+    items = []
+    for n in range(30):
+        items.append((channel, pub(n), KEEP_10))
+        items.append((other_channel, pub(100 + n), KEEP_10))
+        if n % 10 == 0:
+            items.append((unkept_channel, pub(1000 + n), NO_HISTORY))
+
+    results = await engine.broker.publish_many(items)
+
+    assert len(results) == len(items)
+    assert not [r for r in results if isinstance(r, BrokerUnavailable)]
+    kept = [r for (ch, _p, opts), r in zip(items, results, strict=True) if opts is KEEP_10]
+    assert [
+        r.offset for (ch, _p, o), r in zip(items, results, strict=True) if ch == channel
+    ] == list(range(1, 31))
+    assert all(isinstance(r, StreamPosition) and r.epoch for r in kept)
+    unkept = [r for (_c, _p, opts), r in zip(items, results, strict=True) if opts is NO_HISTORY]
+    assert unkept == [StreamPosition(0, "")] * 3
+
+    await engine.delivered(lambda: len(engine.handler.publications_of(channel)) == 30)
+    await engine.delivered(lambda: len(engine.handler.publications_of(other_channel)) == 30)
+    await engine.delivered(lambda: len(engine.handler.publications_of(unkept_channel)) == 3)
+    assert [p.data for p, _ in engine.handler.publications_of(channel)] == [
+        pub(n).data for n in range(30)
+    ]
+    expected_other = [p.data for ch, p, _o in items if ch == other_channel]
+    assert [p.data for p, _ in engine.handler.publications_of(other_channel)] == expected_other
+    history = await engine.broker.history(channel, limit=-1)
+    assert offsets(history.publications) == list(range(21, 31))
+
+
+async def test_publish_many_after_close_reports_each_item_unavailable(
+    engine: EngineUnderTest, channel: str
+) -> None:
+    await engine.broker.close()
+    results = await engine.broker.publish_many([(channel, pub(1), KEEP_10)] * 2)
+    assert all(isinstance(r, BrokerUnavailable) for r in results)

@@ -9,8 +9,10 @@ pub/sub listener.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from adapters.brokers.memory import new_epoch
 from adapters.brokers.redis import scripts, wire
@@ -31,6 +33,23 @@ from shim.broker import (
 log = logging.getLogger("adapters.brokers.redis")
 
 _DEFAULT_OPTIONS = PublishOptions()
+
+
+def _publish_args(pubsub: str | bytes, body: bytes, options: PublishOptions) -> tuple[object, ...]:
+    """ARGV of the publish script (see scripts.PUBLISH)."""
+    return (
+        pubsub,
+        body,
+        options.history_size,
+        _ms(options.history_ttl_seconds),
+        _ms(options.history_meta_ttl_seconds),
+        new_epoch(),
+    )
+
+
+def _position(reply: Any) -> StreamPosition:
+    offset, epoch = reply
+    return StreamPosition(int(offset), epoch.decode())
 
 
 def _ms(seconds: float) -> int:
@@ -114,15 +133,62 @@ class RedisBroker:
             client,
             scripts.PUBLISH,
             (keys.meta, keys.history),
-            keys.pubsub,
-            body,
-            options.history_size,
-            _ms(options.history_ttl_seconds),
-            _ms(options.history_meta_ttl_seconds),
-            new_epoch(),
+            *_publish_args(keys.pubsub, body, options),
         )
-        offset, epoch = reply
-        return StreamPosition(int(offset), epoch.decode())
+        return _position(reply)
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, Publication, PublishOptions]]
+    ) -> list[StreamPosition | BrokerUnavailable]:
+        """One pipeline per shard (run concurrently); per channel the order holds."""
+        if self._closed:
+            return [BrokerUnavailable("redis broker is closed")] * len(items)
+        results: list[StreamPosition | BrokerUnavailable] = [BrokerUnavailable("not sent")] * len(
+            items
+        )
+        by_shard: dict[int, list[int]] = {}
+        for index, (channel, _pub, _options) in enumerate(items):
+            by_shard.setdefault(self._shards.index(channel), []).append(index)
+        await asyncio.gather(
+            *(
+                self._publish_on_shard(shard, indexes, items, results)
+                for shard, indexes in by_shard.items()
+            )
+        )
+        return results
+
+    async def _publish_on_shard(
+        self,
+        shard: int,
+        indexes: list[int],
+        items: Sequence[tuple[str, Publication, PublishOptions]],
+        results: list[StreamPosition | BrokerUnavailable],
+    ) -> None:
+        commands: list[tuple[object, ...]] = []
+        for index in indexes:
+            channel, pub, options = items[index]
+            keys = channel_keys(self._prefix, channel)
+            body = wire.encode_body(pub)
+            if options.history_size <= 0 or options.history_ttl_seconds <= 0:
+                commands.append(("PUBLISH", keys.pubsub, wire.publication_message(body)))
+            else:
+                args = _publish_args(keys.pubsub, body, options)
+                commands.append(("EVALSHA", scripts.PUBLISH.sha, 2, keys.meta, keys.history, *args))
+        try:
+            replies = await self._shards.pipeline(
+                self._shards.clients[shard], commands, (scripts.PUBLISH,)
+            )
+        except BrokerUnavailable as error:
+            for index in indexes:
+                results[index] = error
+            return
+        for index, command, reply in zip(indexes, commands, replies, strict=True):
+            if isinstance(reply, Exception):
+                results[index] = BrokerUnavailable(f"redis: {reply}")
+            elif command[0] == "PUBLISH":
+                results[index] = StreamPosition(0, "")
+            else:
+                results[index] = _position(reply)
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         await self._publish_presence(channel, True, info)

@@ -94,6 +94,33 @@ class Shards:
                 raise
         return await self.call(client, "EVAL", script.source, len(keys), *keys, *args)
 
+    async def pipeline(
+        self, client: Redis, commands: Sequence[tuple[Any, ...]], scripts: Sequence[Script] = ()
+    ) -> list[Any]:
+        """Send `commands` in one round trip and return each reply (an error reply
+        is returned as its exception). A connection failure raises BrokerUnavailable
+        for the lot. EVALSHA replies of NOSCRIPT (Redis restarted or flushed) are
+        retried, in order, after loading `scripts`: a NOSCRIPT command ran nothing."""
+        replies = await self._pipeline_once(client, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in scripts:
+                await self.call(client, "SCRIPT", "LOAD", script.source)
+            retried = await self._pipeline_once(client, [commands[i] for i in missing])
+            for index, reply in zip(missing, retried, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _pipeline_once(self, client: Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self.timeouts.deadline):
+                pipe = client.pipeline(transaction=False)
+                for args in commands:
+                    pipe.execute_command(*args)
+                return list(await pipe.execute(raise_on_error=False))
+        except (RedisError, OSError, TimeoutError) as error:
+            raise BrokerUnavailable(f"redis: {error}") from error
+
     async def ping(self) -> bool:
         """True when every shard answers PING."""
         try:

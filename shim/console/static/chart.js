@@ -2,14 +2,19 @@
 
 const PAD = { left: 40, right: 12, top: 10, bottom: 24 };
 
-// The smallest of 1, 2, 5 x 10^n that is >= value (a readable axis top).
-function niceCeiling(value) {
-  if (value <= 5) return 5;
+// The smallest of 1, 2, 5 x 10^n that is >= value.
+function niceStep(value) {
   const power = 10 ** Math.floor(Math.log10(value));
-  for (const step of [1, 2, 5, 10]) {
+  for (const step of [1, 2, 5]) {
     if (step * power >= value) return step * power;
   }
   return 10 * power;
+}
+
+// Gridline spacing and axis top for counts up to `max`: whole numbers, 4 to 8 lines.
+function axis(max) {
+  const step = Math.max(1, niceStep(max / 4));
+  return { step, top: Math.max(4 * step, step * Math.ceil(max / step)) };
 }
 
 // samples: [{t: ms, values: {name: number}}], oldest first.
@@ -38,7 +43,8 @@ export function drawChart(canvas, samples, series, windowMs) {
   for (const sample of samples) {
     for (const { name } of series) top = Math.max(top, sample.values[name] || 0);
   }
-  top = niceCeiling(top);
+  const { step, top: axisTop } = axis(top);
+  top = axisTop;
   const x = (t) => PAD.left + ((t - start) / windowMs) * plotW;
   const y = (v) => PAD.top + plotH - (v / top) * plotH;
 
@@ -48,18 +54,17 @@ export function drawChart(canvas, samples, series, windowMs) {
   ctx.fillStyle = text;
   ctx.textAlign = 'right';
   ctx.textBaseline = 'middle';
-  for (let i = 0; i <= 4; i++) {
-    const value = (top * i) / 4;
+  for (let value = 0; value <= top; value += step) {
     const gy = Math.round(y(value)) + 0.5;
     ctx.beginPath();
     ctx.moveTo(PAD.left, gy);
     ctx.lineTo(width - PAD.right, gy);
     ctx.stroke();
-    ctx.fillText(Number.isInteger(value) ? String(value) : value.toFixed(1), PAD.left - 6, gy);
+    ctx.fillText(String(value), PAD.left - 6, gy);
   }
   ctx.textAlign = 'center';
   ctx.textBaseline = 'top';
-  const stepS = windowMs >= 120000 ? 60 : 15;
+  const stepS = windowMs > 180000 ? 60 : windowMs > 60000 ? 30 : 10;
   for (let s = 0; s * 1000 <= windowMs; s += stepS) {
     ctx.fillText(s === 0 ? 'now' : `-${s}s`, x(now - s * 1000), PAD.top + plotH + 6);
   }

@@ -5,7 +5,9 @@ import { drawChart } from './chart.js';
 
 const KEY_STORAGE = 'dex-shim-console-admin-key';
 const POLL_MS = 1000;
+// The chart spans the history kept, at least CHART_MIN_MS, at most CHART_WINDOW_MS.
 const CHART_WINDOW_MS = 5 * 60 * 1000;
+const CHART_MIN_MS = 30 * 1000;
 const TAIL_MAX_LINES = 500;
 const TAIL_MAX_CHARS = 2000;
 const SERIES = [
@@ -151,7 +153,7 @@ function render(view) {
   const now = Date.now();
   state.samples.push({ t: now, values: { ...view.totals } });
   while (state.samples.length && state.samples[0].t < now - CHART_WINDOW_MS) state.samples.shift();
-  drawChart($('chart'), state.samples, SERIES, CHART_WINDOW_MS);
+  redrawChart();
 
   const nodes = Object.entries(view.nodes).sort(([a], [b]) => a.localeCompare(b));
   fillTable(
@@ -163,6 +165,8 @@ function render(view) {
     ]),
     'no live nodes',
   );
+  $('nodes-error').hidden = !view.nodes_error;
+  $('nodes-error').textContent = view.nodes_error || '';
   fillTable(
     $('top-body'),
     view.channels.top.map((c) => [{ text: c.channel }, { text: c.subscribers, num: true }]),
@@ -180,6 +184,12 @@ function render(view) {
     'none since start',
   );
   renderCutover(view.cutover);
+}
+
+function redrawChart() {
+  const { samples } = state;
+  const span = samples.length ? samples[samples.length - 1].t - samples[0].t : 0;
+  drawChart($('chart'), samples, SERIES, Math.min(CHART_WINDOW_MS, Math.max(CHART_MIN_MS, span)));
 }
 
 // -- cutover ----------------------------------------------------------------------------
@@ -282,6 +292,7 @@ function appendLine(channel, ctx) {
   let text = JSON.stringify(ctx.data);
   if (text.length > TAIL_MAX_CHARS) text = `${text.slice(0, TAIL_MAX_CHARS)}...`;
   data.textContent = text;
+  data.title = text; // the whole line on hover when it is cut at the card's edge
   li.append(time, where, data);
   list.append(li);
   while (list.childElementCount > TAIL_MAX_LINES) list.firstElementChild.remove();
@@ -324,7 +335,7 @@ function init() {
   $('tail-form').addEventListener('submit', onTail);
   $('tail-stop').addEventListener('click', stopTail);
   $('tail-clear').addEventListener('click', () => $('tail-lines').replaceChildren());
-  window.addEventListener('resize', () => drawChart($('chart'), state.samples, SERIES, CHART_WINDOW_MS));
+  window.addEventListener('resize', redrawChart);
 
   const saved = sessionStorage.getItem(KEY_STORAGE);
   if (!saved) return showLogin();

@@ -1,0 +1,510 @@
+"""Several `dex-shim serve` processes on Redis, seen from the clients' side.
+
+Every node is a real process configured by DEX_SHIM_* variables (tests/multinode.py),
+every Redis a throwaway redis-server (tests/redis_server.py), every client an official
+SDK (centrifuge-python) or the legacy hook's way of connecting (tests/legacyclient.py).
+Events enter through one node's POST /api/v1/broadcast and leave through another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from centrifuge import ClientState, StreamPosition  # type: ignore[import-untyped]
+from redis.asyncio import Redis
+
+from adapters.brokers.redis import shard_index
+from legacy.translate import Accepted, channel_data, parse_broadcast
+from shim.config import Settings
+from shim.routing import Router
+from tests.conftest import free_port
+from tests.legacyclient import Frame, open_legacy, settle
+from tests.multinode import Balancer, NodeProcess, start_nodes
+from tests.pyclient import SubEvents, new_client, new_subscription
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+Corpus = list[dict[str, Any]]
+# Seconds a client must stay quiet after its last expected message (duplicates show here).
+QUIET = 0.4
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with RedisServer() as server:
+        yield server
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def numbered(key: str, n: int) -> dict[str, Any]:
+    """Event number n; routed to task:<key> (and the global channel)."""
+    return {"type": "task.updated", "payload": {"task_id": key, "n": n}}
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    n: int
+    status: int  # 0 = no HTTP answer
+    body: Any
+
+
+@dataclass
+class Publisher:
+    """The backend: numbered events through one node's POST /api/v1/broadcast, one
+    per request, each sent after the previous one was answered."""
+
+    node: NodeProcess
+    key: str
+    interval: float = 0.01
+    outcomes: list[Outcome] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def acked(self) -> list[int]:
+        """Numbers the node answered 200 accepted for, in order."""
+        return [o.n for o in self.outcomes if o.status == 200]
+
+    @property
+    def refused(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != 200]
+
+    def start(self) -> Publisher:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                response = await self.node.broadcast(numbered(self.key, n))
+            except Exception as error:  # recorded, and the test fails on it
+                self.outcomes.append(Outcome(n, 0, repr(error)))
+            else:
+                try:
+                    body: Any = response.json()
+                except ValueError:
+                    body = response.text
+                self.outcomes.append(Outcome(n, response.status_code, body))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+
+    async def wait_for(self, count: int, *, refused: bool = False, timeout: float = 10) -> None:
+        """Until `count` more answers of the kind have come (acked, or refused)."""
+        goal = len(self.refused if refused else self.acked) + count
+        async with asyncio.timeout(timeout):
+            while len(self.refused if refused else self.acked) < goal:
+                assert self._task is not None and not self._task.done()
+                await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 15)
+
+
+def numbers(events: SubEvents) -> list[int]:
+    return [ctx.pub.data["n"] for ctx in events.named("publication")]
+
+
+async def delivered(events: SubEvents, n: int, timeout: float = 10) -> None:
+    await events.wait_for("publication", lambda ctx: ctx.pub.data["n"] >= n, timeout=timeout)
+
+
+def silently_missing(events: SubEvents, acked: Sequence[int]) -> list[int]:
+    """Acknowledged numbers the subscriber never got and was never told it lost.
+
+    The protocol's promise: a subscriber misses nothing acknowledged unless a
+    resubscribe answered `recovered: false` in the place of the gap (the stream
+    could not be recovered, so the app must reload its state)."""
+    missing: list[int] = []
+    told = False
+    last = 0
+    for name, ctx in events.events:
+        if name == "subscribed" and ctx.was_recovering and not ctx.recovered:
+            told = True
+        elif name == "publication":
+            n = ctx.pub.data["n"]
+            if not told:
+                missing += [m for m in acked if last < m < n]
+            told = False
+            last = max(last, n)
+    if not told:
+        missing += [m for m in acked if m > last]
+    return missing
+
+
+async def connected_subscription(
+    url: str, token: str, channel: str, **options: Any
+) -> tuple[Any, SubEvents]:
+    client, events = new_client(url, token)
+    await client.connect()
+    await events.wait_for("connected")
+    sub, sub_events = new_subscription(client, channel, **options)
+    await sub.subscribe()
+    await sub_events.wait_for("subscribed")
+    return client, sub_events
+
+
+def publish_through(node: NodeProcess) -> Any:
+    async def publish(body: Any) -> None:
+        response = await node.broadcast(body)
+        assert response.status_code == 200, response.text
+
+    return publish
+
+
+def corpus_task(corpus: Corpus) -> str:
+    """The task id most corpus examples name (payload or top level)."""
+    counts: dict[str, int] = {}
+    for item in corpus:
+        example = item["example"]
+        for task in {example["payload"].get("task_id"), example.get("task_id")} - {None}:
+            counts[task] = counts.get(task, 0) + 1
+    return max(counts, key=lambda t: counts[t])
+
+
+def channel_view(corpus: Corpus, channel: str) -> list[dict[str, Any]]:
+    """What a channel subscriber gets of the corpus, by the shim's own parser and the
+    default routing table, in corpus order."""
+    settings = Settings()
+    router = Router(
+        settings.routes,
+        default_channel=settings.default_channel,
+        global_channel=settings.global_channel,
+    )
+    body = orjson.dumps([item["example"] for item in corpus])
+    parsed = parse_broadcast(body, max_item_bytes=settings.ingest_max_item_bytes)
+    events = [p.event for p in parsed if isinstance(p, Accepted)]
+    assert len(events) == len(corpus)
+    return [
+        orjson.loads(channel_data(event))
+        for event in events
+        if channel in router.route(event).channels
+    ]
+
+
+async def shut(*clients: Any) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 5)
+
+
+# --- 1. cross-node delivery -------------------------------------------------------------
+
+
+async def test_clients_on_one_node_get_what_another_node_ingests(
+    redis: RedisServer, corpus: Corpus
+) -> None:
+    task_channel = f"task:{corpus_task(corpus)}"
+    async with start_nodes(2, [redis.url]) as (a, b):
+        hook = await open_legacy(a.port, a.token("legacy-hook"))
+        client = None
+        try:
+            # The hook's subscribe_all is in effect once it sees B's probes.
+            await settle(publish_through(b), [hook], "task:settle")
+            client, _events = new_client(a.ws_url, a.token("py"))
+            await client.connect()
+            subs: dict[str, SubEvents] = {}
+            for channel in ("global", task_channel):
+                sub, subs[channel] = new_subscription(client, channel)
+                await sub.subscribe()
+                await subs[channel].wait_for("subscribed")
+
+            response = await b.broadcast([item["example"] for item in corpus])
+            assert response.status_code == 200, response.text
+            assert response.json()["accepted"] == len(corpus)
+
+            frames = await hook.take(len(corpus), timeout=10)
+            await hook.expect_silence(QUIET)
+            for channel, sub_events in subs.items():
+                await sub_events.wait_for(
+                    "publication", count=len(channel_view(corpus, channel)), timeout=10
+                )
+            await asyncio.sleep(QUIET)
+        finally:
+            await hook.aclose()
+            if client is not None:
+                await shut(client)
+
+    # Byte-equal to what the Go hub wrote, in ingest order.
+    assert [frame.raw for frame in frames] == [item["wire"] for item in corpus]
+    for channel, sub_events in subs.items():
+        expected = channel_view(corpus, channel)
+        assert [ctx.pub.data for ctx in sub_events.named("publication")] == expected, channel
+        offsets = [ctx.pub.offset for ctx in sub_events.named("publication")]
+        assert offsets == list(range(offsets[0], offsets[0] + len(expected))), channel
+    assert len(channel_view(corpus, task_channel)) > 5
+
+
+# --- 2. recovery on another node ---------------------------------------------------------
+
+
+async def test_a_client_moved_to_another_node_recovers_every_missed_publication(
+    redis: RedisServer,
+) -> None:
+    """The client sits behind a load balancer. Its node crashes (SIGKILL); the SDK
+    reconnects by itself to the same URL, which now leads to node B, and resubscribes
+    from its last offset while the backend keeps publishing through B."""
+    async with start_nodes(2, [redis.url]) as (a, b), Balancer(a.port) as balancer:
+        client, events = new_client(balancer.ws_url, a.token("mover"))
+        await client.connect()
+        sub, sub_events = new_subscription(client, "task:move")
+        await sub.subscribe()
+        first = await sub_events.wait_for("subscribed")
+        publisher = Publisher(b, "move").start()
+        try:
+            await sub_events.wait_for("publication", count=10)
+            balancer.switch(b.port)
+            await a.kill()
+            killed_after = len(publisher.outcomes)
+
+            resubscribed = await sub_events.wait_for("subscribed", count=2, timeout=15)
+            resubscribed_after = len(publisher.outcomes)
+            # Live delivery from B goes on after the recovery.
+            await delivered(sub_events, resubscribed_after + 10)
+            await publisher.stop()
+            await delivered(sub_events, publisher.acked[-1])
+            await asyncio.sleep(QUIET)
+        finally:
+            await publisher.stop()
+            await shut(client)
+
+    assert first.recoverable and not first.was_recovering
+    assert resubscribed.was_recovering and resubscribed.recovered
+    assert len(events.named("connected")) == 2
+    assert not publisher.refused, publisher.refused
+    # Publications were made while A was gone and while the client resubscribed.
+    assert resubscribed_after > killed_after
+    got = numbers(sub_events)
+    assert got == publisher.acked  # every one, once, in order
+    offsets = [ctx.pub.offset for ctx in sub_events.named("publication")]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+
+
+async def test_a_new_client_on_another_node_resumes_from_a_saved_position(
+    redis: RedisServer,
+) -> None:
+    """A page reloaded onto another node: the app kept the last position it saw and
+    hands it to the SDK through get_state; the SDK subscribes with recovery from it."""
+    async with start_nodes(2, [redis.url]) as (a, b):
+        first, first_events = await connected_subscription(
+            a.ws_url, a.token("reloader"), "task:reload"
+        )
+        publisher = Publisher(b, "reload").start()
+        second = None
+        try:
+            await first_events.wait_for("publication", count=10)
+            await first.disconnect()
+            last = first_events.named("publication")[-1].pub
+            subscribed = first_events.named("subscribed")[0].stream_position
+            saved = StreamPosition(offset=last.offset, epoch=subscribed.epoch)
+            await publisher.wait_for(10)
+
+            async def get_state(_channel: str) -> StreamPosition:
+                return saved
+
+            second, second_events = await connected_subscription(
+                b.ws_url, b.token("reloader"), "task:reload", get_state=get_state
+            )
+            resumed = second_events.named("subscribed")[0]
+            await delivered(second_events, len(publisher.outcomes) + 10)
+            await publisher.stop()
+            await delivered(second_events, publisher.acked[-1])
+            await asyncio.sleep(QUIET)
+        finally:
+            await publisher.stop()
+            await shut(first, *([second] if second else []))
+
+    assert resumed.was_recovering and resumed.recovered
+    assert not publisher.refused, publisher.refused
+    got = numbers(first_events) + numbers(second_events)
+    assert got == publisher.acked
+
+
+# --- 3. presence ------------------------------------------------------------------------
+
+
+async def test_presence_lists_the_clients_of_every_node(redis: RedisServer) -> None:
+    async with start_nodes(2, [redis.url]) as (a, b):
+        alice, alice_events = await connected_subscription(
+            a.ws_url, a.token("alice"), "task:presence"
+        )
+        bob, _bob_events = await connected_subscription(b.ws_url, b.token("bob"), "task:presence")
+        try:
+            sub = alice.get_subscription("task:presence")
+            assert sub is not None
+            deadline = time.monotonic() + 5
+            while len((presence := await sub.presence()).clients) < 2:
+                assert time.monotonic() < deadline, presence
+                await asyncio.sleep(0.05)
+            stats = await sub.presence_stats()
+            await bob.disconnect()
+            deadline = time.monotonic() + 5
+            while len((after := await sub.presence()).clients) > 1:
+                assert time.monotonic() < deadline, after
+                await asyncio.sleep(0.05)
+        finally:
+            await shut(alice, bob)
+
+    assert sorted(info.user for info in presence.clients.values()) == ["alice", "bob"]
+    for client_id, info in presence.clients.items():
+        assert info.client == client_id
+    assert (stats.num_clients, stats.num_users) == (2, 2)
+    assert [info.user for info in after.clients.values()] == ["alice"]
+    assert alice_events.named("subscribed")
+
+
+# --- 4. Redis dies and comes back ----------------------------------------------------------
+
+
+async def test_redis_outage_refuses_ingest_keeps_clients_and_heals(redis: RedisServer) -> None:
+    async with start_nodes(2, [redis.url]) as (a, b):
+        hook = await open_legacy(a.port, a.token("legacy-hook"))
+        client = None
+        publisher = Publisher(b, "outage", interval=0.02)
+        try:
+            await settle(publish_through(b), [hook], "task:settle")
+            client, events = new_client(a.ws_url, a.token("watcher"))
+            await client.connect()
+            sub, sub_events = new_subscription(client, "task:outage")
+            await sub.subscribe()
+            await sub_events.wait_for("subscribed")
+            publisher.start()
+            await sub_events.wait_for("publication", count=10)
+
+            await redis.kill()
+            outage_ready = [await node.wait_ready(False) for node in (a, b)]
+            await publisher.wait_for(5, refused=True)
+            # Clients stay connected through the outage.
+            assert client.state is ClientState.CONNECTED
+            assert not events.named("disconnected") and not events.named("connecting")[1:]
+            assert not hook.closed
+
+            await redis.start()
+            for node in (a, b):
+                await node.wait_ready(True, timeout=15)
+            restarted_at = len(publisher.outcomes)
+            await delivered(sub_events, restarted_at + 10, timeout=15)
+            legacy_after = await hook.skip_until(
+                lambda f: _number(f) > restarted_at and _key(f) == "outage", timeout=10
+            )
+            await publisher.stop()
+            await delivered(sub_events, publisher.acked[-1])
+            await asyncio.sleep(QUIET)
+            top = await sub.history(limit=0)
+            # One connection from start to end: neither the outage nor the heal cut it.
+            assert len(events.named("connected")) == 1 and not hook.closed
+        finally:
+            await publisher.stop()
+            await hook.aclose()
+            if client is not None:
+                await shut(client)
+
+    for response in outage_ready:
+        assert response.json()["ready"] is False
+    # Nothing reported accepted that was not stored: every refusal is a JSON 503
+    # that accepted nothing.
+    assert publisher.refused
+    for outcome in publisher.refused:
+        assert outcome.status == 503, outcome
+        assert outcome.body["accepted"] == 0 and outcome.body["failed"] == 1, outcome
+    for outcome in publisher.outcomes:
+        if outcome.status == 200:
+            assert outcome.body["accepted"] == 1, outcome
+    got = numbers(sub_events)
+    assert got == sorted(set(got)), "duplicates or disorder"
+    # The promise: no acknowledged publication silently missing.
+    assert silently_missing(sub_events, publisher.acked) == []
+    # The client's position is the stream's current one (it can recover from it later).
+    last_epoch = sub_events.named("subscribed")[-1].stream_position.epoch
+    assert (top.epoch, top.offset) == (last_epoch, sub_events.named("publication")[-1].pub.offset)
+    assert legacy_after.message["payload"]["n"] > restarted_at
+
+
+def _number(frame: Frame) -> int:
+    n = frame.message.get("payload", {}).get("n")
+    return n if isinstance(n, int) else -1
+
+
+def _key(frame: Frame) -> str:
+    key = frame.message.get("payload", {}).get("task_id")
+    return key if isinstance(key, str) else ""
+
+
+# --- 5. two shards ------------------------------------------------------------------------
+
+
+async def keys_of(server: RedisServer) -> list[str]:
+    redis = Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    try:
+        return [str(key) async for key in redis.scan_iter(count=1000)]
+    finally:
+        await redis.aclose()
+
+
+async def test_two_shards_carry_channels_between_nodes(redis: RedisServer) -> None:
+    keys = [f"shard-{i}" for i in range(6)]
+    channels = [f"task:{key}" for key in keys]
+    # The channels chosen land on both shards (by the documented placement).
+    assert {shard_index(channel, 2) for channel in channels} == {0, 1}
+    async with RedisServer() as second:
+        servers = [redis, second]
+        async with start_nodes(2, [s.url for s in servers]) as (a, b):
+            client, _events = new_client(a.ws_url, a.token("sharded"))
+            await client.connect()
+            subs: dict[str, SubEvents] = {}
+            try:
+                for channel in channels:
+                    sub, subs[channel] = new_subscription(client, channel)
+                    await sub.subscribe()
+                    await subs[channel].wait_for("subscribed")
+                response = await b.broadcast([numbered(key, i) for i, key in enumerate(keys)])
+                assert response.status_code == 200, response.text
+                for sub_events in subs.values():
+                    await sub_events.wait_for("publication")
+                await asyncio.sleep(QUIET)
+            finally:
+                await shut(client)
+        held = [await keys_of(server) for server in servers]
+
+    for i, channel in enumerate(channels):
+        assert numbers(subs[channel]) == [i], channel
+        # A's subscribe and B's publish both touched the channel's keys: all of them
+        # are on one server, the one its place says.
+        where = [s for s, names in enumerate(held) if any(f"{{{channel}}}" in k for k in names)]
+        assert where == [shard_index(channel, 2)], (channel, where)
+    assert all(held), "both Redis servers hold keys"
+
+
+# --- 6. the default stays Redis-free ---------------------------------------------------------
+
+
+async def test_default_engine_is_memory_and_needs_no_redis() -> None:
+    # A redis_url where nothing listens: the default engine must not care.
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    async with start_nodes(1, settings={"redis_url": nowhere}) as (node,):
+        ready = await node.wait_ready(True)
+        client, sub_events = await connected_subscription(
+            node.ws_url, node.token("solo"), "task:solo"
+        )
+        try:
+            response = await node.broadcast(numbered("solo", 1))
+            assert response.status_code == 200, response.text
+            await delivered(sub_events, 1)
+        finally:
+            await shut(client)
+
+    assert ready.json()["engine"] == "memory"
+    assert numbers(sub_events) == [1]
