@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shim.broker import BrokerUnavailable
 from shim.cutover import CutoverState
 
 log = logging.getLogger("shim.control")
@@ -52,6 +53,10 @@ class RedisControl:
         self._report_seconds = report_seconds
         self._state_key = f"{prefix}:cutover"
         self._notice_channel = f"{prefix}:cutover:changed"
+        # Server API actions on users (disconnect, unsubscribe, subscribe) for the
+        # connections other nodes hold.
+        self._command_channel = f"{prefix}:control"
+        self.on_command: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
         self._nodes_key = f"{prefix}:nodes"
         self._node_prefix = f"{prefix}:node:"
         self._version = -1
@@ -80,14 +85,34 @@ class RedisControl:
         """Store `state` for every node; returns it with the version Redis gave it."""
         body = state.as_dict()
         body.pop("version")
-        version = int(
-            await self.redis.eval(
-                _SAVE, 1, self._state_key, orjson.dumps(body), self._notice_channel
+        try:
+            version = int(
+                await self.redis.eval(
+                    _SAVE, 1, self._state_key, orjson.dumps(body), self._notice_channel
+                )
             )
-        )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"cutover not saved: {exc.__class__.__name__}") from None
         saved = CutoverState.from_dict({**body, "version": version})
         self._apply(saved)
         return saved
+
+    async def send_command(self, kind: str, body: dict[str, Any]) -> None:
+        """Ask every other node to apply a server API action to its own connections."""
+        message = orjson.dumps({"node": self.node_name, "kind": kind, "body": body})
+        try:
+            await self.redis.publish(self._command_channel, message)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"control command not sent: {exc.__class__.__name__}") from None
+
+    async def _run_command(self, raw: bytes) -> None:
+        try:
+            command = orjson.loads(raw)
+            if command.get("node") == self.node_name or self.on_command is None:
+                return  # the sender applied it already
+            await self.on_command(str(command["kind"]), dict(command["body"]))
+        except Exception:  # one bad command must not stop the listener
+            log.exception("control command failed")
 
     async def nodes(self) -> dict[str, dict[str, int]]:
         """Connection counts of every live node."""
@@ -123,11 +148,15 @@ class RedisControl:
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self._notice_channel)
+                await pubsub.subscribe(self._notice_channel, self._command_channel)
                 await self._load()  # a change may have been missed while disconnected
                 delay = 0.1
                 async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                    if message.get("type") != "message":
+                        continue
+                    if message.get("channel") == self._command_channel.encode():
+                        await self._run_command(message["data"])
+                    else:
                         await self._load()
             except (RedisError, OSError) as exc:
                 log.warning("cutover notices unavailable: %s", exc.__class__.__name__)

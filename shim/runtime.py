@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +118,8 @@ class Runtime:
             detect_centrifuge_on_legacy_path=settings.detect_centrifuge_on_legacy_path,
         )
         self.control: RedisControl | None = None
+        # Applies a server API action forwarded by another node (set by the server API).
+        self.command_handler: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
         # WebSocket handlers still running, and whether the node is stopping.
         self.open_sockets = 0
         self.shutting_down = False
@@ -169,6 +171,7 @@ class Runtime:
                 on_cutover=self.apply_cutover,
                 counts=self.connection_counts,
             )
+            self.control.on_command = self.command_handler
             await self.control.start()
         if settings.ingest_stream_key:
             from adapters.ingest.redis_stream import StreamConsumer, StreamOptions

@@ -11,8 +11,8 @@ What differs from Centrifugo, on purpose or for lack of a mechanism:
 - publish/broadcast put raw data in the channel with no legacy frame: only Centrifuge
   clients see it, legacy hub clients do not (it is not a legacy event).
 - disconnect, unsubscribe and subscribe act on the user's Centrifuge connections of
-  THIS node; with the Redis engine, connections held by other nodes are not reached
-  (Centrifugo fans these out over its control channel; the shim has none for them).
+  this node at once and, with the Redis engine, are sent to every other node over
+  the control channel (each applies them to its own connections, a moment later).
 - channels lists this node's channels; info reports this node in full and, with
   Redis, the other live nodes with their connection counts only.
 - idempotency_key is remembered per node for 5 minutes.
@@ -264,6 +264,41 @@ class ServerApi:
     # -- user connections ---------------------------------------------------------------
 
     async def disconnect(self, body: Mapping[str, Any]) -> Result:
+        await self._local_disconnect(body)
+        await self._forward("disconnect", body)
+        return {}
+
+    async def unsubscribe(self, body: Mapping[str, Any]) -> Result:
+        await self._local_unsubscribe(body)
+        await self._forward("unsubscribe", body)
+        return {}
+
+    async def subscribe(self, body: Mapping[str, Any]) -> Result:
+        await self._local_subscribe(body)
+        await self._forward("subscribe", body)
+        return {}
+
+    async def _forward(self, kind: str, body: Mapping[str, Any]) -> None:
+        control = self.runtime.control
+        if control is not None:
+            try:
+                await control.send_command(kind, dict(body))
+            except BrokerUnavailable:
+                raise ApiError(
+                    codes.INTERNAL, "applied on this node only: Redis unavailable"
+                ) from None
+
+    async def apply_forwarded(self, kind: str, body: dict[str, Any]) -> None:
+        """Another node's disconnect/unsubscribe/subscribe, for this node's connections."""
+        local = {
+            "disconnect": self._local_disconnect,
+            "unsubscribe": self._local_unsubscribe,
+            "subscribe": self._local_subscribe,
+        }.get(kind)
+        if local is not None:
+            await local(body)
+
+    async def _local_disconnect(self, body: Mapping[str, Any]) -> None:
         custom = _obj(body, "disconnect")
         code = codes.FORCE_DISCONNECT  # Centrifugo's default: no reconnect
         if custom is not None:
@@ -274,9 +309,8 @@ class ServerApi:
             code = codes.DisconnectCode(number, reason)
         for session in self._sessions(body):
             session.disconnect(code)
-        return {}
 
-    async def unsubscribe(self, body: Mapping[str, Any]) -> Result:
+    async def _local_unsubscribe(self, body: Mapping[str, Any]) -> None:
         channel = _str(body, "channel")
         if channel:  # no channel: every channel of the user's connections, as in Centrifugo
             self._namespace(channel)
@@ -284,9 +318,8 @@ class ServerApi:
             names = [channel] if channel else list(session.subscriptions)
             for name in names:
                 session.unsubscribe_server(name)
-        return {}
 
-    async def subscribe(self, body: Mapping[str, Any]) -> Result:
+    async def _local_subscribe(self, body: Mapping[str, Any]) -> None:
         channel = _str(body, "channel")
         info = _raw(body, "info")
         data = _raw(body, "data")
@@ -305,7 +338,6 @@ class ServerApi:
         if failures:
             log.warning("server-side subscribe failed: %r", failures[0])
             raise ApiError(codes.INTERNAL)
-        return {}
 
     # -- channel state ------------------------------------------------------------------
 
@@ -467,6 +499,8 @@ def _authorized(x_api_key: str, authorization: str, api_key: str) -> bool:
 def server_api_blueprint(runtime: Runtime) -> Blueprint:
     """`POST /api/<method>`: Centrifugo's server API over this runtime."""
     api = ServerApi(runtime)
+    # Actions forwarded by other nodes (Redis engine) land here.
+    runtime.command_handler = api.apply_forwarded
     blueprint = Blueprint("server_api", __name__)
 
     @blueprint.post("/api/<method>")

@@ -205,3 +205,43 @@ async def test_cutover_changed_on_one_node_reaches_the_other(
 
         await _wait_until(both_nodes_counted, timeout=15)
         await client.disconnect()
+
+
+async def test_server_api_user_actions_reach_connections_on_other_nodes(
+    signing_keys: tuple[str, str], redis_server: RedisServer
+) -> None:
+    from tests.conftest import API_KEY
+
+    async with (
+        run_server(
+            signing_keys, engine="redis", redis_url=redis_server.url, node_name="a"
+        ) as node_a,
+        run_server(
+            signing_keys, engine="redis", redis_url=redis_server.url, node_name="b"
+        ) as node_b,
+    ):
+        client, events = new_client(node_b.ws_url, node_b.token("alice"))
+        await client.connect()
+        await events.wait_for("connected")
+        sub, sub_events = new_subscription(client, "task:remote")
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+
+        # The API call goes to node A; alice is connected to node B.
+        response = await node_a.http.post(
+            "/api/unsubscribe",
+            json={"user": "alice", "channel": "task:remote"},
+            headers={"X-API-Key": API_KEY},
+        )
+        assert response.json() == {"result": {}}
+        unsubscribed = await sub_events.wait_for("unsubscribed", timeout=5)
+        assert unsubscribed.code == 2000
+
+        response = await node_a.http.post(
+            "/api/disconnect",
+            json={"user": "alice", "disconnect": {"code": 4501, "reason": "go away"}},
+            headers={"X-API-Key": API_KEY},
+        )
+        assert response.json() == {"result": {}}
+        gone = await events.wait_for("disconnected", timeout=5)
+        assert (gone.code, gone.reason) == (4501, "go away")
