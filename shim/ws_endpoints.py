@@ -18,8 +18,8 @@ import orjson
 from adapters.auth.jwt import TokenError
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
-from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession
+from shim.centrifuge import codec, codes
+from shim.centrifuge.session import CentrifugeSession, is_admin_key
 from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.hypercorn_compat import LIVENESS_EXTENSION, Liveness
 from shim.outbox import Outbox, drain_each, drain_joined
@@ -60,10 +60,25 @@ async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISen
     if runtime.shutting_down:
         await _close(send, codes.SHUTDOWN.code, codes.SHUTDOWN.reason)
         return
+    first_frame: str | bytes | None = None
     if not runtime.cutover.channels_served:
-        await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
-        return
-    await _run_centrifuge(runtime, receive, send, first_frame=None)
+        # Only the operator console (admin key in its connect) is served in `legacy`.
+        first_frame = await _first_frame(receive, runtime.settings.client_stale_close_delay_seconds)
+        if first_frame is None or not _is_console_connect(runtime, first_frame):
+            await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
+            return
+    await _run_centrifuge(runtime, receive, send, first_frame=first_frame)
+
+
+def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
+    try:
+        commands = codec.decode_frame(frame)
+    except codec.ProtocolError:
+        return False
+    request = commands[0].request if commands else None
+    return isinstance(request, codec.ConnectRequest) and is_admin_key(
+        request.token, runtime.settings.admin_api_key
+    )
 
 
 async def _run_centrifuge(

@@ -363,7 +363,7 @@ class CentrifugeSession:
         if self.state is not State.CONNECTING:
             raise Disconnect(codes.BAD_PROTOCOL)
         settings = self.node.settings
-        if request.token and _is_admin_key(request.token, settings.admin_api_key):
+        if request.token and is_admin_key(request.token, settings.admin_api_key):
             # The operator console (/console) tails channels with the admin key.
             self.console = True
             credentials = Credentials(user=CONSOLE_USER, claims={"console": True})
@@ -817,7 +817,7 @@ def _is_closed(session: CentrifugeSession) -> bool:
     return session.state is State.CLOSED
 
 
-def _is_admin_key(token: str, admin_key: str) -> bool:
+def is_admin_key(token: str, admin_key: str) -> bool:
     return bool(admin_key) and hmac.compare_digest(token.encode(), admin_key.encode())
 
 
