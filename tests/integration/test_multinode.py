@@ -293,6 +293,38 @@ async def test_a_client_moved_to_another_node_recovers_every_missed_publication(
     assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
 
 
+async def test_a_rolling_restart_loses_nothing_for_recovering_clients(
+    redis: RedisServer,
+) -> None:
+    """Node A is stopped the polite way (SIGTERM) under load: its client is told
+    3001 "shutdown", reconnects through the balancer to B and recovers everything."""
+    async with start_nodes(2, [redis.url]) as (a, b), Balancer(a.port) as balancer:
+        client, events = new_client(balancer.ws_url, a.token("roller"))
+        await client.connect()
+        sub, sub_events = new_subscription(client, "task:roll")
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+        publisher = Publisher(b, "roll").start()
+        try:
+            await sub_events.wait_for("publication", count=10)
+            balancer.switch(b.port)
+            await a.stop()
+            told = await events.wait_for("connecting", lambda ctx: ctx.code == 3001, timeout=15)
+            resubscribed = await sub_events.wait_for("subscribed", count=2, timeout=15)
+            await delivered(sub_events, len(publisher.outcomes) + 10)
+            await publisher.stop()
+            await delivered(sub_events, publisher.acked[-1])
+            await asyncio.sleep(QUIET)
+        finally:
+            await publisher.stop()
+            await shut(client)
+
+    assert told.reason == "shutdown"
+    assert resubscribed.was_recovering and resubscribed.recovered
+    assert not publisher.refused, publisher.refused
+    assert numbers(sub_events) == publisher.acked  # every one, once, in order
+
+
 async def test_a_new_client_on_another_node_resumes_from_a_saved_position(
     redis: RedisServer,
 ) -> None:
