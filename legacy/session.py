@@ -177,7 +177,15 @@ class LegacySession:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.node.counters.disconnected("legacy", code)
+        log.info(
+            "disconnecting legacy client: %s",
+            reason or code,
+            extra={"user": self.user, "code": code, "protocol": "legacy"},
+        )
         self.outbox.close(discard=code == 3008)
+        if self.liveness is not None:
+            self.liveness.stop()
         self.transport.close(code, reason)
         self._release()
 

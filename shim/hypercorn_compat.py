@@ -36,11 +36,19 @@ _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 class Liveness:
     """Shared by the app and the protocol layer for one connection."""
 
-    __slots__ = ("last_pong", "ping_interval")
+    __slots__ = ("last_pong", "ping_interval", "pinger")
 
     def __init__(self, ping_interval: float) -> None:
         self.ping_interval = ping_interval
         self.last_pong = asyncio.get_running_loop().time()
+        self.pinger: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        """No more pings. A ping stuck writing to a stalled peer holds hypercorn's send
+        lock; cancelling it lets the close frame be queued behind what was sent."""
+        if self.pinger is not None:
+            self.pinger.cancel()
+            self.pinger = None
 
 
 class _NoCompressionHandshake(ws_stream.Handshake):
@@ -73,9 +81,14 @@ class _PingingWSStream(ws_stream.WSStream):
 
         connection.events = events_noting_pongs  # type: ignore[method-assign, unused-ignore]
         self._stream_ended = asyncio.Event()
-        self.task_group.spawn(self._ping_until_closed, liveness.ping_interval, self._stream_ended)
+        self.task_group.spawn(
+            self._ping_until_closed, liveness.ping_interval, self._stream_ended, liveness
+        )
 
-    async def _ping_until_closed(self, interval: float, ended: asyncio.Event) -> None:
+    async def _ping_until_closed(
+        self, interval: float, ended: asyncio.Event, liveness: Liveness
+    ) -> None:
+        liveness.pinger = asyncio.current_task()
         while not self.closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):

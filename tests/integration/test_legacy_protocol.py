@@ -483,10 +483,25 @@ async def test_pings_every_interval_and_only_pongs_keep_a_client(signing_keys: K
 # --- §7 / MIGRATION.md: a stalled client --------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"client_queue_max_size_bytes": 256 * 1024},
+        # Cut by the write timeout while WebSocket pings to the stalled peer are stuck
+        # too: the close frame must still be queued behind what was sent.
+        {
+            "client_queue_max_size_bytes": 256 * 1024 * 1024,
+            "websocket_write_timeout_seconds": 1,
+            "legacy_ping_interval_seconds": 0.2,
+            "legacy_read_deadline_seconds": 600,
+        },
+    ],
+    ids=["queue cap", "write timeout with pings"],
+)
 async def test_stalled_client_is_cut_off_3008_and_fast_client_gets_everything(
-    signing_keys: Keys,
+    signing_keys: Keys, overrides: dict[str, float]
 ) -> None:
-    async with serve(signing_keys, client_queue_max_size_bytes=256 * 1024) as server:
+    async with serve(signing_keys, **overrides) as server:
         # max_queue=1: websockets stops reading the socket once one message waits.
         stalled = await connect(
             legacy_url(server.port, server.token("slow")),
