@@ -50,7 +50,7 @@ class ShimApp:
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "websocket":
             if scope["path"] == CENTRIFUGE_PATH:
-                await serve_centrifuge(self.runtime, receive, send)
+                await serve_centrifuge(self.runtime, scope, receive, send)
                 return
             if scope["path"] == LEGACY_PATH:
                 await serve_legacy(self.runtime, scope, receive, send)

@@ -16,23 +16,30 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
+from shim.hypercorn_compat import DirectWrite
 from shim.outbox import Outbox
+from shim.wsframe import text_frame_header
 
 log = logging.getLogger("shim.edge")
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
+# Bytes buffered in a transport above which a direct write waits for the socket
+# (asyncio's own default high-water mark).
+DIRECT_WRITE_HIGH_WATER = 64 * 1024
 # Seconds to wait for the client's close frame after ours, as Go's library does.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
 
 class SocketPump:
-    __slots__ = ("_close_requested", "_send", "close_code", "close_reason", "outbox")
+    __slots__ = ("_close_requested", "_send", "close_code", "close_reason", "direct", "outbox")
 
-    def __init__(self, send: ASGISend, outbox: Outbox) -> None:
+    def __init__(self, send: ASGISend, outbox: Outbox, direct: DirectWrite | None = None) -> None:
         self._send = send
         self.outbox = outbox
+        # Filled in by hypercorn at accept when direct writes are possible.
+        self.direct = direct or DirectWrite()
         self.close_code = 0
         self.close_reason = ""
         self._close_requested = asyncio.get_running_loop().create_future()
@@ -44,8 +51,19 @@ class SocketPump:
             self.close_code, self.close_reason = code, reason
             self._close_requested.set_result(None)
 
-    async def send_text(self, text: str) -> None:
-        await self._send({"type": "websocket.send", "text": text})
+    async def send_frame(self, payload: bytes) -> None:
+        """One text frame. Straight to the transport when hypercorn lets us (one
+        write, plus a drain only when the socket's buffer is full), else through
+        ASGI, which wants the text as str."""
+        direct = self.direct
+        if direct.usable():
+            writer = direct.writer
+            assert writer is not None
+            writer.transport.write(text_frame_header(len(payload)) + payload)
+            if writer.transport.get_write_buffer_size() > DIRECT_WRITE_HIGH_WATER:
+                await writer.drain()
+            return
+        await self._send({"type": "websocket.send", "text": payload.decode()})
 
     async def run(
         self,

@@ -5,7 +5,9 @@
    and CPU per client per message (it defeats encode-once), so we want it off by
    default. hypercorn builds a `Handshake` from the request headers; ours forgets
    the offered extensions unless compression is enabled.
-2. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
+2. Direct frame writes: a connection whose scope carries a `DirectWrite` gets its
+   transport there, so the edge can write pre-built frames (see DirectWrite).
+3. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
    every 30 s and dropped clients that did not pong within 60 s; ASGI has no ping
    or pong messages. A connection whose scope carries a `Liveness` under
    LIVENESS_EXTENSION before it is accepted gets pings at its interval, and every
@@ -29,6 +31,7 @@ from wsproto.events import Ping, Pong
 
 SUPPORTED_HYPERCORN = ("0.18.",)
 LIVENESS_EXTENSION = "dex.liveness"
+DIRECT_WRITE_EXTENSION = "dex.direct_write"
 
 _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 
@@ -51,6 +54,46 @@ class Liveness:
             self.pinger = None
 
 
+class DirectWrite:
+    """The connection's own transport, for writing pre-built frames without the
+    per-frame chain (ASGI send -> wsproto -> h11 protocol -> locked write + drain).
+
+    Safe because server frames are unmasked and complete (FIN), so wsproto keeps no
+    state about them, and writes are whole frames appended to the same transport
+    in order; hypercorn's own writes (pings, close) hold `lock` while they drain,
+    and a frame is only written directly when that lock is free.
+    """
+
+    __slots__ = ("lock", "writer")
+
+    def __init__(self) -> None:
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock: asyncio.Lock | None = None
+
+    def usable(self) -> bool:
+        writer, lock = self.writer, self.lock
+        return (
+            writer is not None
+            and lock is not None
+            and not lock.locked()
+            and not writer.transport.is_closing()
+        )
+
+
+def _tcp_server_of(stream: ws_stream.WSStream) -> Any:
+    """hypercorn 0.18 wiring: WSStream.send is H11Protocol.stream_send, whose `send`
+    is TCPServer.protocol_send. None when the stream is served some other way."""
+    protocol = getattr(stream.send, "__self__", None)
+    return getattr(getattr(protocol, "send", None), "__self__", None)
+
+
+def _extensions_in_effect(connection: Any) -> bool:
+    """Whether the connection negotiated an extension (permessage-deflate); frames
+    are only written directly when none is in effect. Unknown counts as yes."""
+    extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+    return extensions is None or bool(extensions)
+
+
 class _NoCompressionHandshake(ws_stream.Handshake):
     def __init__(self, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
         super().__init__(headers, http_version)
@@ -67,6 +110,12 @@ class _PingingWSStream(ws_stream.WSStream):
 
     async def _accept(self, message: Any) -> None:
         await super()._accept(message)
+        direct = self.scope["extensions"].get(DIRECT_WRITE_EXTENSION)
+        if isinstance(direct, DirectWrite) and not _extensions_in_effect(self.connection):
+            server = _tcp_server_of(self)
+            writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
+            if isinstance(writer, asyncio.StreamWriter) and isinstance(lock, asyncio.Lock):
+                direct.writer, direct.lock = writer, lock
         liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
         if not isinstance(liveness, Liveness):
             return

@@ -33,25 +33,20 @@ from shim.config import NamespaceOptions, Settings
 log = logging.getLogger("shim.node")
 
 
-def text_size(text: str) -> int:
-    """Bytes of `text` once UTF-8 encoded; computed once per publication."""
-    return len(text) if text.isascii() else len(text.encode())
-
-
 class ChannelSubscriber(Protocol):
     """A Centrifuge client's subscription to one channel."""
 
     join_leave: bool
 
-    def deliver(self, pub: Publication, epoch: str, text: str, size: int) -> None: ...
+    def deliver(self, pub: Publication, epoch: str, push: bytes) -> None: ...
 
-    def deliver_control(self, text: str, size: int) -> None: ...
+    def deliver_control(self, push: bytes) -> None: ...
 
 
 class LegacySubscriber(Protocol):
     """A legacy client; it may reach one event through several channels."""
 
-    def deliver_legacy(self, tag: LegacyTag, size: int) -> None: ...
+    def deliver_legacy(self, tag: LegacyTag, frame: bytes) -> None: ...
 
 
 class Ticking(Protocol):
@@ -283,34 +278,32 @@ class Node:
         counters = self.counters
         counters.publications += 1
         if entry.subscribers:
-            text = codec.encode_publication_push(channel, pub)
-            size = text_size(text)
+            push = codec.publication_push(channel, pub)
             subscribers = list(entry.subscribers)
             for subscriber in subscribers:
-                subscriber.deliver(pub, epoch, text, size)
+                subscriber.deliver(pub, epoch, push)
             counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is not None:
             tag = pub.legacy
-            size = text_size(tag.frame)
+            frame = tag.frame.encode()
             legacy_subscribers = list(entry.legacy)
             for legacy in legacy_subscribers:
-                legacy.deliver_legacy(tag, size)
+                legacy.deliver_legacy(tag, frame)
             # Counts reach, before a legacy session drops a copy it already had.
             counters.deliveries["legacy"] += len(legacy_subscribers)
         if pub.time_ms:
             self.observer.publish_to_enqueue(max(0.0, time.time() - pub.time_ms / 1000))
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, codec.encode_join_push(channel, info))
+        self._control(channel, codec.encode_join_push(channel, info).encode())
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, codec.encode_leave_push(channel, info))
+        self._control(channel, codec.encode_leave_push(channel, info).encode())
 
-    def _control(self, channel: str, text: str) -> None:
+    def _control(self, channel: str, push: bytes) -> None:
         entry = self._channels.get(channel)
         if entry is None:
             return
-        size = text_size(text)
         for subscriber in list(entry.subscribers):
             if subscriber.join_leave:
-                subscriber.deliver_control(text, size)
+                subscriber.deliver_control(push)

@@ -6,8 +6,9 @@ touching a socket. Going over the cap makes `push` return False and the caller
 disconnects that client (3008) -- the queue is then dropped, so a stalled client
 holds at most `cap` bytes of our memory and never delays anyone else.
 
-Kept small on purpose (idle connections are the common case): two plain lists that
-the writer swaps out whole, and a future that exists only while the writer waits.
+Messages are UTF-8 bytes, shared by every subscriber of a publication. The queue is
+kept small on purpose (idle connections are the common case): one plain list the
+writer swaps out whole, and a future that exists only while the writer waits.
 """
 
 from __future__ import annotations
@@ -17,23 +18,11 @@ from collections.abc import Awaitable, Callable
 
 
 class Outbox:
-    __slots__ = (
-        "_cap",
-        "_closed",
-        "_items",
-        "_size",
-        "_sizes",
-        "_waiter",
-        "frames_sent",
-        "write_started",
-    )
+    __slots__ = ("_cap", "_closed", "_items", "_size", "_waiter", "frames_sent", "write_started")
 
     def __init__(self, cap_bytes: int) -> None:
         self._cap = cap_bytes
-        self._items: list[str] = []
-        # Byte size of each queued message; the int objects are shared by all
-        # subscribers of a publication, so this costs one pointer per message.
-        self._sizes: list[int] = []
+        self._items: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -51,15 +40,15 @@ class Outbox:
     def closed(self) -> bool:
         return self._closed
 
-    def push(self, text: str, size: int) -> bool:
-        """Queue one message of `size` bytes. False when it would exceed the cap."""
+    def push(self, message: bytes) -> bool:
+        """Queue one message. False when it would take the queue over its cap."""
         if self._closed:
             return True
-        if self._size + size > self._cap:
+        size = self._size + len(message)
+        if size > self._cap:
             return False
-        self._items.append(text)
-        self._sizes.append(size)
-        self._size += size
+        self._items.append(message)
+        self._size = size
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -70,7 +59,6 @@ class Outbox:
         self._closed = True
         if discard:
             self._items = []
-            self._sizes = []
             self._size = 0
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -86,61 +74,54 @@ class Outbox:
         finally:
             self._waiter = None
 
-    def take(self, max_chars: int) -> list[str]:
-        """Remove and return queued messages totalling at most `max_chars` (at least one)."""
+    def take(self, max_bytes: int) -> list[bytes]:
+        """Remove and return queued messages that fit in `max_bytes` once joined with
+        newlines (always at least one)."""
         items = self._items
         if not items:
             return []
-        total = len(items) - 1 + sum(map(len, items))
-        if total <= max_chars:
+        if self._size + len(items) - 1 <= max_bytes:
             # The common case: everything queued goes in one frame.
-            self._items, self._sizes, self._size = [], [], 0
+            self._items, self._size = [], 0
             return items
-        count, chars = 1, len(items[0])
-        while count < len(items) and chars + len(items[count]) + 1 <= max_chars:
-            chars += len(items[count]) + 1
+        count, total = 1, len(items[0])
+        while count < len(items) and total + len(items[count]) + 1 <= max_bytes:
+            total += len(items[count]) + 1
             count += 1
         taken = items[:count]
-        self._size -= sum(self._sizes[:count])
         del items[:count]
-        del self._sizes[:count]
+        self._size -= sum(map(len, taken))
         return taken
 
-    def take_one(self) -> str | None:
-        if not self._items:
-            return None
-        self._size -= self._sizes.pop(0)
-        return self._items.pop(0)
+
+SendFrame = Callable[[bytes], Awaitable[None]]
 
 
-SendText = Callable[[str], Awaitable[None]]
-
-
-async def drain_joined(outbox: Outbox, send: SendText, max_frame_chars: int) -> None:
+async def drain_joined(outbox: Outbox, send: SendFrame, max_frame_bytes: int) -> None:
     """Writer loop for protocols that allow several messages per frame (Centrifuge
     JSON: newline-separated). Everything queued while a write was in flight goes out
     in the next frame, which is what keeps per-message cost low under fan-out."""
     loop = asyncio.get_running_loop()
     while True:
         await outbox.wait()
-        batch = outbox.take(max_frame_chars)
+        batch = outbox.take(max_frame_bytes)
         if not batch:
             if outbox.closed:
                 return
             continue
         outbox.write_started = loop.time()
-        await send(batch[0] if len(batch) == 1 else "\n".join(batch))
+        await send(batch[0] if len(batch) == 1 else b"\n".join(batch))
         outbox.write_started = 0.0
         outbox.frames_sent += 1
 
 
-async def drain_each(outbox: Outbox, send: SendText, max_batch_chars: int) -> None:
+async def drain_each(outbox: Outbox, send: SendFrame, max_batch_bytes: int) -> None:
     """Writer loop for protocols that need one message per frame (legacy hub). It
-    takes a batch at a time so the queue lock-step costs one swap, not one per message."""
+    takes a batch at a time, so the queue costs one swap per batch, not per message."""
     loop = asyncio.get_running_loop()
     while True:
         await outbox.wait()
-        batch = outbox.take(max_batch_chars)
+        batch = outbox.take(max_batch_bytes)
         if not batch:
             if outbox.closed:
                 return

@@ -21,7 +21,12 @@ from legacy.session import RETIRED, LegacySession, legacy_token
 from shim.centrifuge import codec, codes
 from shim.centrifuge.session import CentrifugeSession, is_admin_key
 from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
-from shim.hypercorn_compat import LIVENESS_EXTENSION, Liveness
+from shim.hypercorn_compat import (
+    DIRECT_WRITE_EXTENSION,
+    LIVENESS_EXTENSION,
+    DirectWrite,
+    Liveness,
+)
 from shim.outbox import Outbox, drain_each, drain_joined
 from shim.runtime import Runtime
 
@@ -50,10 +55,13 @@ def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, st
     return b"", credentials.user
 
 
-async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISend) -> None:
+async def serve_centrifuge(
+    runtime: Runtime, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+) -> None:
     first = await receive()
     if first["type"] != "websocket.connect":
         return
+    direct = _offer_direct_write(scope)
     # No subprotocol is selected: JSON is the default, and the Python SDK's empty
     # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
     await send({"type": "websocket.accept"})
@@ -67,7 +75,14 @@ async def serve_centrifuge(runtime: Runtime, receive: ASGIReceive, send: ASGISen
         if first_frame is None or not _is_console_connect(runtime, first_frame):
             await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
             return
-    await _run_centrifuge(runtime, receive, send, first_frame=first_frame)
+    await _run_centrifuge(runtime, receive, send, direct, first_frame=first_frame)
+
+
+def _offer_direct_write(scope: dict[str, Any]) -> DirectWrite:
+    """Ask hypercorn (at accept) for the transport, for pre-built frame writes."""
+    direct = DirectWrite()
+    scope["extensions"][DIRECT_WRITE_EXTENSION] = direct
+    return direct
 
 
 def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
@@ -82,13 +97,18 @@ def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
 
 
 async def _run_centrifuge(
-    runtime: Runtime, receive: ASGIReceive, send: ASGISend, *, first_frame: str | bytes | None
+    runtime: Runtime,
+    receive: ASGIReceive,
+    send: ASGISend,
+    direct: DirectWrite,
+    *,
+    first_frame: str | bytes | None,
 ) -> None:
     settings = runtime.settings
     outbox = Outbox(settings.client_queue_max_size_bytes)
-    pump = SocketPump(send, outbox)
+    pump = SocketPump(send, outbox, direct)
     session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
-    writer = drain_joined(outbox, pump.send_text, settings.websocket_max_frame_bytes)
+    writer = drain_joined(outbox, pump.send_frame, settings.websocket_max_frame_bytes)
     await _pump(
         runtime, session, pump, receive, writer, settings.websocket_read_limit_bytes, first_frame
     )
@@ -120,6 +140,7 @@ async def serve_legacy(
     settings = runtime.settings
     liveness = Liveness(settings.legacy_ping_interval_seconds)
     scope["extensions"][LIVENESS_EXTENSION] = liveness
+    direct = _offer_direct_write(scope)
     await send({"type": "websocket.accept"})
 
     first_frame: str | bytes | None = None
@@ -129,7 +150,7 @@ async def serve_legacy(
             await _close(send, codes.STALE.code, codes.STALE.reason)
             return
         if looks_like_centrifuge(first_frame):
-            await _run_centrifuge(runtime, receive, send, first_frame=first_frame)
+            await _run_centrifuge(runtime, receive, send, direct, first_frame=first_frame)
             return
         await _close(send, *LEGACY_MISSING_CLOSE)
         return
@@ -138,7 +159,7 @@ async def serve_legacy(
         return
 
     outbox = Outbox(settings.client_queue_max_size_bytes)
-    pump = SocketPump(send, outbox)
+    pump = SocketPump(send, outbox, direct)
     session = LegacySession(
         runtime.node,
         pump,
@@ -148,7 +169,7 @@ async def serve_legacy(
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
     )
-    writer = drain_each(outbox, pump.send_text, settings.websocket_max_frame_bytes)
+    writer = drain_each(outbox, pump.send_frame, settings.websocket_max_frame_bytes)
     await _pump(runtime, session, pump, receive, writer, LEGACY_READ_LIMIT_BYTES, first_frame)
 
 

@@ -505,10 +505,15 @@ def encode_rpc_result(command_id: int, *, data: bytes | None = None) -> str:
 # --- Pushes (no id) ------------------------------------------------------------
 
 
+def publication_push(channel: str, pub: Publication) -> bytes:
+    """Hot path: encoded once per publication and shared, as bytes, by every local
+    subscriber. A plain dict + Fragment measured as fast as hand-concatenated
+    strings (~2 us)."""
+    return orjson.dumps({"push": {"channel": channel, "pub": publication_dict(pub)}})
+
+
 def encode_publication_push(channel: str, pub: Publication) -> str:
-    """Hot path: encoded once per publication and shared by every local subscriber.
-    A plain dict + Fragment measured as fast as hand-concatenated strings (~2 us)."""
-    return _dumps({"push": {"channel": channel, "pub": publication_dict(pub)}})
+    return publication_push(channel, pub).decode()
 
 
 def encode_join_push(channel: str, info: ClientInfo) -> str:

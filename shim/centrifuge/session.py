@@ -45,7 +45,7 @@ from shim.centrifuge.codec import (
     UnsubscribeRequest,
 )
 from shim.config import NamespaceOptions
-from shim.node import Node, text_size
+from shim.node import Node
 from shim.outbox import Outbox
 from shim.policy import ChannelAuthorizer
 
@@ -137,13 +137,13 @@ class Subscription:
         self.offset = 0
         self.expires_at = 0.0
         # Publications that arrive while the subscribe reply is being prepared; None once live.
-        self.buffer: list[tuple[Publication, str, str, int]] | None = []
+        self.buffer: list[tuple[Publication, str, bytes]] | None = []
 
     # ChannelSubscriber (called by the node on the publish path: append only).
 
-    def deliver(self, pub: Publication, epoch: str, text: str, size: int) -> None:
+    def deliver(self, pub: Publication, epoch: str, push: bytes) -> None:
         if self.buffer is not None:
-            self.buffer.append((pub, epoch, text, size))
+            self.buffer.append((pub, epoch, push))
             return
         if self.positioned and pub.offset:
             if epoch != self.epoch or pub.offset != self.offset + 1:
@@ -152,20 +152,22 @@ class Subscription:
                 self.session.lost_position(self)
                 return
             self.offset = pub.offset
-        self.session.enqueue(text, size)
+        session = self.session
+        if not session.outbox.push(push) and session.state is not State.CLOSED:
+            session.disconnect(codes.SLOW)
 
-    def deliver_control(self, text: str, size: int) -> None:
+    def deliver_control(self, push: bytes) -> None:
         if self.buffer is None:
-            self.session.enqueue(text, size)
+            self.session.enqueue(push)
 
     def go_live(self, position: StreamPosition) -> None:
         """Flush what arrived during the subscribe, skipping what the reply already held."""
         buffered, self.buffer = self.buffer or [], None
         self.epoch, self.offset = position.epoch, position.offset
-        for pub, epoch, text, size in buffered:
+        for pub, epoch, push in buffered:
             if self.session.state is State.CLOSED:
                 return
-            self.deliver(pub, epoch, text, size)
+            self.deliver(pub, epoch, push)
 
 
 class CentrifugeSession:
@@ -216,14 +218,14 @@ class CentrifugeSession:
 
     # -- output ------------------------------------------------------------------
 
-    def enqueue(self, text: str, size: int) -> None:
+    def enqueue(self, message: bytes) -> None:
         if self.state is State.CLOSED:
             return
-        if not self.outbox.push(text, size):
+        if not self.outbox.push(message):
             self.disconnect(codes.SLOW)
 
     def _send(self, text: str) -> None:
-        self.enqueue(text, text_size(text))
+        self.enqueue(text.encode())
 
     def disconnect(self, code: codes.DisconnectCode) -> None:
         """Close the connection with `code`; safe to call more than once."""

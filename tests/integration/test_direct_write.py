@@ -1,0 +1,47 @@
+"""Frames go straight to the transport when no extension is in effect, and through
+hypercorn (compressed) when permessage-deflate was negotiated; clients see the same."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from shim.centrifuge.session import CentrifugeSession
+from shim.edge import SocketPump
+from tests.conftest import run_server
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_frames_reach_the_client_either_way(
+    signing_keys: tuple[str, str], compression: bool
+) -> None:
+    async with (
+        run_server(signing_keys, websocket_compression=compression) as server,
+        connect(server.ws_url, compression="deflate") as ws,
+    ):
+        await ws.send(orjson.dumps({"id": 1, "connect": {"token": server.token("d")}}).decode())
+        await ws.recv()
+        await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": "task:d"}}).decode())
+        await ws.recv()
+        sessions = [s for s in server.runtime.node.sessions if isinstance(s, CentrifugeSession)]
+        assert len(sessions) == 1
+        pump = sessions[0].transport
+        assert isinstance(pump, SocketPump)
+        assert pump.direct.usable() is (not compression)
+
+        big = "x" * 70_000  # a 64-bit length header on the direct path
+        await server.broadcast(
+            [
+                {"type": "task.updated", "payload": {"task_id": "d", "n": n, "pad": big}}
+                for n in range(3)
+            ]
+        )
+        received: list[int] = []
+        while len(received) < 3:
+            frame = await ws.recv()
+            assert isinstance(frame, str)  # text frames, as the JSON protocol needs
+            received += [
+                orjson.loads(line)["push"]["pub"]["data"]["n"] for line in frame.split("\n")
+            ]
+        assert received == [0, 1, 2]
