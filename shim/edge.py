@@ -57,9 +57,9 @@ class SocketPump:
         ASGI, which wants the text as str."""
         direct = self.direct
         if direct.usable():
+            direct.write(text_frame_header(len(payload)) + payload)
             writer = direct.writer
             assert writer is not None
-            writer.transport.write(text_frame_header(len(payload)) + payload)
             if writer.transport.get_write_buffer_size() > DIRECT_WRITE_HIGH_WATER:
                 await writer.drain()
             return

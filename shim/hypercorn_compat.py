@@ -64,20 +64,40 @@ class DirectWrite:
     and a frame is only written directly when that lock is free.
     """
 
-    __slots__ = ("lock", "writer")
+    __slots__ = ("lock", "transport", "writer")
 
     def __init__(self) -> None:
         self.writer: asyncio.StreamWriter | None = None
+        self.transport: asyncio.WriteTransport | None = None
         self.lock: asyncio.Lock | None = None
 
+    def attach(self, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        self.writer, self.transport, self.lock = writer, writer.transport, lock
+
     def usable(self) -> bool:
-        writer, lock = self.writer, self.lock
+        transport, lock = self.transport, self.lock
         return (
-            writer is not None
+            transport is not None
             and lock is not None
             and not lock.locked()
-            and not writer.transport.is_closing()
+            and not transport.is_closing()
         )
+
+    def idle(self) -> bool:
+        """Usable, and nothing waiting in the transport: a write now goes to the
+        socket at once, so it needs no drain."""
+        transport, lock = self.transport, self.lock
+        return (
+            transport is not None
+            and lock is not None
+            and not lock.locked()
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+        )
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
 
 def _tcp_server_of(stream: ws_stream.WSStream) -> Any:
@@ -115,7 +135,7 @@ class _PingingWSStream(ws_stream.WSStream):
             server = _tcp_server_of(self)
             writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
             if isinstance(writer, asyncio.StreamWriter) and isinstance(lock, asyncio.Lock):
-                direct.writer, direct.lock = writer, lock
+                direct.attach(writer, lock)
         liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
         if not isinstance(liveness, Liveness):
             return

@@ -29,6 +29,7 @@ from shim.broker import (
 )
 from shim.centrifuge import codec
 from shim.config import NamespaceOptions, Settings
+from shim.outbox import Flusher
 
 log = logging.getLogger("shim.node")
 
@@ -126,6 +127,8 @@ class Node:
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.counters = NodeCounters()
+        # Writes queued messages straight to idle sockets once per loop iteration.
+        self.flusher = Flusher()
         self.observer: Observer = _NoObserver()
 
     # -- lifecycle ---------------------------------------------------------------

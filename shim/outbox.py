@@ -16,16 +16,76 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from shim.hypercorn_compat import DirectWrite
+from shim.wsframe import text_frame_header
+
+
+class Flusher:
+    """Runs once per event-loop iteration in which any outbox got messages, after
+    the publish path is done: each such outbox whose writer is parked and whose
+    socket has nothing pending gets its messages written straight away, as frames
+    built from the shared bytes, with no task switch; the others wake their writer.
+    Everything queued in the same iteration (a burst) leaves in one write."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, outbox: Outbox) -> None:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            self._loop = loop
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox.flush()
+
 
 class Outbox:
-    __slots__ = ("_cap", "_closed", "_items", "_size", "_waiter", "frames_sent", "write_started")
+    __slots__ = (
+        "_cap",
+        "_closed",
+        "_direct",
+        "_dirty",
+        "_flusher",
+        "_items",
+        "_joined",
+        "_max_frame",
+        "_size",
+        "_waiter",
+        "frames_sent",
+        "write_started",
+    )
 
-    def __init__(self, cap_bytes: int) -> None:
+    def __init__(
+        self,
+        cap_bytes: int,
+        *,
+        flusher: Flusher | None = None,
+        direct: DirectWrite | None = None,
+        joined: bool = True,
+        max_frame_bytes: int = 512 * 1024,
+    ) -> None:
         self._cap = cap_bytes
         self._items: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # Without a flusher every push wakes the writer task (unit tests, fallbacks).
+        self._flusher = flusher
+        self._direct = direct
+        self._dirty = False
+        # Several messages per frame (Centrifuge JSON) or one each (legacy hub).
+        self._joined = joined
+        self._max_frame = max_frame_bytes
         # Loop time when the writer began its current socket write, 0.0 when idle;
         # the node's ticker compares it with the write timeout.
         self.write_started = 0.0
@@ -49,10 +109,51 @@ class Outbox:
             return False
         self._items.append(message)
         self._size = size
+        if self._flusher is None:
+            self._wake()
+        elif not self._dirty:
+            self._dirty = True
+            self._flusher.mark(self)
+        return True
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        return True
+
+    def flush(self) -> None:
+        """Write what is queued now if the writer is parked and the socket idle;
+        otherwise leave it to the writer task (which handles waiting on the socket)."""
+        self._dirty = False
+        direct = self._direct
+        if (
+            not self._items
+            or self._closed
+            or self._waiter is None
+            or direct is None
+            or not direct.idle()
+        ):
+            self._wake()
+            return
+        items = self._items
+        if len(items) == 1 and len(items[0]) <= self._max_frame:
+            # The common case at a steady rate: one message, one frame.
+            message = items[0]
+            self._items, self._size = [], 0
+            direct.write(text_frame_header(len(message)) + message)
+            self.frames_sent += 1
+            return
+        frames: list[bytes] = []
+        while self._items:
+            batch = self.take(self._max_frame)
+            if self._joined:
+                payload = batch[0] if len(batch) == 1 else b"\n".join(batch)
+                frames += (text_frame_header(len(payload)), payload)
+            else:
+                for message in batch:
+                    frames += (text_frame_header(len(message)), message)
+        direct.write(b"".join(frames))
+        self.frames_sent += len(frames) // 2
 
     def close(self, *, discard: bool) -> None:
         """No more pushes. With `discard`, forget what is queued (slow client)."""
@@ -60,9 +161,7 @@ class Outbox:
         if discard:
             self._items = []
             self._size = 0
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     async def wait(self) -> None:
         """Until there is something to write or the outbox is closed."""

@@ -105,7 +105,13 @@ async def _run_centrifuge(
     first_frame: str | bytes | None,
 ) -> None:
     settings = runtime.settings
-    outbox = Outbox(settings.client_queue_max_size_bytes)
+    outbox = Outbox(
+        settings.client_queue_max_size_bytes,
+        flusher=runtime.node.flusher,
+        direct=direct,
+        joined=True,
+        max_frame_bytes=settings.websocket_max_frame_bytes,
+    )
     pump = SocketPump(send, outbox, direct)
     session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
     writer = drain_joined(outbox, pump.send_frame, settings.websocket_max_frame_bytes)
@@ -158,7 +164,13 @@ async def serve_legacy(
         await _close(send, *RETIRED)
         return
 
-    outbox = Outbox(settings.client_queue_max_size_bytes)
+    outbox = Outbox(
+        settings.client_queue_max_size_bytes,
+        flusher=runtime.node.flusher,
+        direct=direct,
+        joined=False,
+        max_frame_bytes=settings.websocket_max_frame_bytes,
+    )
     pump = SocketPump(send, outbox, direct)
     session = LegacySession(
         runtime.node,
