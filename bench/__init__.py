@@ -1,0 +1,1 @@
+"""Fan-out benchmark: the shim side by side with what people would otherwise run."""

@@ -1,0 +1,307 @@
+"""Turning load-generator results into markdown tables, target verdicts and a chart.
+
+Pure functions over the result dicts the runner collects (one per system and case,
+as the Go load generator printed them, plus `label` and `case`); only `chart`
+writes a file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Result = dict[str, Any]
+
+LABELS = {
+    "channel": "shim, channel protocol",
+    "legacy": "shim, legacy protocol",
+    "redis2": "shim, 2 nodes over Redis (channel protocol)",
+    "socketio": "python-socketio room (uvicorn)",
+    "ws": "websockets.broadcast, pre-encoded (ceiling)",
+}
+SYSTEMS = tuple(LABELS)
+# The case the issue's targets are stated at.
+TARGET_CASE = "1,000"
+
+
+@dataclass(slots=True, frozen=True)
+class Case:
+    subscribers: int
+    channels: int = 1
+    sustained: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.channels == 1:
+            return f"{self.subscribers:,}"
+        return f"{self.channels:,} ch x {self.subscribers // self.channels}"
+
+
+def _find(results: Sequence[Result], system: str, case: str) -> Result | None:
+    for result in results:
+        if result["system"] == system and result["case"] == case:
+            return result
+    return None
+
+
+def _phase(result: Result | None, name: str) -> Result | None:
+    if result is None:
+        return None
+    phase = result.get("phases", {}).get(name)
+    return phase if isinstance(phase, dict) else None
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _fmt_rate(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value / 1000:,.1f}k"
+
+
+def _fmt_ms(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _cases(results: Sequence[Result]) -> list[str]:
+    seen: dict[str, None] = {}
+    for result in results:
+        seen.setdefault(result["case"], None)
+    return list(seen)
+
+
+def _systems(results: Sequence[Result]) -> list[str]:
+    present = {r["system"] for r in results}
+    return [s for s in SYSTEMS if s in present]
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _incomplete(phase: Result | None) -> str:
+    if phase is None or phase.get("complete"):
+        return ""
+    return f" ({phase['delivered']:,}/{phase['expected']:,})"
+
+
+def burst_table(results: Sequence[Result]) -> str:
+    cases = _cases(results)
+    rows = []
+    for system in _systems(results):
+        cells = [LABELS[system]]
+        for case in cases:
+            phase = _phase(_find(results, system, case), "burst")
+            rate = _num(phase["deliveries_per_s"]) if phase else math.nan
+            cells.append(_fmt_rate(rate) + _incomplete(phase))
+        rows.append(cells)
+    return _table(["burst deliveries/s, subscribers:", *cases], rows)
+
+
+def latency_table(results: Sequence[Result]) -> str:
+    cases = _cases(results)
+    rows = []
+    for system in _systems(results):
+        cells = [LABELS[system]]
+        for case in cases:
+            phase = _phase(_find(results, system, case), "latency")
+            if phase is None:
+                cells.append("-")
+                continue
+            cells.append(
+                f"{_fmt_ms(_num(phase['p50_ms']))} / {_fmt_ms(_num(phase['p99_ms']))}"
+                + _incomplete(phase)
+            )
+        rows.append(cells)
+    return _table(["p50 / p99 ms at 20 publications/s, subscribers:", *cases], rows)
+
+
+def keeps_up(phase: Result, rate: float) -> bool:
+    """All delivered, publishing held its rate, and no backlog at the end (the last
+    delivery within 500 ms of the last publication)."""
+    return (
+        bool(phase["complete"])
+        and _num(phase["publish_rate"]) >= 0.95 * rate
+        and _num(phase["drain_ms"]) <= 500
+    )
+
+
+def sustained_table(results: Sequence[Result], rate: float) -> str:
+    rows = []
+    for system in _systems(results):
+        for result in results:
+            phase = _phase(result, "sustained")
+            if result["system"] != system or phase is None:
+                continue
+            rows.append(
+                [
+                    LABELS[system],
+                    f"{phase['delivered']:,}/{phase['expected']:,}",
+                    _fmt_rate(_num(phase["deliveries_per_s"])),
+                    f"{_num(phase['publish_rate']):.0f}",
+                    _fmt_ms(_num(phase["p50_ms"])),
+                    _fmt_ms(_num(phase["p99_ms"])),
+                    _fmt_ms(_num(phase["max_ms"])),
+                    _fmt_ms(_num(phase["drain_ms"])),
+                    "yes" if keeps_up(phase, rate) else "**no**",
+                ]
+            )
+    head = [
+        "system",
+        "delivered",
+        "deliveries/s",
+        "publications/s sent",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "backlog at end ms",
+        "keeps up",
+    ]
+    return _table(head, rows)
+
+
+def memory_table(results: Sequence[Result]) -> str:
+    cases = [c for c in _cases(results) if " ch " not in c]
+    rows = []
+    for system in _systems(results):
+        cells = [LABELS[system]]
+        for case in cases:
+            result = _find(results, system, case)
+            if result is None or not result.get("connected"):
+                cells.append("-")
+                continue
+            mark = "" if result.get("rss_settled") else " (unsettled)"
+            cells.append(f"{_num(result['per_connection_kib']):.1f}{mark}")
+        rows.append(cells)
+    return _table(["KiB per idle connection (server RSS delta / N), N:", *cases], rows)
+
+
+def cpu_table(results: Sequence[Result]) -> str:
+    """Burst CPU: the load generator's against the server's (1.0 = one core busy)."""
+    cases = _cases(results)
+    rows = []
+    for system in _systems(results):
+        cells = [LABELS[system]]
+        for case in cases:
+            phase = _phase(_find(results, system, case), "burst")
+            if phase is None:
+                cells.append("-")
+                continue
+            cells.append(
+                f"{_num(phase['loadgen_cpu_share']):.2f} / {_num(phase['server_cpu_share']):.2f}"
+            )
+        rows.append(cells)
+    return _table(["burst CPU, load generator / servers (cores):", *cases], rows)
+
+
+def problems(results: Sequence[Result]) -> list[str]:
+    out = []
+    for result in results:
+        where = f"{result['system']} @ {result['case']}"
+        out += [f"{where}: {error}" for error in result.get("errors", [])]
+        if result.get("dropped"):
+            out.append(f"{where}: {result['dropped']} subscribers dropped by the server")
+        for name, phase in result.get("phases", {}).items():
+            if phase.get("publish_errors"):
+                out.append(
+                    f"{where} {name}: {phase['publish_errors']} publish errors, "
+                    f"first: {phase.get('first_error', '')}"
+                )
+    return out
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _ratio(results: Sequence[Result], a: str, b: str, phase: str, key: str) -> float:
+    pa = _phase(_find(results, a, TARGET_CASE), phase)
+    pb = _phase(_find(results, b, TARGET_CASE), phase)
+    if pa is None or pb is None:
+        return math.nan
+    return _num(pa[key]) / _num(pb[key])
+
+
+def verdicts(results: Sequence[Result]) -> list[Verdict]:
+    out = []
+    for target, a, b, floor in (
+        ("channel burst >= 2x the websockets ceiling @ 1,000", "channel", "ws", 2.0),
+        ("channel burst >= 10x python-socketio @ 1,000", "channel", "socketio", 10.0),
+        ("legacy burst >= 0.7x the websockets ceiling @ 1,000", "legacy", "ws", 0.7),
+    ):
+        ratio = _ratio(results, a, b, "burst", "deliveries_per_s")
+        met = None if math.isnan(ratio) else ratio >= floor
+        out.append(Verdict(target, "-" if met is None else f"{ratio:.2f}x", met))
+    ratio = _ratio(results, "channel", "ws", "latency", "p99_ms")
+    out.append(
+        Verdict(
+            "channel p99 @ 1,000 x 20/s within 1.5x the ceiling's",
+            "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+            None if math.isnan(ratio) else ratio <= 1.5,
+        )
+    )
+    memory = [r for r in results if r["system"] == "channel" and " ch " not in r["case"]]
+    if memory:
+        largest = max(memory, key=lambda r: int(r["subscribers"]))
+        kib = _num(largest["per_connection_kib"])
+        out.append(
+            Verdict(
+                f"channel idle memory <= 20 KiB per connection (N={largest['case']})",
+                f"{kib:.1f} KiB",
+                kib <= 20,
+            )
+        )
+    return out
+
+
+def verdict_table(items: Sequence[Verdict]) -> str:
+    marks = {True: "met", False: "**not met**", None: "not measured"}
+    return _table(
+        ["target", "this run", "verdict"], [[v.target, v.measured, marks[v.met]] for v in items]
+    )
+
+
+def chart(results: Sequence[Result], path: str, title: str) -> None:
+    """Grouped bars of burst deliveries/s per system and case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = _cases(results)
+    systems = _systems(results)
+    width = 0.8 / max(1, len(systems))
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    for i, system in enumerate(systems):
+        values = []
+        for case in cases:
+            phase = _phase(_find(results, system, case), "burst")
+            values.append(_num(phase["deliveries_per_s"]) if phase else 0.0)
+        xs = [c + (i - (len(systems) - 1) / 2) * width for c in range(len(cases))]
+        bars = ax.bar(xs, values, width, label=LABELS[system])
+        ax.bar_label(
+            bars,
+            labels=[f"{v / 1000:.0f}k" if v > 0 else "" for v in values],
+            fontsize=7,
+            padding=2,
+        )
+    ax.set_xticks(range(len(cases)), [f"{c} subscribers" for c in cases])
+    ax.set_yscale("log")
+    ax.set_ylabel("burst deliveries per second (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
