@@ -39,6 +39,7 @@ from loadtests.measure_core import (
     percentile,
     ping_count,
     raise_fd_limit,
+    run_client_loop,
     sent_times,
 )
 from tests.multinode import NodeProcess, start_nodes
@@ -323,12 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
 
 
 def _run(options: Options) -> list[Result]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(run_all(options))
-    # Cheaper clients disturb the servers less (they share the machine).
-    return uvloop.run(run_all(options))
+    return run_client_loop(run_all(options))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
