@@ -5,6 +5,7 @@ Real redis-server processes started by the tests, real servers, the Python SDK."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN_KEY, run_server
+from tests.conftest import ADMIN_KEY, RunningServer, run_server
 from tests.pyclient import new_client, new_subscription
 from tests.redis_server import RedisServer
 
@@ -162,18 +163,23 @@ def _true_when(check: Any) -> Any:
     return predicate
 
 
+@contextlib.asynccontextmanager
+async def two_nodes(
+    signing_keys: tuple[str, str], redis_server: RedisServer
+) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two nodes on one Redis, in this test's process, so named (the default name is
+    hostname:pid)."""
+    async with (
+        run_server(signing_keys, engine="redis", redis_url=redis_server.url, node_name="a") as a,
+        run_server(signing_keys, engine="redis", redis_url=redis_server.url, node_name="b") as b,
+    ):
+        yield a, b
+
+
 async def test_cutover_changed_on_one_node_reaches_the_other(
     signing_keys: tuple[str, str], redis_server: RedisServer
 ) -> None:
-    async with (
-        # Both run in this test's process: name them (the default is hostname:pid).
-        run_server(
-            signing_keys, engine="redis", redis_url=redis_server.url, node_name="a"
-        ) as node_a,
-        run_server(
-            signing_keys, engine="redis", redis_url=redis_server.url, node_name="b"
-        ) as node_b,
-    ):
+    async with two_nodes(signing_keys, redis_server) as (node_a, node_b):
         client, events = new_client(node_b.ws_url, node_b.token("alice"))
         await client.connect()
         await events.wait_for("connected")
@@ -212,14 +218,7 @@ async def test_server_api_user_actions_reach_connections_on_other_nodes(
 ) -> None:
     from tests.conftest import API_KEY
 
-    async with (
-        run_server(
-            signing_keys, engine="redis", redis_url=redis_server.url, node_name="a"
-        ) as node_a,
-        run_server(
-            signing_keys, engine="redis", redis_url=redis_server.url, node_name="b"
-        ) as node_b,
-    ):
+    async with two_nodes(signing_keys, redis_server) as (node_a, node_b):
         client, events = new_client(node_b.ws_url, node_b.token("alice"))
         await client.connect()
         await events.wait_for("connected")
