@@ -148,7 +148,7 @@ class LegacySession:
 
     # -- delivery (publish path: append only) -----------------------------------------
 
-    def deliver_legacy(self, tag: LegacyTag, frame: bytes) -> None:
+    def deliver_legacy(self, tag: LegacyTag) -> None:
         if self._strict:
             if not self._matches_strictly(tag):
                 return
@@ -159,7 +159,7 @@ class LegacySession:
             recent[tag.event_id] = None
             if len(recent) > RECENT_EVENTS:
                 del recent[next(iter(recent))]
-        if not self.outbox.push(frame):
+        if not self.outbox.push(tag.frame):
             self.stats.slow_disconnects += 1
             self.close(3008, "slow")
 

@@ -32,12 +32,13 @@ class ClientInfo:
 @dataclass(slots=True, frozen=True)
 class LegacyTag:
     """What a legacy client needs of an ingested event: its id (to deliver it once
-    however many of the client's subscriptions it reaches), its legacy frame text
-    (encoded once per event), and the top-level routing fields the old hub matched on.
+    however many of the client's subscriptions it reaches), its legacy frame as
+    UTF-8 bytes (encoded once per event, shared by every channel and client it
+    reaches), and the top-level routing fields the old hub matched on.
     """
 
     event_id: str
-    frame: str
+    frame: bytes
     task_id: str = ""
     project_id: str = ""
 

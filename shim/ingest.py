@@ -114,7 +114,7 @@ class Ingestor:
                 log.warning("unknown event type %r routed to the default channel", event.type)
             tag = LegacyTag(
                 event_id=event.id,
-                frame=encode_legacy_frame(event),
+                frame=encode_legacy_frame(event).encode(),
                 task_id=event.task_id,
                 project_id=event.project_id,
             )

@@ -47,7 +47,7 @@ class ChannelSubscriber(Protocol):
 class LegacySubscriber(Protocol):
     """A legacy client; it may reach one event through several channels."""
 
-    def deliver_legacy(self, tag: LegacyTag, frame: bytes) -> None: ...
+    def deliver_legacy(self, tag: LegacyTag) -> None: ...
 
 
 class Ticking(Protocol):
@@ -288,10 +288,9 @@ class Node:
             counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is not None:
             tag = pub.legacy
-            frame = tag.frame.encode()
             legacy_subscribers = list(entry.legacy)
             for legacy in legacy_subscribers:
-                legacy.deliver_legacy(tag, frame)
+                legacy.deliver_legacy(tag)
             # Counts reach, before a legacy session drops a copy it already had.
             counters.deliveries["legacy"] += len(legacy_subscribers)
         if pub.time_ms:

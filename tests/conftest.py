@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 
 from adapters.auth.jwt import generate_signing_key, mint_token
 from shim.app import create_app
+from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings, load_settings
 from shim.runtime import Runtime
 from shim.server import bind_socket, serve_app
@@ -59,6 +60,25 @@ class RunningServer:
 
     async def broadcast(self, body: Any) -> httpx.Response:
         return await self.http.post("/api/v1/broadcast", json=body, headers={"X-API-Key": API_KEY})
+
+
+def sessions_of(server: RunningServer, user: str) -> list[CentrifugeSession]:
+    """The server's Centrifuge sessions of `user`."""
+    return [
+        s
+        for s in server.runtime.node.sessions
+        if isinstance(s, CentrifugeSession)
+        and s.credentials is not None
+        and s.credentials.user == user
+    ]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Wait until `check` holds (server-side bookkeeping that runs in the background)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

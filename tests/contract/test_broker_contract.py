@@ -366,7 +366,7 @@ async def test_delivery_only_while_subscribed(
     assert engine.handler.publications_of(channel) == []
 
     await engine.broker.subscribe(channel)
-    legacy = LegacyTag(event_id="e-2", frame='{"type":"x"}', task_id="t", project_id="p")
+    legacy = LegacyTag(event_id="e-2", frame=b'{"type":"x"}', task_id="t", project_id="p")
     sent = Publication(
         data=b'{"n":2}', info=ClientInfo(user="u", client="c"), time_ms=5, legacy=legacy
     )

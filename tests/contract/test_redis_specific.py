@@ -114,7 +114,9 @@ async def test_a_publication_through_one_node_reaches_the_other(
     channel = new_channel()
     await b.broker.subscribe(channel)
     info = ClientInfo(user="42", client="c-1", conn_info=b'{"a":1}', chan_info=b"[]")
-    legacy = LegacyTag(event_id="e-1", frame='{"type":"task.updated"}', task_id="t", project_id="p")
+    legacy = LegacyTag(
+        event_id="e-1", frame=b'{"type":"task.updated"}', task_id="t", project_id="p"
+    )
     sent = Publication(data=b'{"n":1}', info=info, time_ms=1_700_000_000_123, legacy=legacy)
 
     position = await a.broker.publish(channel, sent, KEEP)
@@ -333,7 +335,7 @@ FULL = Publication(
     data=b'{"x":1}',
     info=ClientInfo("42", "c-1", conn_info=b'{"a":1}', chan_info=None),
     time_ms=5,
-    legacy=LegacyTag("e-1", '{"type":"t"}', task_id="t1"),
+    legacy=LegacyTag("e-1", b'{"type":"t"}', task_id="t1"),
 )
 FULL_BODY = (
     b'{"t":5,"u":"42","c":"c-1","ci":7,"ev":"e-1","fr":12,"tk":"t1"}\n{"a":1}{"type":"t"}{"x":1}'
@@ -394,7 +396,7 @@ def test_malformed_messages_raise_wire_error(raw: bytes) -> None:
 
 optional_bytes = st.none() | st.binary(max_size=20)
 infos = st.builds(ClientInfo, st.text(), st.text(), optional_bytes, optional_bytes)
-tags = st.builds(LegacyTag, st.text(), st.text(), st.text(), st.text())
+tags = st.builds(LegacyTag, st.text(), st.text().map(str.encode), st.text(), st.text())
 publications = st.builds(
     Publication,
     st.binary(max_size=50),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -23,9 +23,8 @@ from centrifuge import (  # type: ignore[import-untyped]
 
 from adapters.auth.jwt import mint_token
 from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession
 from shim.config import NamespaceOptions, Settings
-from tests.conftest import RunningServer, run_server
+from tests.conftest import RunningServer, eventually, run_server, sessions_of
 from tests.pyclient import ClientEvents, Recorder, new_client, new_subscription
 
 
@@ -43,24 +42,6 @@ async def connected(
         yield client, events
     finally:
         await client.disconnect()
-
-
-def sessions_of(server: RunningServer, user: str) -> list[CentrifugeSession]:
-    return [
-        s
-        for s in server.runtime.node.sessions
-        if isinstance(s, CentrifugeSession)
-        and s.credentials is not None
-        and s.credentials.user == user
-    ]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait until `check` holds (server-side bookkeeping that runs in the background)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.05)
 
 
 async def broadcast_ok(server: RunningServer, body: Any) -> list[dict[str, Any]]:

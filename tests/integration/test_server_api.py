@@ -33,9 +33,8 @@ from cent.exceptions import CentApiResponseError, CentUnauthorizedError
 from centrifuge import Client  # type: ignore[import-untyped]
 
 from shim import __version__
-from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
-from tests.conftest import API_KEY, RunningServer, run_server
+from tests.conftest import API_KEY, RunningServer, eventually, run_server, sessions_of
 from tests.jsclient import JsClient, js_available
 from tests.legacyclient import legacy_client, probe_event, probe_matcher, settle
 from tests.pyclient import ClientEvents, SubEvents, new_client, new_subscription
@@ -66,23 +65,6 @@ async def subscribed(client: Client, channel: str) -> SubEvents:
     await sub.subscribe()
     await events.wait_for("subscribed", timeout=5)
     return events
-
-
-def sessions_of(server: RunningServer, user: str) -> list[CentrifugeSession]:
-    return [
-        s
-        for s in server.runtime.node.sessions
-        if isinstance(s, CentrifugeSession)
-        and s.credentials is not None
-        and s.credentials.user == user
-    ]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.05)
 
 
 async def api_post(server: RunningServer, method: str, body: Any, **headers: str) -> Any:

@@ -72,7 +72,7 @@ def encode_body(pub: Publication) -> bytes:
         _info_header(header, segments, pub.info)
     if pub.legacy is not None:
         tag = pub.legacy
-        frame = tag.frame.encode()
+        frame = tag.frame
         header["ev"] = tag.event_id
         header["fr"] = len(frame)
         if tag.task_id:
@@ -152,10 +152,10 @@ class _Reader:
         if event_id is None or frame is None:
             raise WireError("event id and frame go together")
         try:
-            text = frame.decode()
+            frame.decode()  # legacy clients get it as a text frame
         except UnicodeDecodeError as error:
             raise WireError("frame is not UTF-8") from error
-        return LegacyTag(event_id, text, self.text("tk", "") or "", self.text("pj", "") or "")
+        return LegacyTag(event_id, frame, self.text("tk", "") or "", self.text("pj", "") or "")
 
     def publication(self, offset: int) -> Publication:
         time_ms = self.header.get("t", 0)
