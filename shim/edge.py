@@ -1,10 +1,11 @@
 """The WebSocket edge: moves frames between an ASGI websocket and a session.
 
-This is the only place that awaits a client's socket. Each connection has a reader
-(frames in, handed to the session one at a time) and one writer task (the outbox
-out). Closing is asked for by the session through `close`; the pump then stops
-the writer (at once for a slow client, after flushing otherwise), sends the close
-frame with a deadline and waits a bounded time for the client's side of it.
+This is the only place that awaits a client's socket. A connection's frames are
+read in the task hypercorn runs the app in and handed to the session one at a
+time; the outbox writes (see shim.outbox). Closing is asked for by the session
+through `close`, which wakes the parked reader; the pump then drops the queue (a
+slow client) or lets it flush within the write timeout, sends the close frame with
+a deadline and waits a bounded time for the client's side of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
-from shim.hypercorn_compat import DirectWrite
+from shim.hypercorn_compat import CLOSE_REQUESTED, DirectWrite
+from shim.lean import LeanQueue
 from shim.outbox import Outbox
 from shim.wsframe import text_frame_header
 
@@ -33,23 +35,35 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
 
 class SocketPump:
-    __slots__ = ("_close_requested", "_send", "close_code", "close_reason", "direct", "outbox")
+    """One connection's reads, in the task hypercorn runs the app in (no reader
+    task of its own), and its close. Writes belong to the outbox."""
 
-    def __init__(self, send: ASGISend, outbox: Outbox, direct: DirectWrite | None = None) -> None:
+    __slots__ = ("_closing", "_queue", "_send", "close_code", "close_reason", "direct")
+
+    def __init__(
+        self,
+        send: ASGISend,
+        direct: DirectWrite | None = None,
+        receive_queue: LeanQueue[dict[str, Any]] | None = None,
+    ) -> None:
         self._send = send
-        self.outbox = outbox
         # Filled in by hypercorn at accept when direct writes are possible.
         self.direct = direct or DirectWrite()
+        # hypercorn's receive queue for this connection (our hook puts it in the
+        # scope), so a close decided elsewhere can wake the parked reader.
+        self._queue = receive_queue
         self.close_code = 0
         self.close_reason = ""
-        self._close_requested = asyncio.get_running_loop().create_future()
+        self._closing = False
 
     # Transport (what sessions see).
 
     def close(self, code: int, reason: str) -> None:
-        if not self._close_requested.done():
+        if not self._closing:
+            self._closing = True
             self.close_code, self.close_reason = code, reason
-            self._close_requested.set_result(None)
+            if self._queue is not None:
+                self._queue.interrupt(CLOSE_REQUESTED)
 
     async def send_frame(self, payload: bytes) -> None:
         """One text frame. Straight to the transport when hypercorn lets us (one
@@ -69,29 +83,32 @@ class SocketPump:
         self,
         receive: ASGIReceive,
         on_frame: Callable[[str | bytes], Awaitable[None]],
-        writer: Awaitable[None],
+        outbox: Outbox,
         *,
         flush_timeout: float,
         read_limit_bytes: int,
         discard_on: frozenset[int] = frozenset(),
     ) -> None:
         """Pump until the client leaves or a close is asked for; returns when done."""
-        reader_task = asyncio.ensure_future(self._read(receive, on_frame, read_limit_bytes))
-        writer_task = asyncio.ensure_future(writer)
+        relay: asyncio.Task[None] | None = None
+        if self._queue is None:
+            # Not served through our hypercorn hook: relay into a queue we can wake.
+            queue: LeanQueue[dict[str, Any]] = LeanQueue()
+            relay = asyncio.get_running_loop().create_task(_relay(receive, queue))
+            self._queue, receive = queue, queue.get
+            if self._closing:
+                queue.interrupt(CLOSE_REQUESTED)
         try:
-            await asyncio.wait(
-                {reader_task, self._close_requested}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not self._close_requested.done():
+            await self._read(receive, on_frame, read_limit_bytes)
+            if not self._closing:
                 return  # the client went away
             # Nothing more is queued once a close is decided, whoever decided it.
-            self.outbox.close(discard=self.close_code in discard_on)
-            if self.close_code in discard_on:
-                writer_task.cancel()
-            else:
-                # Let the writer flush what is queued (the outbox is closed, so it
-                # returns once empty), within the write timeout.
-                await asyncio.wait({writer_task}, timeout=flush_timeout)
+            discard = self.close_code in discard_on
+            outbox.close(discard=discard)
+            if not discard:
+                # What is queued (e.g. the error explaining the close) goes out
+                # first, within the write timeout.
+                await outbox.flushed(flush_timeout)
             await _bounded(
                 self._send(
                     {
@@ -102,13 +119,11 @@ class SocketPump:
                 ),
                 flush_timeout,
             )
-            await asyncio.wait({reader_task}, timeout=CLOSE_HANDSHAKE_TIMEOUT)
+            await _bounded(_until_disconnect(receive), CLOSE_HANDSHAKE_TIMEOUT)
         finally:
-            for task in (reader_task, writer_task):
-                task.cancel()
-            for task in (reader_task, writer_task):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            outbox.close(discard=True)
+            if relay is not None:
+                relay.cancel()
 
     async def _read(
         self,
@@ -116,8 +131,10 @@ class SocketPump:
         on_frame: Callable[[str | bytes], Awaitable[None]],
         limit: int,
     ) -> None:
-        while True:
+        while not self._closing:
             message = await receive()
+            if self._closing:
+                return  # a frame that came after the close was decided is not served
             kind = message["type"]
             if kind == "websocket.receive":
                 text = message.get("text")
@@ -129,6 +146,20 @@ class SocketPump:
                 await on_frame(frame)
             elif kind == "websocket.disconnect":
                 return
+
+
+async def _relay(receive: ASGIReceive, queue: LeanQueue[dict[str, Any]]) -> None:
+    while True:
+        message = await receive()
+        await queue.put(message)
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+async def _until_disconnect(receive: ASGIReceive) -> None:
+    """Read (and drop) until the client's side of the close handshake arrives."""
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
 
 
 def frame_size(frame: str | bytes) -> int:

@@ -7,7 +7,10 @@
    the offered extensions unless compression is enabled.
 2. Direct frame writes: a connection whose scope carries a `DirectWrite` gets its
    transport there, so the edge can write pre-built frames (see DirectWrite).
-3. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
+3. Lean per-connection primitives: hypercorn gives every connection an
+   asyncio.Queue (the app's receive queue) and an asyncio.Event, about 4 KiB of
+   eagerly allocated deques per idle socket; ours (shim.lean) allocate on wait.
+4. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
    every 30 s and dropped clients that did not pong within 60 s; ASGI has no ping
    or pong messages. A connection whose scope carries a `Liveness` under
    LIVENESS_EXTENSION before it is accepted gets pings at its interval, and every
@@ -20,18 +23,27 @@ version they were written for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
 
+from hypercorn.asyncio import task_group, worker_context
 from hypercorn.protocol import h2, h11, ws_stream
 from wsproto.events import Event as WSEvent
 from wsproto.events import Ping, Pong
 
+from shim.lean import LeanEvent, LeanQueue
+
 SUPPORTED_HYPERCORN = ("0.18.",)
 LIVENESS_EXTENSION = "dex.liveness"
 DIRECT_WRITE_EXTENSION = "dex.direct_write"
+# The scope extension holding the connection's receive queue (a LeanQueue), and the
+# message the app puts in it to wake its own parked reader.
+RECEIVE_QUEUE_EXTENSION = "dex.receive_queue"
+CLOSE_REQUESTED: dict[str, Any] = {"type": "dex.close_requested"}
 
 _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 
@@ -114,6 +126,29 @@ def _extensions_in_effect(connection: Any) -> bool:
     return extensions is None or bool(extensions)
 
 
+class _PendingEvents(list[WSEvent]):
+    """What wsproto's Connection keeps in `_events` (only a lost connection's close
+    ever goes there): a list with the one deque method it calls, without the
+    deque's eager ~0.7 KiB block per idle socket."""
+
+    __slots__ = ()
+
+    def popleft(self) -> WSEvent:
+        return self.pop(0)
+
+
+def _lighten(connection: Any, writer: Any) -> None:
+    """Swap two empty per-socket deques for lists: wsproto's pending events, and
+    asyncio's drain waiters of the stream (appended, removed and iterated only)."""
+    pending = getattr(connection, "_events", None)
+    if isinstance(pending, collections.deque) and not pending:
+        connection._events = _PendingEvents()
+    protocol = getattr(writer, "_protocol", None)
+    waiters = getattr(protocol, "_drain_waiters", None)
+    if isinstance(waiters, collections.deque) and not waiters:
+        protocol._drain_waiters = []  # type: ignore[union-attr]
+
+
 class _NoCompressionHandshake(ws_stream.Handshake):
     def __init__(self, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
         super().__init__(headers, http_version)
@@ -130,12 +165,17 @@ class _PingingWSStream(ws_stream.WSStream):
 
     async def _accept(self, message: Any) -> None:
         await super()._accept(message)
+        server = _tcp_server_of(self)
+        writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
+        _lighten(self.connection, writer)
         direct = self.scope["extensions"].get(DIRECT_WRITE_EXTENSION)
-        if isinstance(direct, DirectWrite) and not _extensions_in_effect(self.connection):
-            server = _tcp_server_of(self)
-            writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
-            if isinstance(writer, asyncio.StreamWriter) and isinstance(lock, asyncio.Lock):
-                direct.attach(writer, lock)
+        if (
+            isinstance(direct, DirectWrite)
+            and not _extensions_in_effect(self.connection)
+            and isinstance(writer, asyncio.StreamWriter)
+            and isinstance(lock, asyncio.Lock)
+        ):
+            direct.attach(writer, lock)
         liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
         if not isinstance(liveness, Liveness):
             return
@@ -166,6 +206,25 @@ class _PingingWSStream(ws_stream.WSStream):
                 await self._send_wsproto_event(Ping())
 
 
+async def _spawn_app_with_lean_queue(
+    self: task_group.TaskGroup, app: Any, config: Any, scope: Any, send: Any
+) -> Any:
+    """TaskGroup.spawn_app with a LeanQueue as the app's receive queue; the other
+    arguments of hypercorn's app runner stay what hypercorn passes."""
+    queue: LeanQueue[Any] = LeanQueue(config.max_app_queue_size)
+    extensions = scope.get("extensions")
+    if isinstance(extensions, dict):
+        extensions[RECEIVE_QUEUE_EXTENSION] = queue
+    loop = self._loop
+
+    def call_soon(func: Any, *args: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(func(*args), loop).result()
+
+    run_sync = functools.partial(loop.run_in_executor, None)
+    self.spawn(task_group._handle, app, config, scope, queue.get, send, run_sync, call_soon)
+    return queue.put
+
+
 def install_hypercorn_hooks(*, compression: bool) -> None:
     installed = version("hypercorn")
     if not installed.startswith(SUPPORTED_HYPERCORN):
@@ -174,6 +233,8 @@ def install_hypercorn_hooks(*, compression: bool) -> None:
             f"supported: {SUPPORTED_HYPERCORN}"
         )
     ws_stream.Handshake = _ORIGINAL_HANDSHAKE if compression else _NoCompressionHandshake  # type: ignore[misc]
+    task_group.TaskGroup.spawn_app = _spawn_app_with_lean_queue  # type: ignore[method-assign]
+    worker_context.WorkerContext.event_class = LeanEvent
     # The HTTP/1.1 and HTTP/2 protocols build their streams from these names.
     setattr(h11, "WSStream", _PingingWSStream)  # noqa: B010
     setattr(h2, "WSStream", _PingingWSStream)  # noqa: B010

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -100,12 +101,19 @@ class _Channel:
     __slots__ = ("legacy", "ready", "subscribers")
 
     def __init__(self) -> None:
-        self.ready: asyncio.Task[None]
+        # The broker subscribe, until it has succeeded (then None: a finished task
+        # kept per channel would cost every personal channel ~0.5 KiB).
+        self.ready: asyncio.Task[None] | None = None
         self.subscribers: dict[ChannelSubscriber, None] = {}
         self.legacy: dict[LegacySubscriber, None] = {}
 
     def empty(self) -> bool:
         return not self.subscribers and not self.legacy
+
+
+def _forget_when_subscribed(entry: _Channel, task: asyncio.Task[None]) -> None:
+    if entry.ready is task and not task.cancelled() and task.exception() is None:
+        entry.ready = None
 
 
 class Node:
@@ -192,6 +200,9 @@ class Node:
             # share it; they all wait for the same subscribe to finish.
             entry = self._channels[channel] = _Channel()
             entry.ready = asyncio.get_running_loop().create_task(self.broker.subscribe(channel))
+            entry.ready.add_done_callback(functools.partial(_forget_when_subscribed, entry))
+        if entry.ready is None:
+            return entry
         try:
             await asyncio.shield(entry.ready)
         except Exception:

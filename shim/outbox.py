@@ -7,8 +7,11 @@ disconnects that client (3008) -- the queue is then dropped, so a stalled client
 holds at most `cap` bytes of our memory and never delays anyone else.
 
 Messages are UTF-8 bytes, shared by every subscriber of a publication. The queue is
-kept small on purpose (idle connections are the common case): one plain list the
-writer swaps out whole, and a future that exists only while the writer waits.
+kept small on purpose (idle connections are the common case): one plain list, and
+no writer task at all while the socket keeps up. The flusher writes to idle sockets
+directly; only when a socket is busy (its buffer not empty, or hypercorn holding it)
+does the outbox start a writer task, which awaits the socket until the queue is
+empty and then ends.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from shim.wsframe import text_frame_header
 
 class Flusher:
     """Runs once per event-loop iteration in which any outbox got messages, after
-    the publish path is done: each such outbox whose writer is parked and whose
+    the publish path is done: each such outbox without a running writer whose
     socket has nothing pending gets its messages written straight away, as frames
-    built from the shared bytes, with no task switch; the others wake their writer.
-    Everything queued in the same iteration (a burst) leaves in one write."""
+    built from the shared bytes, with no task switch; the others get (or keep)
+    their writer task. Everything queued in the same iteration (a burst) leaves in
+    one write."""
 
     __slots__ = ("_dirty", "_loop", "_scheduled")
 
@@ -49,6 +53,9 @@ class Flusher:
             outbox.flush()
 
 
+SendFrame = Callable[[bytes], Awaitable[None]]
+
+
 class Outbox:
     __slots__ = (
         "_cap",
@@ -59,8 +66,9 @@ class Outbox:
         "_items",
         "_joined",
         "_max_frame",
+        "_send",
         "_size",
-        "_waiter",
+        "_writer",
         "frames_sent",
         "write_started",
     )
@@ -68,6 +76,7 @@ class Outbox:
     def __init__(
         self,
         cap_bytes: int,
+        send: SendFrame,
         *,
         flusher: Flusher | None = None,
         direct: DirectWrite | None = None,
@@ -75,11 +84,13 @@ class Outbox:
         max_frame_bytes: int = 512 * 1024,
     ) -> None:
         self._cap = cap_bytes
+        # Writes one frame to the socket, awaiting it (the edge's send_frame).
+        self._send = send
         self._items: list[bytes] = []
         self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        # Without a flusher every push wakes the writer task (unit tests, fallbacks).
+        # Without a flusher every push starts (or feeds) the writer task.
         self._flusher = flusher
         self._direct = direct
         self._dirty = False
@@ -110,30 +121,21 @@ class Outbox:
         self._items.append(message)
         self._size = size
         if self._flusher is None:
-            self._wake()
+            self._start_writer()
         elif not self._dirty:
             self._dirty = True
             self._flusher.mark(self)
         return True
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def flush(self) -> None:
-        """Write what is queued now if the writer is parked and the socket idle;
+        """Write what is queued now if no writer is running and the socket is idle;
         otherwise leave it to the writer task (which handles waiting on the socket)."""
         self._dirty = False
+        if not self._items or self._closed or self._writer is not None:
+            return
         direct = self._direct
-        if (
-            not self._items
-            or self._closed
-            or self._waiter is None
-            or direct is None
-            or not direct.idle()
-        ):
-            self._wake()
+        if direct is None or not direct.idle():
+            self._start_writer()
             return
         items = self._items
         if len(items) == 1 and len(items[0]) <= self._max_frame:
@@ -145,33 +147,28 @@ class Outbox:
             return
         frames: list[bytes] = []
         while self._items:
-            batch = self.take(self._max_frame)
-            if self._joined:
-                payload = batch[0] if len(batch) == 1 else b"\n".join(batch)
+            for payload in self._next_payloads():
                 frames += (text_frame_header(len(payload)), payload)
-            else:
-                for message in batch:
-                    frames += (text_frame_header(len(message)), message)
         direct.write(b"".join(frames))
         self.frames_sent += len(frames) // 2
 
     def close(self, *, discard: bool) -> None:
-        """No more pushes. With `discard`, forget what is queued (slow client)."""
+        """No more pushes. With `discard`, forget what is queued (slow client) and
+        stop a writer stuck on the socket; otherwise what is queued still goes out."""
         self._closed = True
         if discard:
             self._items = []
             self._size = 0
-        self._wake()
+            if self._writer is not None:
+                self._writer.cancel()
+        elif self._items:
+            self._start_writer()
 
-    async def wait(self) -> None:
-        """Until there is something to write or the outbox is closed."""
-        if self._items or self._closed:
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+    async def flushed(self, timeout: float) -> None:
+        """Until everything queued is written (or `timeout` seconds passed)."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=timeout)
 
     def take(self, max_bytes: int) -> list[bytes]:
         """Remove and return queued messages that fit in `max_bytes` once joined with
@@ -192,41 +189,34 @@ class Outbox:
         self._size -= sum(map(len, taken))
         return taken
 
+    def _next_payloads(self) -> list[bytes]:
+        """The frame payloads for the next batch: one joined payload (Centrifuge
+        JSON, newline-separated) or one per message (legacy hub)."""
+        batch = self.take(self._max_frame)
+        if not self._joined:
+            return batch
+        return [batch[0] if len(batch) == 1 else b"\n".join(batch)]
 
-SendFrame = Callable[[bytes], Awaitable[None]]
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_all())
 
-
-async def drain_joined(outbox: Outbox, send: SendFrame, max_frame_bytes: int) -> None:
-    """Writer loop for protocols that allow several messages per frame (Centrifuge
-    JSON: newline-separated). Everything queued while a write was in flight goes out
-    in the next frame, which is what keeps per-message cost low under fan-out."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await outbox.wait()
-        batch = outbox.take(max_frame_bytes)
-        if not batch:
-            if outbox.closed:
-                return
-            continue
-        outbox.write_started = loop.time()
-        await send(batch[0] if len(batch) == 1 else b"\n".join(batch))
-        outbox.write_started = 0.0
-        outbox.frames_sent += 1
-
-
-async def drain_each(outbox: Outbox, send: SendFrame, max_batch_bytes: int) -> None:
-    """Writer loop for protocols that need one message per frame (legacy hub). It
-    takes a batch at a time, so the queue costs one swap per batch, not per message."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await outbox.wait()
-        batch = outbox.take(max_batch_bytes)
-        if not batch:
-            if outbox.closed:
-                return
-            continue
-        for message in batch:
-            outbox.write_started = loop.time()
-            await send(message)
-            outbox.write_started = 0.0
-            outbox.frames_sent += 1
+    async def _write_all(self) -> None:
+        """The writer task: await the socket until the queue is empty, then end.
+        Everything queued while a write was in flight goes out in the next batch,
+        which is what keeps per-message cost low under fan-out."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._items:
+                for payload in self._next_payloads():
+                    self.write_started = loop.time()
+                    await self._send(payload)
+                    self.write_started = 0.0
+                    self.frames_sent += 1
+        except Exception:
+            # The socket is gone; the reader sees the disconnect and ends the session.
+            self._closed = True
+            self._items, self._size = [], 0
+        finally:
+            self.write_started = 0.0
+            self._writer = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import orjson
@@ -24,10 +23,12 @@ from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.hypercorn_compat import (
     DIRECT_WRITE_EXTENSION,
     LIVENESS_EXTENSION,
+    RECEIVE_QUEUE_EXTENSION,
     DirectWrite,
     Liveness,
 )
-from shim.outbox import Outbox, drain_each, drain_joined
+from shim.lean import LeanQueue
+from shim.outbox import Outbox
 from shim.runtime import Runtime
 
 CENTRIFUGE_PATH = "/connection/websocket"
@@ -65,6 +66,7 @@ async def serve_centrifuge(
     # No subprotocol is selected: JSON is the default, and the Python SDK's empty
     # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
     await send({"type": "websocket.accept"})
+    _forget_request_headers(scope)
     if runtime.shutting_down:
         await _close(send, codes.SHUTDOWN.code, codes.SHUTDOWN.reason)
         return
@@ -75,7 +77,7 @@ async def serve_centrifuge(
         if first_frame is None or not _is_console_connect(runtime, first_frame):
             await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
             return
-    await _run_centrifuge(runtime, receive, send, direct, first_frame=first_frame)
+    await _run_centrifuge(runtime, scope, receive, send, direct, first_frame=first_frame)
 
 
 def _offer_direct_write(scope: dict[str, Any]) -> DirectWrite:
@@ -83,6 +85,13 @@ def _offer_direct_write(scope: dict[str, Any]) -> DirectWrite:
     direct = DirectWrite()
     scope["extensions"][DIRECT_WRITE_EXTENSION] = direct
     return direct
+
+
+def _forget_request_headers(scope: dict[str, Any]) -> None:
+    """Everything the handshake headers were needed for (the token, hypercorn's
+    access log line) is done once the upgrade is accepted; a browser's headers,
+    cookies included, would otherwise stay with every idle socket."""
+    scope["headers"] = []
 
 
 def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
@@ -98,6 +107,7 @@ def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
 
 async def _run_centrifuge(
     runtime: Runtime,
+    scope: dict[str, Any],
     receive: ASGIReceive,
     send: ASGISend,
     direct: DirectWrite,
@@ -105,19 +115,24 @@ async def _run_centrifuge(
     first_frame: str | bytes | None,
 ) -> None:
     settings = runtime.settings
+    pump = SocketPump(send, direct, _receive_queue(scope))
     outbox = Outbox(
         settings.client_queue_max_size_bytes,
+        pump.send_frame,
         flusher=runtime.node.flusher,
         direct=direct,
         joined=True,
         max_frame_bytes=settings.websocket_max_frame_bytes,
     )
-    pump = SocketPump(send, outbox, direct)
     session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
-    writer = drain_joined(outbox, pump.send_frame, settings.websocket_max_frame_bytes)
     await _pump(
-        runtime, session, pump, receive, writer, settings.websocket_read_limit_bytes, first_frame
+        runtime, session, pump, receive, outbox, settings.websocket_read_limit_bytes, first_frame
     )
+
+
+def _receive_queue(scope: dict[str, Any]) -> LeanQueue[dict[str, Any]] | None:
+    queue = scope["extensions"].get(RECEIVE_QUEUE_EXTENSION)
+    return queue if isinstance(queue, LeanQueue) else None
 
 
 async def serve_legacy(
@@ -148,6 +163,7 @@ async def serve_legacy(
     scope["extensions"][LIVENESS_EXTENSION] = liveness
     direct = _offer_direct_write(scope)
     await send({"type": "websocket.accept"})
+    _forget_request_headers(scope)
 
     first_frame: str | bytes | None = None
     if detect:
@@ -156,7 +172,7 @@ async def serve_legacy(
             await _close(send, codes.STALE.code, codes.STALE.reason)
             return
         if looks_like_centrifuge(first_frame):
-            await _run_centrifuge(runtime, receive, send, direct, first_frame=first_frame)
+            await _run_centrifuge(runtime, scope, receive, send, direct, first_frame=first_frame)
             return
         await _close(send, *LEGACY_MISSING_CLOSE)
         return
@@ -164,14 +180,15 @@ async def serve_legacy(
         await _close(send, *RETIRED)
         return
 
+    pump = SocketPump(send, direct, _receive_queue(scope))
     outbox = Outbox(
         settings.client_queue_max_size_bytes,
+        pump.send_frame,
         flusher=runtime.node.flusher,
         direct=direct,
         joined=False,
         max_frame_bytes=settings.websocket_max_frame_bytes,
     )
-    pump = SocketPump(send, outbox, direct)
     session = LegacySession(
         runtime.node,
         pump,
@@ -181,8 +198,7 @@ async def serve_legacy(
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
     )
-    writer = drain_each(outbox, pump.send_frame, settings.websocket_max_frame_bytes)
-    await _pump(runtime, session, pump, receive, writer, LEGACY_READ_LIMIT_BYTES, first_frame)
+    await _pump(runtime, session, pump, receive, outbox, LEGACY_READ_LIMIT_BYTES, first_frame)
 
 
 class _Session(Protocol):
@@ -196,7 +212,7 @@ async def _pump(
     session: _Session,
     pump: SocketPump,
     receive: ASGIReceive,
-    writer: Awaitable[None],
+    outbox: Outbox,
     read_limit_bytes: int,
     first_frame: str | bytes | None,
 ) -> None:
@@ -208,7 +224,7 @@ async def _pump(
         await pump.run(
             receive,
             session.handle_frame,
-            writer,
+            outbox,
             flush_timeout=runtime.settings.websocket_write_timeout_seconds,
             read_limit_bytes=read_limit_bytes,
             discard_on=frozenset({SLOW_CODE}),

@@ -44,8 +44,36 @@ _PublicKey = ed25519.Ed25519PublicKey | rsa.RSAPublicKey | ec.EllipticCurvePubli
 _PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+# Claims the verifier has already checked or turned into fields; a connection keeps
+# only the others (what a custom policy may look at), since every idle socket holds
+# its credentials.
+_CONSUMED_CLAIMS = frozenset(
+    {
+        "sub",
+        "user_id",
+        "exp",
+        "expire_at",
+        "iat",
+        "nbf",
+        "jti",
+        "iss",
+        "aud",
+        "info",
+        "b64info",
+        "channels",
+        "project_ids",
+    }
+)
+
+
 def _empty_claims() -> Mapping[str, Any]:
-    return MappingProxyType({})
+    return _NO_CLAIMS
+
+
+def _custom_claims(claims: dict[str, Any]) -> Mapping[str, Any]:
+    custom = {k: v for k, v in claims.items() if k not in _CONSUMED_CLAIMS}
+    return MappingProxyType(custom) if custom else _NO_CLAIMS
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,7 +91,8 @@ class Credentials:
     channels: tuple[str, ...] = ()
     # Claim `project_ids`: the claims policy grants `project:<id>` for each.
     project_ids: tuple[str, ...] = ()
-    # Every verified claim, read-only, for policies.
+    # The verified claims not consumed above (e.g. an app's own `role`), read-only,
+    # for policies.
     claims: Mapping[str, Any] = field(
         default_factory=_empty_claims, compare=False, hash=False, repr=False
     )
@@ -200,7 +229,7 @@ class TokenVerifier:
             info=_raw_claim(claims, "info", "b64info"),
             channels=_strings(claims, "channels"),
             project_ids=_strings(claims, "project_ids", numbers=True),
-            claims=MappingProxyType(claims),
+            claims=_custom_claims(claims),
         )
 
     def verify_subscription(

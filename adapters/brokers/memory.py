@@ -12,7 +12,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import islice
 
 from shim.broker import (
@@ -50,7 +50,9 @@ class _Stream:
     epoch: str
     meta_expires_at: float
     top: int = 0
-    entries: deque[_Entry] = field(default_factory=deque)
+    # Made on the first publish: most streams (e.g. every user's personal channel,
+    # looked at by its subscribe) never hold anything, and an empty deque is ~0.7 KiB.
+    entries: deque[_Entry] | None = None
 
 
 class MemoryBroker:
@@ -90,6 +92,8 @@ class MemoryBroker:
         stream.meta_expires_at = now + options.history_meta_ttl_seconds
         pub = replace(pub, offset=stream.top)
         entries = stream.entries
+        if entries is None:
+            entries = stream.entries = deque()
         entries.append(_Entry(now + options.history_ttl_seconds, pub))
         while len(entries) > options.history_size:
             entries.popleft()
@@ -149,7 +153,8 @@ class MemoryBroker:
             raise UnrecoverablePosition(channel)
         if limit == 0:
             return HistoryResult([], position)
-        entries = reversed(stream.entries) if reverse else iter(stream.entries)
+        stored = stream.entries or ()
+        entries = reversed(stored) if reverse else iter(stored)
         # TTLs may differ between publishes, so expiry is not monotonic: check every entry.
         pubs = (e.pub for e in entries if e.expires_at > now)
         if since is not None:
