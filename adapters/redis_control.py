@@ -1,10 +1,12 @@
 """What the nodes of one deployment share besides publications: the cutover flag
 and each node's connection counts, kept in Redis.
 
-The flag is a hash (`state` JSON and a `version` counter bumped atomically with
-each change) plus a pub/sub notice, so a change made through any node's admin API
-reaches every node within a moment, and a node that starts (or reconnects) reads
-the current one. Each node writes its counts under a key that expires, so a dead
+The flag is a hash (`state` JSON, a `version` counter bumped atomically with
+each change, and a random `generation` set when the hash is created) plus a pub/sub
+notice, so a change made through any node's admin API reaches every node within a
+moment, and a node that starts (or reconnects) reads the current one. A Redis that
+restarts empty counts versions from 1 again; the new generation tells nodes that
+those versions are newer than the ones they saw before. Each node writes its counts under a key that expires, so a dead
 node drops out of the totals by itself.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,12 +29,15 @@ from shim.cutover import CutoverState
 
 log = logging.getLogger("shim.control")
 
-# Bumps the version and stores the state in one step, then tells every node.
+# Bumps the version and stores the state in one step, then tells every node. The
+# first save into an empty Redis also fixes the generation (ARGV[3], the caller's
+# random proposal); later saves keep it.
 _SAVE = """
+redis.call('HSETNX', KEYS[1], 'generation', ARGV[3])
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 redis.call('PUBLISH', ARGV[2], version)
-return version
+return {version, redis.call('HGET', KEYS[1], 'generation')}
 """
 
 
@@ -59,6 +65,9 @@ class RedisControl:
         self.on_command: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
         self._nodes_key = f"{prefix}:nodes"
         self._node_prefix = f"{prefix}:node:"
+        # (generation, version) of the state applied last; versions only compare
+        # within one generation.
+        self._generation = b""
         self._version = -1
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -86,15 +95,18 @@ class RedisControl:
         body = state.as_dict()
         body.pop("version")
         try:
-            version = int(
-                await self.redis.eval(
-                    _SAVE, 1, self._state_key, orjson.dumps(body), self._notice_channel
-                )
+            version, generation = await self.redis.eval(
+                _SAVE,
+                1,
+                self._state_key,
+                orjson.dumps(body),
+                self._notice_channel,
+                secrets.token_hex(8),
             )
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"cutover not saved: {exc.__class__.__name__}") from None
-        saved = CutoverState.from_dict({**body, "version": version})
-        self._apply(saved)
+        saved = CutoverState.from_dict({**body, "version": int(version)})
+        self._apply(saved, bytes(generation))
         return saved
 
     async def send_command(self, kind: str, body: dict[str, Any]) -> None:
@@ -136,11 +148,14 @@ class RedisControl:
         stored: Any = await self.redis.hgetall(self._state_key)
         if b"state" in stored:
             body: dict[str, Any] = orjson.loads(stored[b"state"])
-            self._apply(CutoverState.from_dict({**body, "version": int(stored[b"version"])}))
+            state = CutoverState.from_dict({**body, "version": int(stored[b"version"])})
+            self._apply(state, stored.get(b"generation", b""))
 
-    def _apply(self, state: CutoverState) -> None:
-        if state.version > self._version:
-            self._version = state.version
+    def _apply(self, state: CutoverState, generation: bytes) -> None:
+        # Another generation means the hash was lost and made again: whatever it
+        # holds now is the newest state, whatever its version.
+        if generation != self._generation or state.version > self._version:
+            self._generation, self._version = generation, state.version
             self._on_cutover(state)
 
     async def _listen(self) -> None:
