@@ -17,6 +17,7 @@ Result = dict[str, Any]
 LABELS = {
     "channel": "shim, channel protocol",
     "legacy": "shim, legacy protocol",
+    "redis1": "shim, 1 node over Redis (channel protocol)",
     "redis2": "shim, 2 nodes over Redis (channel protocol)",
     "socketio": "python-socketio room (uvicorn)",
     "ws": "websockets.broadcast, pre-encoded (ceiling)",

@@ -195,7 +195,7 @@ def _start(
             keys.api_key,
             [proc.pid],
         )
-    if system == "redis2":
+    if system in ("redis1", "redis2"):
         redis, redis_port = _start_redis(workdir)
         procs.append(redis)
         extra = {
@@ -203,7 +203,7 @@ def _start(
             "DEX_SHIM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         }
         ports = []
-        for _ in range(2):
+        for _ in range(int(system[-1])):
             proc, port = _spawn(_shim_command(), _shim_env(keys, workdir, extra), log)
             procs.append(proc)
             ports.append(port)
