@@ -8,7 +8,6 @@ judged on its own, so one bad item never costs the rest of a batch its delivery.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 
 from legacy.wire import now_timestamp
-from shim.events import Event
+from shim.events import Event, new_event_id
 
 # Activity kinds whose content names a model tool-use (legacy-hub-protocol.md §6.1).
 _TOOL_EVENT_TYPES = frozenset({"tool_call", "tool_result"})
@@ -87,7 +86,7 @@ def _parse_item(index: int, item: Any, max_item_bytes: int) -> ParsedItem:
     try:
         # Absent and null mean "not given" for every optional field.
         timestamp = _optional_text(item, "timestamp", allow_empty=False) or now_timestamp()
-        event_id = _optional_text(item, "id", allow_empty=False) or uuid.uuid4().hex
+        event_id = _optional_text(item, "id", allow_empty=False) or new_event_id()
         task_id = _optional_text(item, "task_id", allow_empty=True)
         project_id = _optional_text(item, "project_id", allow_empty=True)
     except _FieldError as exc:

@@ -10,6 +10,7 @@ and the text of floats, which are handled here.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from datetime import datetime, timedelta
@@ -42,17 +43,24 @@ def go_timestamp(ns: int) -> str:
     e.g. `2026-02-04T16:21:30.5Z`. Raises ValueError outside years 1-9999.
     """
     seconds, fraction = divmod(ns, _NS_PER_SECOND)
-    try:
-        moment = _EPOCH + timedelta(seconds=seconds)
-    except OverflowError as exc:
-        raise ValueError(f"timestamp out of range: {ns} ns") from exc
-    text = (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
-        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    )
+    text = _second_text(seconds)
     if fraction:
         text += "." + f"{fraction:09d}".rstrip("0")
     return text + "Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(seconds: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` of a Unix second; cached, since the events of one
+    ingest batch (and of one busy second) share it."""
+    try:
+        moment = _EPOCH + timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise ValueError(f"timestamp out of range: {seconds} s") from exc
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
 
 
 def now_timestamp() -> str:

@@ -9,7 +9,6 @@ order, so a legacy client that reaches it through several channels sees it once
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from legacy.translate import Accepted, ParsedItem, channel_data, with_tool_use_id
 from legacy.wire import encode_legacy_frame, now_timestamp
 from shim.broker import BrokerUnavailable, LegacyTag
-from shim.events import Event
+from shim.events import Event, new_event_id
 from shim.node import Node
 from shim.routing import Router
 
@@ -90,7 +89,7 @@ class Ingestor:
     async def publish(self, event_type: str, payload: Mapping[str, Any], **top: str) -> ItemResult:
         """The design doc's Publisher: publish(event_type, payload) from Python code."""
         event = Event(
-            id=uuid.uuid4().hex,
+            id=new_event_id(),
             type=event_type,
             payload=dict(payload),
             timestamp=now_timestamp(),

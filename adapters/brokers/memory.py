@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -64,7 +64,10 @@ class MemoryBroker:
         self._closed = False
         self._subscribed: set[str] = set()
         # Ordered by last publish (re-inserted on each), so the oldest are in front.
-        self._streams: dict[str, _Stream] = {}
+        # An OrderedDict, not a dict: streams are popped and re-inserted on every
+        # publish, and a dict's iteration from the front walks the holes that leaves
+        # (the sweep looks at the front on every publish).
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
     async def start(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
