@@ -407,8 +407,13 @@ class CentrifugeSession:
         server_channels = []
         if credentials.user and not self.console:
             server_channels.append(f"{settings.user_channel_prefix}:{credentials.user}")
-        # Wildcard grants (`task:*`) in the token authorize, they do not subscribe.
-        server_channels += [c for c in credentials.server_side_channels if c not in server_channels]
+        # Wildcard grants (`task:*`) in the token authorize, they do not subscribe;
+        # another user's personal channel is never granted, not even by the token.
+        server_channels += [
+            c
+            for c in credentials.server_side_channels
+            if c not in server_channels and not self._foreign_personal_channel(c, credentials)
+        ]
         opened: list[tuple[Subscription, StreamPosition]] = []
         subs_result: dict[str, Mapping[str, Any]] = {}
         try:
@@ -453,6 +458,16 @@ class CentrifugeSession:
             raise Reject(codes.UNKNOWN_CHANNEL)
         return namespace
 
+    def _foreign_personal_channel(
+        self, channel: str, credentials: Credentials | None = None
+    ) -> bool:
+        """True for a personal channel (`user:<id>`) that is not this connection's."""
+        prefix = self.node.settings.user_channel_prefix
+        if not prefix or not channel.startswith(f"{prefix}:"):
+            return False
+        user = credentials.user if credentials is not None else self._user()
+        return channel != self.authorizer.personal_channel(user)
+
     async def _subscribe(self, command_id: int, request: SubscribeRequest) -> None:
         assert self.credentials is not None
         namespace = self._check_channel(request.channel)
@@ -475,9 +490,19 @@ class CentrifugeSession:
                     client=self.client_id,
                 )
             except TokenError as exc:
+                if exc.mismatch:
+                    # A valid token of another channel/user/client (reference 9.2).
+                    raise Disconnect(codes.INVALID_TOKEN) from None
                 raise Reject(
                     codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED
                 ) from None
+            if self._foreign_personal_channel(channel):
+                # A token may not hand one user another's personal channel either.
+                log.info(
+                    "subscribe refused: personal channel of another user",
+                    extra={"client": self.client_id, "user": self._user(), "channel": channel},
+                )
+                raise Reject(codes.PERMISSION_DENIED)
             expires_at = float(claims.expires_at)
             chan_info = claims.info
         elif not self.console:  # the console reads any channel
@@ -756,6 +781,8 @@ class CentrifugeSession:
                 request.token, channel=channel, user=self.credentials.user, client=self.client_id
             )
         except TokenError as exc:
+            if exc.mismatch:
+                raise Disconnect(codes.INVALID_TOKEN) from None
             raise Reject(
                 codes.TOKEN_EXPIRED_RETRY if exc.expired else codes.PERMISSION_DENIED
             ) from None

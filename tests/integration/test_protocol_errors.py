@@ -15,6 +15,7 @@ import contextlib
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
 from adapters.auth.jwt import generate_signing_key, mint_token
+from shim.config import Settings
 from tests.conftest import RunningServer, run_server
 
 # Every wait in these tests is bounded by this many seconds.
@@ -324,6 +326,189 @@ async def test_unsubscribe_of_unknown_channel_succeeds(server: RunningServer) ->
         reply = await client.call("unsubscribe", {"channel": "task:never"})
         assert reply == {"id": reply["id"], "unsubscribe": {}}
         await client.stays_open()
+
+
+# --- recovery with reject-unrecovered (SubscribeRequest.flag bit 2, §8.2 step 4) -------
+
+# What the SDKs send on every subscribe (1, channel compaction offered) plus bit 2.
+REJECT_UNRECOVERED = 1 | 2
+
+
+async def publish_n(server: RunningServer, task_id: str, count: int) -> None:
+    resp = await server.broadcast(
+        [{"type": "task.updated", "payload": {"task_id": task_id, "n": n}} for n in range(count)]
+    )
+    assert resp.status_code == 200 and resp.json()["accepted"] == count, resp.text
+
+
+async def stream_position(client: RawClient, channel: str) -> tuple[int, str]:
+    """(top offset, epoch) of `channel`, from a plain subscribe that is then dropped."""
+    reply = await client.call("subscribe", {"channel": channel})
+    result = reply["subscribe"]
+    await client.call("unsubscribe", {"channel": channel})
+    return result["offset"], result["epoch"]
+
+
+def recover(channel: str, offset: int, epoch: str, flag: int) -> dict[str, Any]:
+    return {
+        "channel": channel,
+        "recover": True,
+        "recoverable": True,
+        "offset": offset,
+        "epoch": epoch,
+        "flag": flag,
+    }
+
+
+async def test_reject_unrecovered_flag_turns_an_epoch_mismatch_into_error_112(
+    server: RunningServer,
+) -> None:
+    channel = "task:r1"
+    await publish_n(server, "r1", 5)
+    async with bystander(server), connected(server) as client:
+        top, epoch = await stream_position(client, channel)
+        assert top == 5
+
+        refused = await client.call(
+            "subscribe", recover(channel, 3, "old-epoch", REJECT_UNRECOVERED)
+        )
+        assert refused == error(refused["id"], 112, "unrecoverable position")
+        # The 112 left nothing held (no 105 now); without the flag the same request
+        # is answered recovered=false at the stream top.
+        plain = await client.call("subscribe", recover(channel, 3, "old-epoch", 1))
+        assert plain == {
+            "id": plain["id"],
+            "subscribe": {
+                "recoverable": True,
+                "positioned": True,
+                "epoch": epoch,
+                "offset": 5,
+                "was_recovering": True,
+            },
+        }
+        await client.stays_open()
+
+
+async def test_reject_unrecovered_flag_with_a_position_lost_from_history_is_error_112(
+    signing_keys: tuple[str, str],
+) -> None:
+    channel = "task:r2"
+    namespaces = dict(Settings().namespaces)
+    namespaces["task"] = replace(namespaces["task"], history_size=3)
+    async with run_server(signing_keys, namespaces=namespaces) as server:
+        await publish_n(server, "r2", 6)  # offsets 1..6, only 4..6 retained
+        async with bystander(server), connected(server) as client:
+            top, epoch = await stream_position(client, channel)
+            assert top == 6
+            # Offset 1 was seen: 2 and 3 are gone, the epoch matches all the same.
+            refused = await client.call("subscribe", recover(channel, 1, epoch, REJECT_UNRECOVERED))
+            assert refused == error(refused["id"], 112, "unrecoverable position")
+            # A position ahead of the stream cannot be recovered either.
+            ahead = await client.call("subscribe", recover(channel, 9, epoch, REJECT_UNRECOVERED))
+            assert ahead == error(ahead["id"], 112, "unrecoverable position")
+            # Offset 3 was seen: 4..6 are all there, so the flag changes nothing.
+            ok = await client.call("subscribe", recover(channel, 3, epoch, REJECT_UNRECOVERED))
+            result = ok["subscribe"]
+            assert (result["recovered"], result["was_recovering"]) == (True, True)
+            assert (result["offset"], result["epoch"]) == (3, epoch)
+            assert [p["offset"] for p in result["publications"]] == [4, 5, 6]
+            assert [p["data"]["n"] for p in result["publications"]] == [3, 4, 5]
+            await publish_n(server, "r2", 1)
+            assert (await client.push(channel))["offset"] == 7
+
+
+async def test_reject_unrecovered_flag_with_an_empty_epoch_recovers_from_offset_0(
+    server: RunningServer,
+) -> None:
+    # An empty epoch means "any" (§8.2 step 1): a complete history from offset 0 recovers.
+    channel = "task:r3"
+    await publish_n(server, "r3", 2)
+    async with connected(server) as client:
+        reply = await client.call("subscribe", recover(channel, 0, "", REJECT_UNRECOVERED))
+        result = reply["subscribe"]
+        assert result["recovered"] is True
+        assert "offset" not in result  # offset 0, omitted like every zero field
+        assert [p["offset"] for p in result["publications"]] == [1, 2]
+
+
+# --- subscription tokens (§9.2) ----------------------------------------------------------
+
+
+def sub_token(server: RunningServer, user: str, channel: str, **claims: Any) -> str:
+    return server.token(user, channel=channel, **claims)
+
+
+async def test_subscription_token_of_another_channel_user_or_client_closes_3500(
+    server: RunningServer,
+) -> None:
+    async with bystander(server):
+        for claims in (
+            {"user": "alice", "channel": "task:other"},
+            {"user": "bob", "channel": "task:t1"},
+            {"user": "alice", "channel": "task:t1", "client": str(uuid.uuid4())},
+        ):
+            async with connected(server) as client:
+                token = sub_token(server, **claims)
+                await client.send(
+                    {"id": client.new_id(), "subscribe": {"channel": "task:t1", "token": token}}
+                )
+                close = await client.closed()
+                assert (close.code, close.reason) == (3500, "invalid token"), claims
+                assert not [m for m in client.skipped if m], client.skipped
+
+
+async def test_subscription_token_with_a_bad_signature_is_error_103(server: RunningServer) -> None:
+    other_private, _ = generate_signing_key("EdDSA")
+    forged = mint_token(other_private, "EdDSA", user="alice", extra={"channel": "task:t1"})
+    async with bystander(server), connected(server) as client:
+        reply = await client.call("subscribe", {"channel": "task:t1", "token": forged})
+        assert reply == error(reply["id"], 103, "permission denied")
+        await client.stays_open()
+
+
+async def test_sub_refresh_with_a_token_of_another_user_closes_3500(server: RunningServer) -> None:
+    async with bystander(server), connected(server) as client:
+        own = sub_token(server, "alice", "task:t1")
+        assert "subscribe" in await client.call("subscribe", {"channel": "task:t1", "token": own})
+        theirs = sub_token(server, "bob", "task:t1")
+        await client.send(
+            {"id": client.new_id(), "sub_refresh": {"channel": "task:t1", "token": theirs}}
+        )
+        close = await client.closed()
+        assert (close.code, close.reason) == (3500, "invalid token")
+
+
+async def test_no_token_grants_another_users_personal_channel(server: RunningServer) -> None:
+    async with bystander(server), connected(server, "alice") as client:
+        # Signed for alice and for user:bob: valid, yet bob's channel stays bob's.
+        token = sub_token(server, "alice", "user:bob")
+        reply = await client.call("subscribe", {"channel": "user:bob", "token": token})
+        assert reply == error(reply["id"], 103, "permission denied")
+        resp = await server.broadcast(
+            {"type": "approval.required", "payload": {"user_id": "bob", "approval_id": "b1"}}
+        )
+        assert resp.status_code == 200, resp.text
+        await client.stays_open()
+
+
+async def test_connection_token_channels_claim_cannot_name_another_users_channel(
+    server: RunningServer,
+) -> None:
+    async with bystander(server), raw_client(server) as client:
+        token = server.token("alice", channels=["user:bob", "task:mine"])
+        result = await client.connect(token)
+        assert set(result["subs"]) == {"user:alice", "task:mine"}
+        resp = await server.broadcast(
+            [
+                {"type": "approval.required", "payload": {"user_id": "bob", "approval_id": "b1"}},
+                {"type": "approval.required", "payload": {"user_id": "alice", "approval_id": "a1"}},
+            ]
+        )
+        assert resp.status_code == 200, resp.text
+        # Pushes of one connection are ordered: bob's would have come first.
+        pub = await client.push("user:alice")
+        assert pub["data"]["approval_id"] == "a1"
+        assert not [m for m in client.skipped if m.get("push", {}).get("channel") == "user:bob"]
 
 
 # --- tokens ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from adapters.auth.jwt import mint_token
 from shim.centrifuge import codes
 from shim.config import NamespaceOptions, Settings
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
-from tests.pyclient import ClientEvents, Recorder, new_client, new_subscription
+from tests.pyclient import ClientEvents, Recorder, drop_socket, new_client, new_subscription
 
 
 @contextlib.asynccontextmanager
@@ -147,26 +147,42 @@ async def test_hundred_publications_in_order_with_flat_data(server: RunningServe
 # 3. recovery ----------------------------------------------------------------------
 
 
-async def test_recovery_while_publications_continue(server: RunningServer) -> None:
+# The SDK's own code for a connection that ended without a close frame.
+TRANSPORT_CLOSED = 1
+
+
+@pytest.mark.parametrize("outage", ["socket dropped", "server closes 3011"])
+async def test_recovery_while_publications_continue(server: RunningServer, outage: str) -> None:
     total = 80
-    async with connected(server, "alice") as (client, events):
+    # A reconnect delay of 0.3-0.5 s: publications surely go out while the client is away.
+    async with connected(server, "alice", min_reconnect_delay=0.3) as (client, events):
         sub, sub_events = new_subscription(client, "task:rec")
         await sub.subscribe()
         await sub_events.wait_for("subscribed")
+        # Published (stored, answered) from start to end while the client had no connection.
+        while_away: list[int] = []
 
         async def publisher() -> None:
             for n in range(1, total + 1):
+                away = client.state is not ClientState.CONNECTED
                 await broadcast_ok(server, task_event("rec", n))
+                if away and client.state is not ClientState.CONNECTED:
+                    while_away.append(n)
                 await asyncio.sleep(0.01)
 
         publishing = asyncio.create_task(publisher())
         try:
             await sub_events.wait_for("publication", count=20)
             (session,) = sessions_of(server, "alice")
-            session.disconnect(codes.FORCE_RECONNECT)
+            if outage == "socket dropped":
+                drop_socket(session)
+                expected = (TRANSPORT_CLOSED, "transport closed")
+            else:
+                session.disconnect(codes.FORCE_RECONNECT)
+                expected = (codes.FORCE_RECONNECT.code, codes.FORCE_RECONNECT.reason)
 
             reconnecting = await events.wait_for("connecting", lambda c: c.code != 0)
-            assert reconnecting.code == codes.FORCE_RECONNECT.code
+            assert (reconnecting.code, reconnecting.reason) == expected
             await events.wait_for("connected", count=2)
             again = await sub_events.wait_for("subscribed", count=2)
             assert again.was_recovering and again.recovered
@@ -178,6 +194,18 @@ async def test_recovery_while_publications_continue(server: RunningServer) -> No
         pubs = [c.pub for c in sub_events.named("publication")]
         assert [p.data["n"] for p in pubs] == list(range(1, total + 1))
         assert [p.offset for p in pubs] == list(range(pubs[0].offset, pubs[0].offset + total))
+        # There was a gap to fill, and it was filled after the resubscribe: by recovery.
+        assert while_away, "nothing was published while the client was away"
+        resubscribed_at = [
+            i for i, (name, _) in enumerate(sub_events.events) if name == "subscribed"
+        ][1]
+        after = [
+            c.pub.data["n"]
+            for name, c in sub_events.events[resubscribed_at:]
+            if name == "publication"
+        ]
+        assert set(while_away) <= set(after), (while_away, after)
+        assert len(sessions_of(server, "alice")) == 1
 
         # The server-side personal channel was recovered through the connect too.
         personal = await events.wait_for("subscribed", lambda c: c.channel == "user:alice", count=2)
@@ -438,14 +466,47 @@ async def test_subscription_token_is_refreshed(signing_keys: tuple[str, str]) ->
         assert (await sub_events.wait_for("publication")).pub.data["n"] == 1
 
 
-async def test_subscription_token_for_another_channel_is_denied(server: RunningServer) -> None:
-    async with connected(server, "alice") as (client, _):
+async def test_subscription_token_for_another_channel_closes_the_connection(
+    server: RunningServer,
+) -> None:
+    # Reference 9.2: a valid token for another channel, user or client is an
+    # invalid token, and the connection goes for good (3500: no reconnect).
+    async with connected(server, "alice") as (client, events):
         wrong = sub_token(server, "alice", "task:other", 60)
         sub, sub_events = new_subscription(client, "task:T", token=wrong)
+        await sub.subscribe()
+        gone = await events.wait_for("disconnected")
+        assert (gone.code, gone.reason) == (codes.INVALID_TOKEN.code, codes.INVALID_TOKEN.reason)
+        assert client.state is ClientState.DISCONNECTED
+        assert not sub_events.named("subscribed")
+        await asyncio.sleep(0.3)  # a reconnect would have started by now
+        assert [c.code for c in events.named("connecting")] == [0]
+        assert not sessions_of(server, "alice")
+
+
+async def test_subscription_token_cannot_grant_another_users_channel(
+    server: RunningServer,
+) -> None:
+    async with connected(server, "alice") as (client, events):
+        # Signed by the backend, for alice and for user:bob: still bob's channel only.
+        token = sub_token(server, "alice", "user:bob", 60)
+        sub, sub_events = new_subscription(client, "user:bob", token=token)
         await sub.subscribe()
         denied = await sub_events.wait_for("unsubscribed")
         assert denied.code == codes.PERMISSION_DENIED.code
         assert not sub_events.named("subscribed")
+
+        await broadcast_ok(
+            server,
+            [
+                {"type": "approval.required", "payload": {"user_id": "bob", "approval_id": "b1"}},
+                {"type": "approval.required", "payload": {"user_id": "alice", "approval_id": "a1"}},
+            ],
+        )
+        # One connection's pushes are ordered: bob's approval would have come first.
+        pub = await events.wait_for("publication")
+        assert (pub.channel, pub.pub.data["approval_id"]) == ("user:alice", "a1")
+        assert not sub_events.named("publication")
         assert client.state is ClientState.CONNECTED
 
 
