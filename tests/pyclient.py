@@ -1,8 +1,11 @@
-"""centrifuge-python (the official SDK) wrapped with event recorders for tests."""
+"""centrifuge-python (the official SDK) wrapped with event recorders for tests, and
+a way to break a client's connection as the network would."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,9 @@ from centrifuge import (
     SubscriptionEventHandler,
     UnsubscribedContext,
 )
+
+from shim.centrifuge.session import CentrifugeSession
+from shim.edge import SocketPump
 
 
 class Recorder:
@@ -127,3 +133,16 @@ def new_subscription(
     events = SubEvents()
     options.setdefault("max_resubscribe_delay", 0.5)
     return client.new_subscription(channel, events=events, **options), events
+
+
+def drop_socket(session: CentrifugeSession) -> None:
+    """Kill the TCP connection under `session` the way a network failure does: a
+    reset, no WebSocket close frame, so neither side gets to say goodbye."""
+    pump = session.transport
+    assert isinstance(pump, SocketPump), pump
+    transport = pump.direct.transport
+    assert transport is not None, "no direct transport (compression negotiated?)"
+    sock = transport.get_extra_info("socket")
+    # Linger 0: close() sends RST at once instead of a FIN after the queued bytes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -4,10 +4,13 @@ answers) and from an SDK client subscribed to the channels the events go to."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import API_KEY, RunningServer, run_server
 from tests.pyclient import SubEvents, new_client, new_subscription
@@ -114,21 +117,68 @@ async def test_mixed_batch_gets_per_item_results_and_good_items_are_delivered(
         assert datas[2]["m"] == 1
 
 
-async def test_missing_route_key_goes_to_global_only(server: RunningServer) -> None:
-    event = {"type": "task.updated", "payload": {"status": "running"}}
+async def ingest_counts(server: RunningServer) -> dict[tuple[str, str], float]:
+    """The service's ingest counter, as Prometheus scrapes it: (type, result) -> count."""
+    response = await server.http.get("/metrics")
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "dex_shim_ingest_events":
+            return {
+                (sample.labels["type"], sample.labels["result"]): sample.value
+                for sample in family.samples
+                if sample.name == "dex_shim_ingest_events_total"
+            }
+    raise AssertionError("no dex_shim_ingest_events in /metrics")
+
+
+async def test_missing_route_key_goes_to_global_only_and_is_counted(
+    server: RunningServer,
+) -> None:
+    lacking_task = {"type": "task.updated", "payload": {"status": "running"}}
+    lacking_quest = {"type": "quest.updated", "payload": {"title": "q"}}
+    complete = {"type": "task.updated", "payload": {"task_id": "m1"}}
     async with subscriber(server, "global") as subs:
-        response = await server.broadcast(event)
+        response = await server.broadcast([lacking_task, lacking_quest, lacking_task, complete])
         assert response.status_code == 200, response.text
-        (result,) = response.json()["results"]
-        assert result["status"] == "accepted"
-        assert result["channels"] == ["global"]
-        assert result["missing_routes"] == ["task:{task_id}"]
-        pub = (await subs["global"].wait_for("publication")).pub
-        assert pub.data["type"] == "task.updated" and pub.data["status"] == "running"
+        results = response.json()["results"]
+        assert [r["status"] for r in results] == ["accepted"] * 4
+        assert [r["channels"] for r in results] == [
+            ["global"],
+            ["global"],
+            ["global"],
+            ["task:m1", "global"],
+        ]
+        assert [r.get("missing_routes") for r in results] == [
+            ["task:{task_id}"],
+            ["quest:{quest_id}"],
+            ["task:{task_id}"],
+            None,
+        ]
+        await subs["global"].wait_for("publication", count=4)
+        datas = [ctx.pub.data for ctx in subs["global"].named("publication")]
+        assert [d["type"] for d in datas] == [
+            e["type"] for e in (lacking_task, lacking_quest, lacking_task, complete)
+        ]
+        assert datas[0]["status"] == "running" and datas[1]["title"] == "q"
+
+    counts = await ingest_counts(server)
+    assert counts[("task.updated", "missing_route")] == 2
+    assert counts[("quest.updated", "missing_route")] == 1
+    assert counts[("task.updated", "accepted")] == 3
 
 
-async def test_unknown_type_goes_to_system_and_global(server: RunningServer) -> None:
+async def test_unknown_type_goes_to_system_and_global_logged_once_per_type(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unknown_type_lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "shim.ingest" and "unknown event type" in r.getMessage()
+        ]
+
     event = {"type": "brand.new_thing", "payload": {"x": 1}}
+    caplog.set_level(logging.WARNING, logger="shim.ingest")
     async with subscriber(server, "system", "global") as subs:
         response = await server.broadcast(event)
         assert response.status_code == 200, response.text
@@ -139,6 +189,25 @@ async def test_unknown_type_goes_to_system_and_global(server: RunningServer) -> 
         for channel in ("system", "global"):
             pub = (await subs[channel].wait_for("publication")).pub
             assert pub.data["type"] == "brand.new_thing" and pub.data["x"] == 1
+        assert unknown_type_lines() == [
+            "unknown event type 'brand.new_thing' routed to the default channel"
+        ]
+
+        # The same type again, in its own request and twice in a batch: nothing new
+        # in the log; another unknown type gets its own line.
+        again = await server.broadcast(event)
+        assert again.status_code == 200, again.text
+        batch = await server.broadcast([event, {"type": "other.thing", "payload": {}}, event])
+        assert [r["channels"] for r in batch.json()["results"]] == [["system", "global"]] * 3
+        await subs["system"].wait_for("publication", count=5)
+        assert unknown_type_lines() == [
+            "unknown event type 'brand.new_thing' routed to the default channel",
+            "unknown event type 'other.thing' routed to the default channel",
+        ]
+
+    counts = await ingest_counts(server)
+    assert counts[("brand.new_thing", "unknown_type")] == 4
+    assert counts[("other.thing", "unknown_type")] == 1
 
 
 async def test_api_key_is_required(server: RunningServer) -> None:

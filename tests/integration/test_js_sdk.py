@@ -19,6 +19,7 @@ from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
 from tests.conftest import RunningServer, run_server
 from tests.jsclient import Event, JsClient, JsError, js_available
+from tests.pyclient import drop_socket
 
 pytestmark = [
     pytest.mark.js,
@@ -134,7 +135,12 @@ async def test_fifty_broadcasts_arrive_in_order(server: RunningServer) -> None:
 # 3 -----------------------------------------------------------------------------------
 
 
-async def test_recovery_after_server_side_close_fills_the_gap(server: RunningServer) -> None:
+# The SDK's own code for a connection that ended without a close frame.
+TRANSPORT_CLOSED = 1
+
+
+@pytest.mark.parametrize("outage", ["socket dropped", "server closes 3011"])
+async def test_recovery_fills_the_gap(server: RunningServer, outage: str) -> None:
     async with JsClient(server.ws_url, server.token("alice"), **FAST) as js:
         client_id = await connect(js)
         first = await subscribe(js, "task:rec", recoverable=True)
@@ -154,11 +160,16 @@ async def test_recovery_after_server_side_close_fills_the_gap(server: RunningSer
         try:
             await wait_until(lambda: len(publications(js, "task:rec")) >= 10)
             mark = js.mark()
-            session_of(server, client_id).disconnect(codes.FORCE_RECONNECT)
+            session = session_of(server, client_id)
+            if outage == "socket dropped":
+                drop_socket(session)
+                expected = (TRANSPORT_CLOSED, "transport closed")
+            else:
+                session.disconnect(codes.FORCE_RECONNECT)
+                expected = (codes.FORCE_RECONNECT.code, codes.FORCE_RECONNECT.reason)
 
             dropped = await js.wait_event("connecting", timeout=5, since=mark)
-            assert dropped["code"] == codes.FORCE_RECONNECT.code
-            assert dropped["reason"] == "force reconnect"
+            assert (dropped["code"], dropped["reason"]) == expected
             again = await js.wait_event(on("task:rec", "sub.subscribed"), timeout=5, since=mark)
             assert again["wasRecovering"] is True
             assert again["recovered"] is True
