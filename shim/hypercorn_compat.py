@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -51,16 +50,22 @@ _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 class Liveness:
     """Shared by the app and the protocol layer for one connection."""
 
-    __slots__ = ("last_pong", "ping_interval", "pinger")
+    __slots__ = ("last_pong", "ping_interval", "pinger", "timer")
 
     def __init__(self, ping_interval: float) -> None:
         self.ping_interval = ping_interval
         self.last_pong = asyncio.get_running_loop().time()
+        # A timer between pings (no task per idle connection); a task only while a
+        # ping is being written.
+        self.timer: asyncio.TimerHandle | None = None
         self.pinger: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """No more pings. A ping stuck writing to a stalled peer holds hypercorn's send
         lock; cancelling it lets the close frame be queued behind what was sent."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.pinger is not None:
             self.pinger.cancel()
             self.pinger = None
@@ -156,12 +161,12 @@ class _NoCompressionHandshake(ws_stream.Handshake):
 
 
 class _PingingWSStream(ws_stream.WSStream):
-    _stream_ended: asyncio.Event | None = None
+    _liveness: Liveness | None = None
 
     async def handle(self, event: Any) -> None:
         await super().handle(event)
-        if self.closed and self._stream_ended is not None:
-            self._stream_ended.set()  # wakes the ping loop at once, not a ping later
+        if self.closed and self._liveness is not None:
+            self._liveness.stop()  # no ping is due to a stream that has ended
 
     async def _accept(self, message: Any) -> None:
         await super()._accept(message)
@@ -189,21 +194,32 @@ class _PingingWSStream(ws_stream.WSStream):
                 yield event
 
         connection.events = events_noting_pongs  # type: ignore[method-assign, unused-ignore]
-        self._stream_ended = asyncio.Event()
-        self.task_group.spawn(
-            self._ping_until_closed, liveness.ping_interval, self._stream_ended, liveness
-        )
+        self._liveness = liveness
+        self._arm_ping(liveness)
 
-    async def _ping_until_closed(
-        self, interval: float, ended: asyncio.Event, liveness: Liveness
-    ) -> None:
-        liveness.pinger = asyncio.current_task()
-        while not self.closed:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await ended.wait()
-            if not self.closed:
-                await self._send_wsproto_event(Ping())
+    def _arm_ping(self, liveness: Liveness) -> None:
+        loop = asyncio.get_running_loop()
+        liveness.timer = loop.call_later(liveness.ping_interval, self._ping_due, liveness)
+
+    def _ping_due(self, liveness: Liveness) -> None:
+        liveness.timer = None
+        if self.closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._ping(liveness))
+        liveness.pinger = task
+
+    async def _ping(self, liveness: Liveness) -> None:
+        """One ping through hypercorn's locked send; the next one is armed only after
+        it was written, so a peer that stopped reading never piles pings up."""
+        try:
+            await self._send_wsproto_event(Ping())
+        except Exception:
+            return  # the socket is gone; the stream's close ends the connection
+        finally:
+            if liveness.pinger is asyncio.current_task():
+                liveness.pinger = None
+        if not self.closed:
+            self._arm_ping(liveness)
 
 
 async def _spawn_app_with_lean_queue(
