@@ -197,7 +197,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace_seconds
         if self.stream_consumer is not None:
-            await self.stream_consumer.close()  # an entry in progress finishes first
+            # An entry in progress finishes first, within the grace period.
+            await self.stream_consumer.close(timeout=max(0.0, deadline - loop.time()))
         for session in list(self.node.sessions):
             if isinstance(session, LegacySession):
                 session.close(1001, "server shutting down")

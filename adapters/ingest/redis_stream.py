@@ -7,7 +7,10 @@ idle for `claim_idle_seconds`. Each entry gets the event id `stream:<entry id>`
 (unless the message carries its own `id`), and a marker written after publishing
 lets a reclaiming node skip entries that were published but not yet acknowledged,
 so an entry is published at most once more than needed (when a node dies between
-publishing and writing the marker).
+publishing and writing the marker). A publish that fails leaves its entry pending;
+the consumer backs off and retries its own pending entries before reading new ones.
+A stopping node lets the entry in progress finish (within a bound) and starts no
+other; what it read but did not start stays pending for the other nodes to claim.
 
 Entry fields: `message` = one legacy hub message as JSON text (an object; an
 array of several is accepted too).
@@ -61,6 +64,10 @@ class StreamStats:
     failures: int = 0
 
 
+class _Stopped(Exception):
+    """The consumer was asked to stop before starting another entry."""
+
+
 class StreamConsumer:
     def __init__(self, redis: Redis, ingestor: Ingestor, options: StreamOptions) -> None:
         self.redis = redis
@@ -69,6 +76,11 @@ class StreamConsumer:
         self.stats = StreamStats()
         self.running = False
         self._task: asyncio.Task[None] | None = None
+        # Set unless an entry is between its first publish and its acknowledgement.
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # close() was called: start no new entry.
+        self._stopping = False
 
     @property
     def dead_letter_key(self) -> str:
@@ -80,12 +92,20 @@ class StreamConsumer:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="shim-ingest-stream")
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop consuming. An entry being handled finishes first (published, marked,
+        acknowledged), for at most `timeout` seconds; a read that is only waiting for
+        new entries is abandoned at once. No new entry is started meanwhile."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("ingest stream entry still in progress at shutdown: left pending")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, _Stopped):
+                await task
         self.running = False
 
     async def _ensure_group(self) -> None:
@@ -103,29 +123,41 @@ class StreamConsumer:
             try:
                 await self._ensure_group()
                 self.running = True
-                # First what this consumer already holds (it may have restarted), then new.
-                await self._drain_own_pending()
-                while True:
-                    await self._claim_abandoned()
-                    handled = await self._read(">")
-                    if handled is None:
-                        break  # a publish failed: back off, then retry what is pending
-                    delay = 0.1
+                # First what this consumer already holds (it may have restarted, or a
+                # publish failed), then new entries. A failed publish backs off and
+                # starts here again, so its entry is retried before anything newer.
+                if await self._drain_own_pending():
+                    while await self._claim_abandoned() and await self._read(">") is not None:
+                        delay = 0.1
+            except _Stopped:
+                return
             except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return  # close()'s cancel, as redis-py reports it
                 log.warning("ingest stream unavailable: %s", exc.__class__.__name__)
             self.running = False
             self.stats.failures += 1
             await asyncio.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 5.0)
 
-    async def _drain_own_pending(self) -> None:
+    async def _drain_own_pending(self) -> bool:
+        """Handle what this consumer holds; False when a publish failed."""
         while True:
             handled = await self._read("0")
-            if not handled:
-                return
+            if handled is None:
+                return False
+            if handled == 0:
+                return True
+
+    def _check_stopping(self) -> None:
+        # Checked before every step: redis-py can swallow the cancel of close() (its
+        # retries turn it into a fresh command), so cancelling alone may not stop us.
+        if self._stopping:
+            raise _Stopped
 
     async def _read(self, start: str) -> int | None:
         """Handle one batch. Returns how many entries, or None when publishing failed."""
+        self._check_stopping()
         # RESP2 (our pools speak it): [[stream, [(id, fields), ...]]].
         response: Any = await self.redis.xreadgroup(
             self.options.group,
@@ -140,7 +172,9 @@ class StreamConsumer:
                 return None
         return len(entries)
 
-    async def _claim_abandoned(self) -> None:
+    async def _claim_abandoned(self) -> bool:
+        """Take over entries idle with other consumers; False when a publish failed."""
+        self._check_stopping()
         result: Sequence[Any] = await self.redis.xautoclaim(
             self.options.key,
             self.options.group,
@@ -149,16 +183,30 @@ class StreamConsumer:
             start_id="0-0",
             count=self.options.batch,
         )
-        claimed = result[1] if len(result) > 1 else []
+        claimed = [(i, f) for i, f in (result[1] if len(result) > 1 else []) if f is not None]
+        if claimed:
+            # Ids in the log: how an operator (or a test) sees which entries moved.
+            log.info(
+                "claimed %d idle ingest stream entries: %s",
+                len(claimed),
+                " ".join(entry_id.decode() for entry_id, _ in claimed),
+            )
         for entry_id, fields in claimed:
-            if fields is None:
-                continue  # deleted from the stream meanwhile
             self.stats.claimed += 1
             if not await self._handle(entry_id.decode(), fields):
-                return
+                return False
+        return True
 
     async def _handle(self, entry_id: str, fields: dict[bytes, bytes]) -> bool:
         """Publish one entry and acknowledge it; False when it must be retried later."""
+        self._check_stopping()  # it stays pending: claimed by another node, or ours on restart
+        self._idle.clear()
+        try:
+            return await self._publish_entry(entry_id, fields)
+        finally:
+            self._idle.set()
+
+    async def _publish_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> bool:
         self.stats.consumed += 1
         marker = self._marker(entry_id)
         if await self.redis.exists(marker):
