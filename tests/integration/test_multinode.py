@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -547,9 +548,10 @@ async def test_default_engine_is_memory_and_needs_no_redis() -> None:
 
 async def test_stream_ingest_survives_a_node_killed_mid_stream(redis: RedisServer) -> None:
     """Both nodes consume one Redis stream in one consumer group. Node A is killed
-    while entries flow; B claims A's unacknowledged entries once they have been idle,
-    so every entry is published, at most once more than needed, and all are acked."""
-    stream, total = "dex:ingest-kill", 400
+    while it holds read, unacknowledged entries; B claims exactly those once they have
+    been idle, so every entry is published, at most once more than needed, and all
+    are acked."""
+    stream, group, total = "dex:ingest-kill", "dex-shim", 400
     settings = {"ingest_stream_key": stream, "ingest_stream_claim_idle_seconds": "1"}
     async with start_nodes(2, [redis.url], settings=settings) as (a, b):
         client, _events = new_client(b.ws_url, b.token("watcher"))
@@ -558,29 +560,63 @@ async def test_stream_ingest_survives_a_node_killed_mid_stream(redis: RedisServe
         await sub.subscribe()
         await sub_events.wait_for("subscribed")
         producer = Redis.from_url(redis.url)
-        try:
-            for n in range(total):
-                body = {"type": "task.updated", "payload": {"task_id": "stream-kill", "n": n}}
+        sent = 0
+
+        async def send(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                body = {"type": "task.updated", "payload": {"task_id": "stream-kill", "n": sent}}
                 await producer.xadd(stream, {"message": orjson.dumps(body)})
-                if n == total // 4:
-                    await a.kill()  # mid-stream: it may hold read, unacknowledged entries
+                sent += 1
+
+        async def held_by(node: NodeProcess) -> list[str]:
+            # A node's consumer is named after it (hostname:pid).
+            rows = await producer.xpending_range(stream, group, "-", "+", count=1000)
+            mine = [r for r in rows if r["consumer"].decode().endswith(f":{node.pid}")]
+            return [r["message_id"].decode() for r in mine]
+
+        try:
+            await send(total // 4)
+            # Freeze A right after a burst, until it is caught holding entries; then
+            # kill it, so what it held is known exactly.
+            held: list[str] = []
+            while not held and sent < total // 2:
+                await send(5)
+                a.process.send_signal(signal.SIGSTOP)
+                held = await held_by(a)
+                if not held:
+                    a.process.send_signal(signal.SIGCONT)
+            assert held, "A never caught holding an entry"
+            await a.kill()
+            await send(total - sent)
             await sub_events.wait_for(
                 "publication", lambda _ctx: len(set(numbers(sub_events))) == total, timeout=30
             )
 
             async def all_acknowledged() -> bool:
-                return bool((await producer.xpending(stream, "dex-shim"))["pending"] == 0)
+                return bool((await producer.xpending(stream, group))["pending"] == 0)
 
             async with asyncio.timeout(15):
                 while not await all_acknowledged():
                     await asyncio.sleep(0.1)
-            # Both nodes took part: the killed one had its share of the stream.
-            consumers = await producer.xinfo_consumers(stream, "dex-shim")
-            assert len(consumers) == 2
+            consumers = {
+                c["name"].decode(): c for c in await producer.xinfo_consumers(stream, group)
+            }
+            b_log = b.log_path.read_text().splitlines()
         finally:
             await producer.aclose()
             await shut(client)
 
+    # Both nodes took part: the killed one had its share of the stream, and none left.
+    (a_consumer,) = [c for name, c in consumers.items() if name.endswith(f":{a.pid}")]
+    assert a_consumer["pending"] == 0
+    # B says which entries it claimed: every one A held when it died.
+    claimed = set()
+    for line in b_log:
+        message = orjson.loads(line).get("message", "")
+        if message.startswith("claimed "):
+            claimed.update(message.split(": ", 1)[1].split())
+    assert set(held) <= claimed, (held, claimed)
     got = numbers(sub_events)
     assert set(got) == set(range(total))
     counts: dict[int, int] = {}
