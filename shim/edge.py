@@ -43,8 +43,8 @@ class SocketPump:
     def __init__(
         self,
         send: ASGISend,
+        receive_queue: LeanQueue[dict[str, Any]],
         direct: DirectWrite | None = None,
-        receive_queue: LeanQueue[dict[str, Any]] | None = None,
     ) -> None:
         self._send = send
         # Filled in by hypercorn at accept when direct writes are possible.
@@ -62,8 +62,7 @@ class SocketPump:
         if not self._closing:
             self._closing = True
             self.close_code, self.close_reason = code, reason
-            if self._queue is not None:
-                self._queue.interrupt(CLOSE_REQUESTED)
+            self._queue.interrupt(CLOSE_REQUESTED)
 
     async def send_frame(self, payload: bytes) -> None:
         """One text frame. Straight to the transport when hypercorn lets us (one
@@ -90,14 +89,6 @@ class SocketPump:
         discard_on: frozenset[int] = frozenset(),
     ) -> None:
         """Pump until the client leaves or a close is asked for; returns when done."""
-        relay: asyncio.Task[None] | None = None
-        if self._queue is None:
-            # Not served through our hypercorn hook: relay into a queue we can wake.
-            queue: LeanQueue[dict[str, Any]] = LeanQueue()
-            relay = asyncio.get_running_loop().create_task(_relay(receive, queue))
-            self._queue, receive = queue, queue.get
-            if self._closing:
-                queue.interrupt(CLOSE_REQUESTED)
         try:
             await self._read(receive, on_frame, read_limit_bytes)
             if not self._closing:
@@ -122,8 +113,6 @@ class SocketPump:
             await _bounded(_until_disconnect(receive), CLOSE_HANDSHAKE_TIMEOUT)
         finally:
             outbox.close(discard=True)
-            if relay is not None:
-                relay.cancel()
 
     async def _read(
         self,
@@ -146,14 +135,6 @@ class SocketPump:
                 await on_frame(frame)
             elif kind == "websocket.disconnect":
                 return
-
-
-async def _relay(receive: ASGIReceive, queue: LeanQueue[dict[str, Any]]) -> None:
-    while True:
-        message = await receive()
-        await queue.put(message)
-        if message["type"] == "websocket.disconnect":
-            return
 
 
 async def _until_disconnect(receive: ASGIReceive) -> None:

@@ -115,7 +115,7 @@ async def _run_centrifuge(
     first_frame: str | bytes | None,
 ) -> None:
     settings = runtime.settings
-    pump = SocketPump(send, direct, _receive_queue(scope))
+    pump = SocketPump(send, _receive_queue(scope), direct)
     outbox = Outbox(
         settings.client_queue_max_size_bytes,
         pump.send_frame,
@@ -130,9 +130,13 @@ async def _run_centrifuge(
     )
 
 
-def _receive_queue(scope: dict[str, Any]) -> LeanQueue[dict[str, Any]] | None:
+def _receive_queue(scope: dict[str, Any]) -> LeanQueue[dict[str, Any]]:
+    """The connection's receive queue, which our hypercorn hook hands over (the
+    WebSocket paths need the hooks: pings, direct writes, waking a parked read)."""
     queue = scope["extensions"].get(RECEIVE_QUEUE_EXTENSION)
-    return queue if isinstance(queue, LeanQueue) else None
+    if not isinstance(queue, LeanQueue):
+        raise RuntimeError("served without shim.hypercorn_compat's hooks installed")
+    return queue
 
 
 async def serve_legacy(
@@ -180,7 +184,7 @@ async def serve_legacy(
         await _close(send, *RETIRED)
         return
 
-    pump = SocketPump(send, direct, _receive_queue(scope))
+    pump = SocketPump(send, _receive_queue(scope), direct)
     outbox = Outbox(
         settings.client_queue_max_size_bytes,
         pump.send_frame,
