@@ -399,6 +399,47 @@ async def test_presence_lists_the_clients_of_every_node(redis: RedisServer) -> N
     assert alice_events.named("subscribed")
 
 
+async def test_clients_of_a_killed_node_leave_presence_after_the_expiry(
+    redis: RedisServer,
+) -> None:
+    """Node A is SIGKILLed: it never removes its clients' presence entries. They must
+    drop out of presence once the TTL passes, while B's client (refreshed by B all
+    along) stays."""
+    ttl = 3.0
+    settings = {"presence_ttl_seconds": str(ttl), "presence_refresh_seconds": "1"}
+    async with start_nodes(2, [redis.url], settings=settings) as (a, b):
+        alice, _alice_events = await connected_subscription(a.ws_url, a.token("alice"), "task:gone")
+        bob, _bob_events = await connected_subscription(b.ws_url, b.token("bob"), "task:gone")
+        try:
+            sub = bob.get_subscription("task:gone")
+            assert sub is not None
+            deadline = time.monotonic() + 5
+            while len((before := await sub.presence()).clients) < 2:
+                assert time.monotonic() < deadline, before
+                await asyncio.sleep(0.05)
+            await a.kill()
+            killed_at = time.monotonic()
+            # Right after the crash nobody has removed alice: she is still listed.
+            just_after = await sub.presence()
+            deadline = killed_at + ttl + 5
+            while len((after := await sub.presence()).clients) > 1:
+                assert time.monotonic() < deadline, after
+                await asyncio.sleep(0.1)
+            gone_after = time.monotonic() - killed_at
+            stats = await sub.presence_stats()
+            # Past two TTLs: bob's entry lives on because B keeps refreshing it.
+            await asyncio.sleep(max(0.0, 2 * ttl - gone_after))
+            later = await sub.presence()
+        finally:
+            await shut(alice, bob)
+
+    assert sorted(info.user for info in before.clients.values()) == ["alice", "bob"]
+    assert "alice" in [info.user for info in just_after.clients.values()]
+    assert [info.user for info in after.clients.values()] == ["bob"]
+    assert (stats.num_clients, stats.num_users) == (1, 1)
+    assert [info.user for info in later.clients.values()] == ["bob"]
+
+
 # --- 4. Redis dies and comes back ----------------------------------------------------------
 
 
