@@ -94,9 +94,12 @@ class RuntimeCollector(Collector):
         yield _gauge("client_queue_bytes", "Bytes waiting in client queues.", queued)
 
         publications = CounterMetricFamily(
-            f"{PREFIX}_node_publications", "Publications handed to this node by the broker."
+            f"{PREFIX}_node_publications",
+            "Publications from the broker that reached local subscribers, by protocol.",
+            labels=["protocol"],
         )
-        publications.add_metric([], counters.publications)
+        for protocol, count in counters.publications.items():
+            publications.add_metric([protocol], count)
         yield publications
 
         deliveries = CounterMetricFamily(

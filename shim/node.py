@@ -66,8 +66,9 @@ class NodeCounters:
     def __init__(self) -> None:
         # Messages appended to client queues, by protocol ("channels" / "legacy").
         self.deliveries = {"channels": 0, "legacy": 0}
-        # Publications handed to this node by the broker.
-        self.publications = 0
+        # Publications the broker handed to this node that reached at least one local
+        # subscriber of that protocol (one reaching both counts once in each).
+        self.publications = {"channels": 0, "legacy": 0}
         # (protocol, close code) -> server-initiated disconnects.
         self.disconnects: dict[tuple[str, int], int] = {}
         # Broker operation -> failures.
@@ -290,12 +291,12 @@ class Node:
         if entry is None:
             return
         counters = self.counters
-        counters.publications += 1
         if entry.subscribers:
             push = codec.publication_push(channel, pub)
             subscribers = list(entry.subscribers)
             for subscriber in subscribers:
                 subscriber.deliver(pub, epoch, push)
+            counters.publications["channels"] += 1
             counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is not None:
             tag = pub.legacy
@@ -303,6 +304,7 @@ class Node:
             for legacy in legacy_subscribers:
                 legacy.deliver_legacy(tag)
             # Counts reach, before a legacy session drops a copy it already had.
+            counters.publications["legacy"] += 1
             counters.deliveries["legacy"] += len(legacy_subscribers)
         if pub.time_ms:
             self.observer.publish_to_enqueue(max(0.0, time.time() - pub.time_ms / 1000))
