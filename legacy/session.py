@@ -1,17 +1,22 @@
 """One legacy hub client: its subscriptions, and delivery of each event once.
 
 The legacy subscriptions `*`, `task:<id>` and `project:<id>` are held as
-attachments to routed channels (`*` is the global channel). An event routed to
-several channels the client holds arrives once per channel; the session passes
-on the first and drops the rest by event id. With strict matching the session
-instead reads only the global channel and applies the old hub's rule: top-level
-`task_id`/`project_id` only.
+attachments to routed channels. `*` is the global channel, which carries every
+event, so while it is held nothing else is attached and each event arrives
+exactly once by construction (the browser hook's case). Without `*`, an event
+routed to several channels the client holds (a task event to `task:T` and
+`project:P`) arrives once per channel, and with Redis shards those copies come
+through different connections, possibly seconds and thousands of events apart;
+the session passes on the first and drops the rest by event id (RecentEvents).
+With strict matching the session instead reads only the global channel and
+applies the old hub's rule: top-level `task_id`/`project_id` only.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import time
 from typing import Protocol
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
@@ -25,9 +30,13 @@ log = logging.getLogger("shim.legacy")
 # The Go hub's read limit per client message; above it the socket closes with 1009.
 READ_LIMIT_BYTES = 4096
 WILDCARD = "*"
-# Event ids remembered to drop the second copy of an event reaching a client
-# through two of its subscriptions (copies arrive back to back, so a few suffice).
-RECENT_EVENTS = 64
+# How long, and for how many events, a multi-subscription client remembers the ids
+# it was sent, to drop later copies of them. Copies of one event differ only by the
+# delivery lag between shards (milliseconds, seconds under load), so 10 s is ample;
+# the count bound caps memory at 2 x DEDUP_MAX_EVENTS ids for a client flooded
+# with events and still covers that many events between two copies.
+DEDUP_WINDOW_SECONDS = 10.0
+DEDUP_MAX_EVENTS = 4096
 
 
 # Close codes of our own (the legacy hook reacts to every close the same way:
@@ -58,11 +67,58 @@ class LegacyStats:
         self.slow_disconnects = 0
 
 
+class RecentEvents:
+    """Event ids a client was sent lately: each is remembered for at least `window`
+    seconds or the `limit` ids added after it, whichever ends first, and at most
+    2 x `limit` ids are held. Two generations of sets: when the current one is
+    `window` old or holds `limit` ids it becomes the previous one, and the previous
+    one is dropped whole (no per-id timestamps)."""
+
+    __slots__ = ("_current", "_previous", "_started", "limit", "window")
+
+    def __init__(self, now: float, *, window: float, limit: int) -> None:
+        self.window = window
+        self.limit = limit
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
+        self._started = now
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._current or event_id in self._previous
+
+    def add(self, event_id: str, now: float) -> None:
+        self.expire(now)
+        current = self._current
+        current.add(event_id)
+        if len(current) >= self.limit:
+            self._previous, self._current, self._started = current, set(), now
+
+    def expire(self, now: float) -> None:
+        """Forget what is past its window."""
+        age = now - self._started
+        if age >= self.window:
+            # Every id of the current generation was added before started + window,
+            # so after 2 x window all of them are older than one window.
+            self._previous = self._current if age < 2 * self.window else set()
+            self._current, self._started = set(), now
+
+    def forgotten(self, now: float) -> bool:
+        """True when nothing is remembered any more (the holder may drop this)."""
+        self.expire(now)
+        return not self._current and not self._previous
+
+
 class LegacySession:
+    # The clock of the de-duplication window (a class attribute, so it costs no slot).
+    clock = staticmethod(time.monotonic)
+
     __slots__ = (
         "_attached",
         "_drain_at",
-        "_recent",
+        "_seen",
         "_strict",
         "liveness",
         "node",
@@ -95,7 +151,8 @@ class LegacySession:
         self.state = State.OPEN
         self.subscriptions: set[str] = set()
         self._attached: set[str] = set()
-        self._recent: dict[str, None] = {}
+        # Allocated only while the client holds several channels without `*`.
+        self._seen: RecentEvents | None = None
         self.write_timeout = node.settings.websocket_write_timeout_seconds
         self.liveness = liveness
         self._drain_at = 0.0
@@ -131,20 +188,28 @@ class LegacySession:
         if not self.subscriptions:
             return set()
         global_channel = self.node.settings.global_channel
-        if self._strict:
+        if self._strict or WILDCARD in self.subscriptions:
+            # Every event is routed to the global channel too: any other channel would
+            # only bring second copies.
             return {global_channel}
-        return {global_channel if name == WILDCARD else name for name in self.subscriptions}
+        return set(self.subscriptions)
 
     async def _sync_attachments(self) -> None:
         wanted = self._wanted_channels()
+        # New channels before dropping old ones, so an event routed to both is not
+        # missed while the broker subscribes.
+        for channel in wanted - self._attached:
+            if self.closed:
+                return
+            await self.node.attach_legacy(channel, self)
+            if self.closed:
+                # Closed while the broker subscribed: _release did not know this one.
+                self.node.detach_legacy(channel, self)
+                return
+            self._attached.add(channel)
         for channel in self._attached - wanted:
             self._attached.discard(channel)
             self.node.detach_legacy(channel, self)
-        for channel in wanted - self._attached:
-            if self.state is State.CLOSED:
-                return
-            self._attached.add(channel)
-            await self.node.attach_legacy(channel, self)
 
     # -- delivery (publish path: append only) -----------------------------------------
 
@@ -152,16 +217,34 @@ class LegacySession:
         if self._strict:
             if not self._matches_strictly(tag):
                 return
-        elif len(self._attached) > 1:
-            recent = self._recent
-            if tag.event_id in recent:
-                return
-            recent[tag.event_id] = None
-            if len(recent) > RECENT_EVENTS:
-                del recent[next(iter(recent))]
+        elif (self._seen is not None or len(self._attached) > 1) and not self._first_copy(
+            tag.event_id
+        ):
+            return
         if not self.outbox.push(tag.frame):
             self.stats.slow_disconnects += 1
             self.close(3008, "slow")
+
+    def _first_copy(self, event_id: str) -> bool:
+        """False for a copy of an event already sent. Ids are recorded while several
+        channels are attached; those already recorded are still checked after the
+        client drops to one channel (a late copy through it may still be on its way)."""
+        now = self.clock()
+        seen = self._seen
+        if seen is not None and event_id in seen:
+            return False
+        if len(self._attached) > 1:
+            if seen is None:
+                seen = self._seen = RecentEvents(
+                    now, window=DEDUP_WINDOW_SECONDS, limit=DEDUP_MAX_EVENTS
+                )
+            seen.add(event_id, now)
+        return True
+
+    @property
+    def remembered_events(self) -> int:
+        """How many event ids the session holds for de-duplication."""
+        return 0 if self._seen is None else len(self._seen)
 
     def _matches_strictly(self, tag: LegacyTag) -> bool:
         subscriptions = self.subscriptions
@@ -172,6 +255,10 @@ class LegacySession:
         )
 
     # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     def close(self, code: int, reason: str) -> None:
         if self.state is State.CLOSED:
@@ -196,6 +283,7 @@ class LegacySession:
             self._release()
 
     def _release(self) -> None:
+        self._seen = None
         self.node.remove_session(self)
         for channel in self._attached:
             self.node.detach_legacy(channel, self)
@@ -208,6 +296,8 @@ class LegacySession:
     def tick(self, now: float, wall: float) -> None:
         if self.state is State.CLOSED:
             return
+        if self._seen is not None and self._seen.forgotten(self.clock()):
+            self._seen = None  # an idle client goes back to holding nothing
         started = self.outbox.write_started
         if started and now - started > self.write_timeout:
             self.stats.slow_disconnects += 1
