@@ -3,9 +3,11 @@ through POST /api/v1/broadcast while legacy clients (like the browser hook) and
 Centrifuge clients (centrifuge-python, centrifuge-js) are connected at once.
 
 Legacy frames must be byte-equal to the corpus `wire` text (the examples carry
-their timestamps, which the shim keeps). Who gets what is computed from the
-routing table (shim.routing.Router with the default routes), or, with strict
-matching, from the corpus' own `delivered_to_subscriptions`, never by hand.
+their timestamps, which the shim keeps). In the corpus replays who gets what is
+computed from the routing table (shim.routing.Router with the default routes),
+or, with strict matching, from the corpus' own `delivered_to_subscriptions`; the
+smaller tests below (project subscriptions, Redis shards, encoding once) write
+their expectations out by hand.
 """
 
 from __future__ import annotations
@@ -14,20 +16,26 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
 
+import shim.ingest
+from adapters.brokers.redis.keys import shard_index
+from legacy.session import LegacySession
 from legacy.translate import Accepted, channel_data, parse_broadcast
 from shim.config import Settings
 from shim.events import Event
+from shim.outbox import Outbox
 from shim.routing import Router
 from tests.conftest import RunningServer, run_server
 from tests.jsclient import JsClient, js_available
 from tests.legacyclient import SHORT_PINGS, LegacyClient, open_legacy, settle
 from tests.pyclient import SubEvents, new_client, new_subscription
+from tests.redis_server import RedisServer
 
 Keys = tuple[str, str]
 Corpus = list[dict[str, Any]]
@@ -158,6 +166,11 @@ async def test_corpus_reaches_legacy_and_python_sdk_clients_at_once(
     expected_project = routed_wires(corpus, f"project:{project}")
     # The routing fix: far more than the 11 sites with a top-level task_id.
     assert len(expected_task) > 11
+    # Today's backend puts project_id in no task payload (only quest payloads carry
+    # one, and quests go to quest:<id>): project:<id> gets nothing from the corpus.
+    # test_project_subscribers_get_task_and_project_events_naming_the_project shows
+    # what it gets once the backend sends it.
+    assert expected_project == []
     channels = channels_for(corpus)
     async with (
         run_server(signing_keys, **SHORT_PINGS) as server,
@@ -254,41 +267,239 @@ async def test_strict_matching_is_the_old_hubs_top_level_rule(
     assert project_only == []
 
 
+# --- project:<id> subscriptions ----------------------------------------------------------
+
+PROJECT = "proj-7"
+
+# Messages naming PROJECT (or not) in each way a backend could; payload `n` numbers them.
+PROJECT_EVENTS: list[dict[str, Any]] = [
+    # A task event whose payload names the project (what today's backend does not send).
+    {"type": "task.updated", "payload": {"n": 1, "project_id": PROJECT, "task_id": "t-1"}},
+    # A project event naming it in the payload only.
+    {"type": "project.updated", "payload": {"n": 2, "project_id": PROJECT}},
+    # A project event with the top-level field only, as the old hub matched.
+    {"type": "project.updated", "payload": {"n": 3}, "project_id": PROJECT},
+    # A task event with both.
+    {
+        "type": "task.created",
+        "payload": {"n": 4, "project_id": PROJECT, "task_id": "t-2"},
+        "project_id": PROJECT,
+    },
+    # A quest naming the project in its payload: quests go to quest:<id> only.
+    {"type": "quest.created", "payload": {"n": 5, "project_id": PROJECT, "quest_id": "q-1"}},
+    # Another project's task, and a task event naming no project (today's shape).
+    {"type": "task.updated", "payload": {"n": 6, "project_id": "proj-other", "task_id": "t-3"}},
+    {"type": "task.updated", "payload": {"n": 7, "task_id": "t-1"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("strict", "expected"),
+    [
+        # Routed channels: every event whose payload or top level names the project,
+        # except quests (the routing table sends those to quest:<id>).
+        (False, [1, 2, 3, 4]),
+        # The old hub's rule: the top-level project_id only.
+        (True, [3, 4]),
+    ],
+    ids=["routed", "strict"],
+)
+async def test_project_subscribers_get_task_and_project_events_naming_the_project(
+    signing_keys: Keys, strict: bool, expected: list[int]
+) -> None:
+    async with (
+        run_server(signing_keys, legacy_strict_matching=strict, **SHORT_PINGS) as server,
+        legacy_clients(server, project=(subscribe(project_id=PROJECT),)) as clients,
+    ):
+        client = clients["project"]
+        await settle(publisher(server), [client], f"project:{PROJECT}")
+        await publish(server, PROJECT_EVENTS)
+        frames = await client.take(len(expected), timeout=10)
+        await client.expect_silence(QUIET)
+    assert [f.message["payload"]["n"] for f in frames] == expected
+    # Each exactly as sent: the top-level field only where the message had it.
+    for frame in frames:
+        sent = PROJECT_EVENTS[frame.message["payload"]["n"] - 1]
+        assert frame.message.get("project_id") == sent.get("project_id")
+        assert frame.message["payload"] == sent["payload"]
+
+
+# --- exactly once across Redis shards ---------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_copies_through_two_shards_reach_a_task_and_project_client_once(
+    signing_keys: Keys,
+) -> None:
+    # task:T and project:P on different shards: each event's two copies come through
+    # two Redis connections, as far apart as those deliver them.
+    task, project = next(
+        (f"T{i}", f"P{i}")
+        for i in range(100)
+        if shard_index(f"task:T{i}", 2) != shard_index(f"project:P{i}", 2)
+    )
+    count = 1500
+    events = [
+        {"type": "task.updated", "payload": {"n": n, "project_id": project, "task_id": task}}
+        for n in range(count)
+    ]
+    async with (
+        RedisServer() as first,
+        RedisServer() as second,
+        run_server(
+            signing_keys, engine="redis", redis_url=f"{first.url},{second.url}", **SHORT_PINGS
+        ) as server,
+        legacy_clients(server, both=(subscribe(task_id=task, project_id=project),)) as clients,
+    ):
+        client = clients["both"]
+        await settle(publisher(server), [client], f"project:{project}")
+        await settle(publisher(server), [client], task)
+        for start in range(0, count, 500):
+            await publish(server, events[start : start + 500])
+        await client.take(count, timeout=20)
+        await asyncio.sleep(QUIET)
+        numbers = [f.message["payload"].get("n") for f in client.frames]
+    numbers = [n for n in numbers if n is not None]  # the probes carry none
+    repeated = sorted(n for n, times in Counter(numbers).items() if times > 1)
+    assert repeated == [], f"{len(repeated)} events delivered twice"
+    # Once each, in publish order (both shards keep it, so the first copies do too).
+    assert numbers == list(range(count))
+
+
+# --- the legacy frame is encoded once per event ---------------------------------------------
+
+
+async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_client(
+    signing_keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[str] = []
+    real_encode = shim.ingest.encode_legacy_frame
+
+    def counting_encode(event: Event) -> str:
+        text = real_encode(event)
+        encoded.append(text)
+        return text
+
+    pushed: list[tuple[Outbox, bytes]] = []
+    real_push = Outbox.push
+
+    def recording_push(outbox: Outbox, message: bytes) -> bool:
+        pushed.append((outbox, message))
+        return real_push(outbox, message)
+
+    monkeypatch.setattr(shim.ingest, "encode_legacy_frame", counting_encode)
+    monkeypatch.setattr(Outbox, "push", recording_push)
+    # Each event goes to task:T, project:P and global: several channels, several clients.
+    events = [
+        {"type": "task.updated", "payload": {"n": n, "project_id": "P", "task_id": "T"}}
+        for n in range(5)
+    ]
+    async with (
+        run_server(signing_keys, **SHORT_PINGS) as server,
+        legacy_clients(
+            server,
+            hook1=('{"action":"subscribe_all"}',),
+            hook2=('{"action":"subscribe_all"}',),
+            hook3=('{"action":"subscribe_all"}',),
+            task=(subscribe(task_id="T"),),
+            task_and_project=(subscribe(task_id="T", project_id="P"),),
+        ) as clients,
+    ):
+        await settle(publisher(server), list(clients.values()), "T")
+        legacy_outboxes = {
+            s.outbox for s in server.runtime.node.sessions if isinstance(s, LegacySession)
+        }
+        assert len(legacy_outboxes) == len(clients)
+        encoded.clear()
+        pushed.clear()
+        await publish(server, events)
+        got = await asyncio.gather(*(received(c, len(events)) for c in clients.values()))
+
+    assert len(encoded) == len(events)
+    for frames in got:
+        assert frames == encoded
+    legacy_pushes = [(o, m) for o, m in pushed if o in legacy_outboxes]
+    assert len(legacy_pushes) == len(events) * len(clients)
+    for text in encoded:
+        copies = [m for _o, m in legacy_pushes if m == text.encode()]
+        assert len(copies) == len(clients)
+        # One bytes object for every client: encoded once, never per client or channel.
+        assert all(m is copies[0] for m in copies)
+
+
 # --- channel clients, at the same time as a legacy client ---------------------------------
 
 
 @pytest.mark.js
 @pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing")
-async def test_corpus_reaches_js_sdk_and_legacy_hook_at_once(
+async def test_corpus_reaches_the_hook_a_task_client_and_both_sdks_at_once(
     signing_keys: Keys, corpus: Corpus
 ) -> None:
+    task = the_task(corpus)
     channels = channels_for(corpus)
+    wires = [item["wire"] for item in corpus]
+    expected_task = routed_wires(corpus, f"task:{task}")
     async with (
         run_server(signing_keys, **SHORT_PINGS) as server,
-        legacy_clients(server, hook=('{"action":"subscribe_all"}',)) as legacy,
+        legacy_clients(
+            server, hook=('{"action":"subscribe_all"}',), task=(subscribe(task_id=task),)
+        ) as legacy,
         JsClient(server.ws_url, server.token("js")) as js,
     ):
-        await settle(publisher(server), [legacy["hook"]], "warm-up")
+        await settle(publisher(server), [legacy["hook"], legacy["task"]], task)
+        # Both SDKs subscribe after the probes, so they see the corpus only.
         await js.call("connect")
         await js.wait_event("connected", timeout=5)
         for channel in channels:
             await js.call("newSubscription", channel=channel, options={})
             await js.call("subscribe", channel=channel, wait=True, timeout=5000)
+        py, _events = new_client(server.ws_url, server.token("py"))
+        await py.connect()
+        py_subs: dict[str, SubEvents] = {}
+        try:
+            for channel in channels:
+                sub, sub_events = new_subscription(py, channel)
+                await sub.subscribe()
+                await sub_events.wait_for("subscribed")
+                py_subs[channel] = sub_events
 
-        def pubs(channel: str) -> list[dict[str, Any]]:
-            return [
-                e["data"]
-                for e in js.find_events(
-                    lambda e: e["event"] == "sub.publication" and e["channel"] == channel
-                )
-            ]
+            def js_pubs(channel: str) -> list[dict[str, Any]]:
+                return [
+                    e["data"]
+                    for e in js.find_events(
+                        lambda e: e["event"] == "sub.publication" and e["channel"] == channel
+                    )
+                ]
 
-        await publish(server, [item["example"] for item in corpus])
-        assert await received(legacy["hook"], len(corpus)) == [i["wire"] for i in corpus]
-        await wait_until(lambda: len(pubs("global")) >= len(corpus))
-        await asyncio.sleep(QUIET)
-        for channel in channels:
-            assert pubs(channel) == routed_data(corpus, channel), channel
+            await publish(server, [item["example"] for item in corpus])
+            hook, task_only = await asyncio.gather(
+                received(legacy["hook"], len(wires)),
+                received(legacy["task"], len(expected_task)),
+            )
+            await py_subs["global"].wait_for("publication", count=len(corpus))
+            await wait_until(lambda: len(js_pubs("global")) >= len(corpus))
+            await asyncio.sleep(QUIET)
+            py_got = {
+                channel: [ctx.pub.data for ctx in py_subs[channel].named("publication")]
+                for channel in channels
+            }
+            js_got = {channel: js_pubs(channel) for channel in channels}
+        finally:
+            await py.disconnect()
+
+    assert hook == wires
+    assert task_only == expected_task
+    for channel in channels:
+        expected = routed_data(corpus, channel)
+        assert py_got[channel] == expected, channel
+        assert js_got[channel] == expected, channel
+        # The same key order in both SDKs: the flat shape, payload keys first.
+        assert [list(d) for d in js_got[channel]] == [list(d) for d in expected], channel
+    assert (
+        js_got[f"task:{task}"]
+        and js_got["system"]
+        and js_got[f"quest:{the_value(corpus, 'quest_id')}"]
+    )
 
 
 # --- tool calls paired by tool-use id -------------------------------------------------------

@@ -71,6 +71,18 @@ def task_event(task: str, n: int, **top: str) -> dict[str, Any]:
     return {"type": "task.updated", "payload": {"task_id": task, "n": n}, **top}
 
 
+def project_event(project: str, n: int, **top: str) -> dict[str, Any]:
+    return {"type": "project.updated", "payload": {"project_id": project, "n": n}, **top}
+
+
+def subscribe(**ids: str) -> str:
+    return orjson.dumps({"action": "subscribe", **ids}).decode()
+
+
+def unsubscribe(**ids: str) -> str:
+    return orjson.dumps({"action": "unsubscribe", **ids}).decode()
+
+
 async def publish(server: RunningServer, body: Any) -> None:
     response = await server.broadcast(body)
     assert response.status_code == 200, response.text
@@ -197,6 +209,78 @@ async def test_no_token_with_detection_on_is_upgraded_then_closed_4401(
         assert client.frames == []
     finally:
         await client.aclose()
+
+
+async def test_no_token_and_no_frame_with_detection_on_is_closed_3502_stale(
+    signing_keys: Keys,
+) -> None:
+    # Upgraded because it may be a Centrifuge SDK; one that never sends its connect
+    # command is closed as Centrifuge closes such sockets (the hub would have kept it).
+    async with serve(signing_keys, client_stale_close_delay_seconds=1) as server:
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        client = await open_legacy(server.port, first_commands=())
+        try:
+            code, reason = await client.wait_closed()
+            elapsed = loop.time() - opened
+        finally:
+            await client.aclose()
+        assert (code, reason) == (3502, "stale")
+        assert client.frames == []
+        assert 1 - 0.1 <= elapsed <= 1 + SLACK
+
+
+async def raw_handshake(port: int, token: str, *, key: str | None, version: str | None) -> bytes:
+    """The server's whole answer to a hand-made upgrade request."""
+    lines = [
+        f"GET /api/v1/ws?token={token} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+    ]
+    if key is not None:
+        lines.append(f"Sec-WebSocket-Key: {key}")
+    if version is not None:
+        lines.append(f"Sec-WebSocket-Version: {version}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        async with asyncio.timeout(5):
+            return await reader.readuntil(b"\r\n\r\n") + await _body_of(reader)
+    finally:
+        writer.close()
+
+
+async def _body_of(reader: asyncio.StreamReader) -> bytes:
+    with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+        async with asyncio.timeout(0.3):
+            return await reader.read(4096)
+    return b""
+
+
+async def test_a_broken_handshake_is_hypercorns_empty_400_before_any_token_check(
+    server: RunningServer,
+) -> None:
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    bad_token = tampered(server.token())
+    for name, header_key, version in [
+        ("no key", None, "13"),
+        ("no version", key, None),
+        ("version 12", key, "12"),
+    ]:
+        # The Go hub answered a bad token first (401), then the handshake (400 with a
+        # body); hypercorn refuses the handshake before the app runs.
+        for token in (bad_token, server.token()):
+            answer = await raw_handshake(server.port, token, key=header_key, version=version)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), (name, answer)
+            assert b"content-length: 0" in head.lower(), (name, answer)
+            assert body == b"", name
+    # A key present but not 16 base64 bytes is not checked by hypercorn: the token
+    # decides (Go answered 400 after authenticating).
+    assert (await raw_handshake(server.port, bad_token, key="bad", version="13")).endswith(INVALID)
+    accepted = await raw_handshake(server.port, server.token(), key="bad", version="13")
+    assert accepted.startswith(b"HTTP/1.1 101")
 
 
 async def test_bearer_header_works_without_query_token(server: RunningServer) -> None:
@@ -334,6 +418,100 @@ async def test_unsubscribe_keeps_the_wildcard_and_unsubscribe_all_stops_everythi
         assert not client.closed
 
 
+def sync_marker(n: int) -> dict[str, Any]:
+    """An event only for holders of task:sync (or `*`)."""
+    return task_event("sync", n, task_id="sync")
+
+
+async def only_the_marker_arrives(server: RunningServer, client: LegacyClient, n: int) -> None:
+    """The marker was published after everything else and is the one frame that
+    arrives: whatever came before it was not sent to this client."""
+    frame = await client.next_frame()
+    assert frame.message["payload"] == {"task_id": "sync", "n": n}, frame.raw
+    await client.expect_silence(QUIET)
+    assert not client.closed
+
+
+async def test_unsubscribe_of_the_only_task_subscription_stops_that_task(
+    server: RunningServer,
+) -> None:
+    # task:sync only lets the test see its commands took effect; nothing else is held.
+    async with legacy_client(
+        server.port,
+        server.token(),
+        first_commands=(subscribe(task_id="T"), subscribe(task_id="sync")),
+    ) as client:
+        await settle(publisher(server), [client], "sync")
+        await publish(server, task_event("T", 1))
+        assert (await client.next_frame()).message["payload"] == {"task_id": "T", "n": 1}
+
+        await client.send(unsubscribe(task_id="T"))
+        await settle(publisher(server), [client], "sync")
+        await publish(
+            server,
+            [
+                task_event("T", 2),
+                task_event("T", 3, task_id="T"),
+                {"type": "activity.new", "payload": {"task_id": "T", "n": 4}, "task_id": "T"},
+                sync_marker(5),
+            ],
+        )
+        await only_the_marker_arrives(server, client, 5)
+
+
+async def test_unsubscribe_of_the_only_project_subscription_stops_that_project(
+    server: RunningServer,
+) -> None:
+    async with legacy_client(
+        server.port,
+        server.token(),
+        first_commands=(subscribe(project_id="P"), subscribe(task_id="sync")),
+    ) as client:
+        await settle(publisher(server), [client], "sync")
+        await publish(server, project_event("P", 1))
+        assert (await client.next_frame()).message["payload"] == {"project_id": "P", "n": 1}
+
+        await client.send(unsubscribe(project_id="P"))
+        await settle(publisher(server), [client], "sync")
+        await publish(
+            server,
+            [
+                project_event("P", 2),
+                project_event("P", 3, project_id="P"),
+                {"type": "task.updated", "payload": {"task_id": "X", "project_id": "P", "n": 4}},
+                sync_marker(5),
+            ],
+        )
+        await only_the_marker_arrives(server, client, 5)
+
+
+async def test_unsubscribe_all_stops_task_and_project_subscriptions(
+    server: RunningServer,
+) -> None:
+    async with legacy_client(
+        server.port, server.token(), first_commands=(subscribe(task_id="T", project_id="P"),)
+    ) as client:
+        await settle(publisher(server), [client], "T")
+        await publish(server, [task_event("T", 1), project_event("P", 2)])
+        assert [f.message["payload"]["n"] for f in await client.take(2)] == [1, 2]
+
+        await client.send({"action": "unsubscribe_all"})
+        # Subscribed afterwards, so seeing its probe means unsubscribe_all was applied.
+        await client.send(subscribe(task_id="sync"))
+        await settle(publisher(server), [client], "sync")
+        await publish(
+            server,
+            [
+                task_event("T", 3),
+                task_event("T", 4, task_id="T"),
+                project_event("P", 5),
+                {"type": "task.updated", "payload": {"task_id": "T", "project_id": "P", "n": 6}},
+                sync_marker(7),
+            ],
+        )
+        await only_the_marker_arrives(server, client, 7)
+
+
 MALFORMED: list[str | bytes] = [
     "{not json",
     "[]",
@@ -384,6 +562,45 @@ async def test_action_key_matches_case_insensitively(server: RunningServer) -> N
         await settle(publisher(server), [client], "case")
         await publish(server, task_event("other", 5))
         assert (await client.next_frame()).message["payload"]["n"] == 5
+
+
+async def test_command_keys_fold_case_the_last_duplicate_wins_and_null_sets_nothing(
+    server: RunningServer,
+) -> None:
+    before = (await admin_report(server))["legacy"]
+    commands = [
+        '{"ACTION":"subscribe","TASK_ID":"T1"}',
+        '{"Action":"subscribe","Project_Id":"P1"}',
+        # Last wins: task "T2" is held, "decoy" never was.
+        '{"action":"subscribe","task_id":"decoy","TASK_ID":"T2"}',
+        # null leaves the field empty: subscribing to nothing.
+        '{"action":"subscribe","task_id":null,"project_id":null}',
+        # Action values are case-sensitive: these are unknown actions, not a wildcard.
+        '{"action":"SUBSCRIBE_ALL"}',
+        '{"action":"Subscribe","task_id":"T3"}',
+        subscribe(task_id="sync"),
+    ]
+    async with legacy_client(server.port, server.token(), first_commands=commands) as client:
+        await settle(publisher(server), [client], "sync")
+        await publish(
+            server,
+            [
+                task_event("T1", 1),
+                project_event("P1", 2),
+                task_event("T2", 3),
+                task_event("decoy", 4),
+                task_event("T3", 5),
+                task_event("other", 6),
+                {"type": "quest.created", "payload": {"quest_id": "q", "n": 7}},
+                sync_marker(8),
+            ],
+        )
+        frames = await client.take(4)
+        await client.expect_silence(QUIET)
+    assert [f.message["payload"]["n"] for f in frames] == [1, 2, 3, 8]
+    after = (await admin_report(server))["legacy"]
+    assert after["unknown_actions"] == before["unknown_actions"] + 2
+    assert after["malformed_commands"] == before["malformed_commands"]
 
 
 def command_of_size(size: int) -> str:
