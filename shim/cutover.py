@@ -73,10 +73,6 @@ class CutoverState:
     def channels_served(self) -> bool:
         return self.mode is not Mode.LEGACY
 
-    @property
-    def detects_centrifuge(self) -> bool:
-        return self.detect_centrifuge_on_legacy_path and self.mode is Mode.DUAL
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode.value,
