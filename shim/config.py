@@ -20,6 +20,8 @@ from typing import Any, get_type_hints
 import orjson
 
 ENV_PREFIX = "DEX_SHIM_"
+# Where `engine = "redis"` (or a stream ingest) without a redis_url looks.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class ConfigError(ValueError):
@@ -131,11 +133,14 @@ class Settings:
     node_name: str = ""
 
     # --- engine -------------------------------------------------------------
-    # "memory" (single node, the default) or "redis".
-    engine: str = "memory"
+    # "memory" (single node) or "redis"; empty (the default) picks "redis" when
+    # redis_url is set and "memory" otherwise, so redis_url alone switches engines.
+    engine: str = ""
     # Redis address(es), comma-separated for client-side sharding by channel (every
-    # node must list the same addresses in the same order).
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # node must list the same addresses in the same order). Setting it selects the
+    # Redis engine. Empty (the default): no Redis, unless engine = "redis" or
+    # ingest_stream_key asks for it, which then use redis://127.0.0.1:6379/0.
+    redis_url: str = ""
     # Prefix of every Redis key and pub/sub channel of this deployment.
     redis_prefix: str = "dex"
     # Seconds a presence entry lives unless its node refreshes it (a dead node's
@@ -252,6 +257,15 @@ class Settings:
     ingest_stream_key: str = ""
     # Seconds an entry may stay pending with a silent node before another claims it.
     ingest_stream_claim_idle_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        # Resolved once here, so every reader sees "memory" or "redis" and a URL when
+        # Redis is used. dataclasses.replace() passes the resolved engine on: change
+        # `engine` too when replacing redis_url.
+        engine = self.engine or ("redis" if self.redis_url else "memory")
+        object.__setattr__(self, "engine", engine)
+        if not self.redis_url and (engine == "redis" or self.ingest_stream_key):
+            object.__setattr__(self, "redis_url", DEFAULT_REDIS_URL)
 
     def namespace_for(self, channel: str) -> NamespaceOptions | None:
         """Options of the channel's namespace, or None when it is not configured."""

@@ -562,26 +562,48 @@ async def test_two_shards_carry_channels_between_nodes(redis: RedisServer) -> No
     assert all(held), "both Redis servers hold keys"
 
 
-# --- 6. the default stays Redis-free ---------------------------------------------------------
+# --- 6. one setting switches; the default stays Redis-free --------------------------------
 
 
 async def test_default_engine_is_memory_and_needs_no_redis() -> None:
-    # A redis_url where nothing listens: the default engine must not care.
+    # No engine setting at all (what `make run` does), and the old way of saying
+    # memory: an explicit engine beside a redis_url where nothing listens.
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
-    async with start_nodes(1, settings={"redis_url": nowhere}) as (node,):
-        ready = await node.wait_ready(True)
+    seen = []
+    for settings in ({}, {"engine": "memory", "redis_url": nowhere}):
+        async with start_nodes(1, settings=settings) as (node,):
+            ready = await node.wait_ready(True)
+            client, sub_events = await connected_subscription(
+                node.ws_url, node.token("solo"), "task:solo"
+            )
+            try:
+                response = await node.broadcast(numbered("solo", 1))
+                assert response.status_code == 200, response.text
+                await delivered(sub_events, 1)
+            finally:
+                await shut(client)
+        seen.append((ready.json()["engine"], numbers(sub_events)))
+
+    assert seen == [("memory", [1]), ("memory", [1])]
+
+
+async def test_redis_url_alone_switches_nodes_to_the_redis_engine(redis: RedisServer) -> None:
+    # Only DEX_SHIM_REDIS_URL, no DEX_SHIM_ENGINE: the nodes must share publications.
+    async with start_nodes(2, settings={"redis_url": redis.url}) as (a, b):
+        readies = [await node.wait_ready(True) for node in (a, b)]
         client, sub_events = await connected_subscription(
-            node.ws_url, node.token("solo"), "task:solo"
+            a.ws_url, a.token("switched"), "task:switched"
         )
         try:
-            response = await node.broadcast(numbered("solo", 1))
+            response = await b.broadcast(numbered("switched", 1))
             assert response.status_code == 200, response.text
             await delivered(sub_events, 1)
         finally:
             await shut(client)
 
-    assert ready.json()["engine"] == "memory"
+    assert [ready.json()["engine"] for ready in readies] == ["redis", "redis"]
     assert numbers(sub_events) == [1]
+    assert await redis.dbsize() > 0  # history lives in this Redis
 
 
 # --- durable ingest with a node killed mid-stream ----------------------------------------
