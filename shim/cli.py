@@ -7,14 +7,42 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from adapters.auth.jwt import mint_token
-from shim.config import ConfigError, describe_settings, load_settings
+from shim.config import ConfigError, Settings, describe_settings, load_settings
 from shim.logs import configure_logging
 from shim.runtime import dev_api_key, dev_signing_key
+
+# Settings whose values are secrets: checkconfig says whether they are set, never what.
+SECRET_SETTINGS = frozenset({"api_key", "admin_api_key", "token_key"})
+SHOWN_REDACTED = "set (redacted)"
+
+
+def _redis_passwords(redis_url: str) -> list[str]:
+    found = []
+    for url in redis_url.split(","):
+        try:
+            password = urlsplit(url.strip()).password
+        except ValueError:
+            continue
+        if password:
+            found.append(password)
+    return found
+
+
+def log_secrets(settings: Settings) -> list[str]:
+    """What `serve` tells the log redactor to remove before the runtime exists (the
+    runtime then adds any development key it made, see Runtime.secrets)."""
+    return [
+        settings.api_key,
+        settings.admin_api_key,
+        settings.token_key,
+        *_redis_passwords(settings.redis_url),
+    ]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     redactor = configure_logging(
         level=settings.log_level,
         json=settings.log_format == "json",
-        secrets=[settings.api_key, settings.admin_api_key, settings.token_key],
+        secrets=log_secrets(settings),
     )
 
     def ready(port: int) -> None:
@@ -121,10 +149,23 @@ def _cutover(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
+def shown_value(name: str, value: object) -> str:
+    """A setting as checkconfig prints it: secrets only as set or not, and a Redis
+    URL without its password (the output ends up in tickets and chat)."""
+    if name in SECRET_SETTINGS:
+        return SHOWN_REDACTED if value else repr(value)
+    if name == "redis_url" and isinstance(value, str):
+        for password in _redis_passwords(value):
+            value = value.replace(f":{password}@", ":[redacted]@")
+    return repr(value)
+
+
 def _checkconfig(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     for name, default, doc in describe_settings():
-        print(f"{name} = {getattr(settings, name)!r}    # default {default}; {doc}")
+        print(
+            f"{name} = {shown_value(name, getattr(settings, name))}    # default {default}; {doc}"
+        )
     return 0
 
 

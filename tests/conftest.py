@@ -142,19 +142,58 @@ def corpus() -> Iterator[list[dict[str, Any]]]:
 
 
 # --- the whole run's logs, as production would write them ---------------------------
+#
+# In-process servers log through the root logger: a capture handler keeps every record
+# as a JSON line with nothing redacted, and at the end each line goes through the
+# redaction `dex-shim serve` would configure for those servers' settings. `dex-shim`
+# processes started by tests already log through production; their stderr is handed
+# in with `add_process_log`. A token or key in any of it fails the run.
 
 _RUN_LOG: dict[str, Any] = {}
+_PROCESS_LOGS: list[tuple[str, str]] = []
+
+
+def remember_secrets(*values: str) -> None:
+    """Also search the run's logs for these (keys and tokens a test made itself)."""
+    MINTED_TOKENS.update(v for v in values if v)
+
+
+def add_process_log(label: str, text: str) -> None:
+    """The log output of a `dex-shim` process a test ran, searched at the end of the run."""
+    _PROCESS_LOGS.append((label, text))
+
+
+def leaked(secrets: set[str], text: str) -> set[str]:
+    """Secrets in `text`, as written or as a JSON string would hold them."""
+    import re
+
+    import orjson
+
+    # Thousands of tokens: each "eyJ..." run in the text is looked up by prefix instead
+    # of searching the text once per token.
+    tokens = {s for s in secrets if s.startswith("eyJ")}
+    lengths = {len(t) for t in tokens}
+    found = {
+        run[:length]
+        for run in re.findall(r"(?=(eyJ[A-Za-z0-9_.-]+))", text)
+        for length in lengths
+        if run[:length] in tokens
+    }
+    for secret in secrets - tokens:
+        if secret in text or orjson.dumps(secret).decode()[1:-1] in text:
+            found.add(secret)
+    return found
 
 
 def pytest_configure(config: pytest.Config) -> None:
     import logging
     import tempfile
 
-    from shim.logs import JsonFormatter, Redactor
+    from shim.logs import JsonFormatter
 
     handle = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     handler = logging.StreamHandler(handle)
-    handler.setFormatter(JsonFormatter(Redactor([API_KEY, ADMIN_KEY])))
+    handler.setFormatter(JsonFormatter(lambda text: text))  # raw: nothing redacted here
     handler.setLevel(logging.DEBUG)
     root = logging.getLogger()
     root.addHandler(handler)
@@ -163,10 +202,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Grep everything the run logged (through the production formatter) for any token
-    or key the tests used; a hit fails the run."""
+    """Grep what production would have logged, in-process and in `dex-shim` processes,
+    for every token and key the tests used; a hit fails the run."""
     import logging
     import os
+
+    from shim.cli import log_secrets
+    from shim.logs import Redactor
 
     handle, handler = _RUN_LOG.get("handle"), _RUN_LOG.get("handler")
     if handle is None:
@@ -174,10 +216,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     logging.getLogger().removeHandler(handler)
     handle.flush()
     handle.seek(0)
-    text = handle.read()
+    raw = handle.read()
     handle.close()
     os.unlink(handle.name)
-    leaks = [t for t in MINTED_TOKENS | {API_KEY, ADMIN_KEY} if t in text]
-    if leaks:
-        print(f"\nSECRETS IN LOGS: {len(leaks)} token(s)/key(s) found in the run's log output")
+    # The settings every in-process server shares (run_server), through the CLI's redaction.
+    production = Redactor(
+        log_secrets(load_settings(env={}, api_key=API_KEY, admin_api_key=ADMIN_KEY))
+    )
+    secrets = MINTED_TOKENS | {API_KEY, ADMIN_KEY}
+    rendered = "\n".join(production(line) for line in raw.splitlines())
+    found = {"in-process logs": leaked(secrets, rendered)}
+    for label, text in _PROCESS_LOGS:
+        found[label] = found.get(label, set()) | leaked(secrets, text)
+    hits = {label: len(leaks) for label, leaks in found.items() if leaks}
+    print(
+        f"\nlog grep: {len(secrets)} secrets searched in {raw.count(chr(10))} in-process lines"
+        f" ({len(leaked(secrets, raw))} present before redaction) and {len(_PROCESS_LOGS)}"
+        " process logs"
+    )
+    if hits:
+        print(f"SECRETS IN LOGS: {hits}")
         session.exitstatus = 1

@@ -53,12 +53,27 @@ class ClusterKeys:
     @classmethod
     def generate(cls) -> ClusterKeys:
         signing, verification = generate_signing_key(ALGORITHM)
-        return cls(signing, verification, secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+        keys = cls(signing, verification, secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+        _for_log_grep(secrets=(keys.signing_key, keys.api_key, keys.admin_key))
+        return keys
 
     def token(self, user: str, ttl_seconds: int | None = 3600, **extra: Any) -> str:
-        return mint_token(
+        token = mint_token(
             self.signing_key, ALGORITHM, user=user, ttl_seconds=ttl_seconds, extra=extra
         )
+        _for_log_grep(secrets=(token,))
+        return token
+
+
+def _for_log_grep(*, secrets: Sequence[str] = (), log: Path | None = None) -> None:
+    """Hand keys, tokens and node logs to the run-wide secret grep of tests/conftest.py,
+    when running under pytest (loadtests use this module without it)."""
+    conftest = sys.modules.get("tests.conftest")
+    if conftest is None:
+        return
+    conftest.remember_secrets(*secrets)
+    if log is not None and log.exists():
+        conftest.add_process_log(str(log), log.read_text(errors="replace"))
 
 
 def node_env(
@@ -154,6 +169,7 @@ class NodeProcess:
         if self.running:
             self.process.kill()
         await self.process.wait()
+        _for_log_grep(log=self.log_path)
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_SECONDS."""
@@ -165,6 +181,7 @@ class NodeProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        _for_log_grep(log=self.log_path)
         if self._drain is not None:
             self._drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):

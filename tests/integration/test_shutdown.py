@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from adapters.auth.jwt import generate_signing_key, mint_token
+from tests.conftest import add_process_log, remember_secrets
 from tests.pyclient import new_client, new_subscription
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,21 +32,24 @@ async def test_sigterm_closes_clients_cleanly_after_flushing(tmp_path: Path) -> 
         DEX_SHIM_API_KEY="shutdown-test-api-key",
         DEX_SHIM_ADMIN_API_KEY="shutdown-test-admin-key",
     )
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shim.cli",
-        "serve",
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shim.cli",
+            "serve",
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+        )
+    token = mint_token(private, "EdDSA", user="alice")
+    remember_secrets(token, env["DEX_SHIM_API_KEY"], env["DEX_SHIM_ADMIN_API_KEY"])
     try:
         assert server.stdout is not None
         line = (await asyncio.wait_for(server.stdout.readline(), 30)).decode()
         port = int(re.search(r":(\d+) ", line).group(1))  # type: ignore[union-attr]
-        token = mint_token(private, "EdDSA", user="alice")
 
         client, events = new_client(f"ws://127.0.0.1:{port}/connection/websocket", token)
         await client.connect()
@@ -87,3 +91,4 @@ async def test_sigterm_closes_clients_cleanly_after_flushing(tmp_path: Path) -> 
         if server.returncode is None:
             server.kill()
             await server.wait()
+        add_process_log("dex-shim serve (test_shutdown)", log_path.read_text())
