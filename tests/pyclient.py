@@ -30,6 +30,7 @@ from centrifuge import (
     UnsubscribedContext,
 )
 
+from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.edge import SocketPump
 
@@ -146,3 +147,17 @@ def drop_socket(session: CentrifugeSession) -> None:
     # Linger 0: close() sends RST at once instead of a FIN after the queued bytes.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+# What both SDKs report for a connection that ended without a close frame.
+TRANSPORT_CLOSED = (1, "transport closed")
+OUTAGES = ("socket dropped", "server closes 3011")
+
+
+def cut_off(session: CentrifugeSession, outage: str) -> tuple[int, str]:
+    """End `session`'s connection as `outage` says; the (code, reason) its SDK reports."""
+    if outage == "socket dropped":
+        drop_socket(session)
+        return TRANSPORT_CLOSED
+    session.disconnect(codes.FORCE_RECONNECT)
+    return codes.FORCE_RECONNECT.code, codes.FORCE_RECONNECT.reason

@@ -19,7 +19,7 @@ from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
 from tests.conftest import RunningServer, run_server
 from tests.jsclient import Event, JsClient, JsError, js_available
-from tests.pyclient import drop_socket
+from tests.pyclient import OUTAGES, cut_off
 
 pytestmark = [
     pytest.mark.js,
@@ -135,11 +135,7 @@ async def test_fifty_broadcasts_arrive_in_order(server: RunningServer) -> None:
 # 3 -----------------------------------------------------------------------------------
 
 
-# The SDK's own code for a connection that ended without a close frame.
-TRANSPORT_CLOSED = 1
-
-
-@pytest.mark.parametrize("outage", ["socket dropped", "server closes 3011"])
+@pytest.mark.parametrize("outage", OUTAGES)
 async def test_recovery_fills_the_gap(server: RunningServer, outage: str) -> None:
     async with JsClient(server.ws_url, server.token("alice"), **FAST) as js:
         client_id = await connect(js)
@@ -161,12 +157,7 @@ async def test_recovery_fills_the_gap(server: RunningServer, outage: str) -> Non
             await wait_until(lambda: len(publications(js, "task:rec")) >= 10)
             mark = js.mark()
             session = session_of(server, client_id)
-            if outage == "socket dropped":
-                drop_socket(session)
-                expected = (TRANSPORT_CLOSED, "transport closed")
-            else:
-                session.disconnect(codes.FORCE_RECONNECT)
-                expected = (codes.FORCE_RECONNECT.code, codes.FORCE_RECONNECT.reason)
+            expected = cut_off(session, outage)
 
             dropped = await js.wait_event("connecting", timeout=5, since=mark)
             assert (dropped["code"], dropped["reason"]) == expected

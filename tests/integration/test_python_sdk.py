@@ -25,7 +25,14 @@ from adapters.auth.jwt import mint_token
 from shim.centrifuge import codes
 from shim.config import NamespaceOptions, Settings
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
-from tests.pyclient import ClientEvents, Recorder, drop_socket, new_client, new_subscription
+from tests.pyclient import (
+    OUTAGES,
+    ClientEvents,
+    Recorder,
+    cut_off,
+    new_client,
+    new_subscription,
+)
 
 
 @contextlib.asynccontextmanager
@@ -147,11 +154,7 @@ async def test_hundred_publications_in_order_with_flat_data(server: RunningServe
 # 3. recovery ----------------------------------------------------------------------
 
 
-# The SDK's own code for a connection that ended without a close frame.
-TRANSPORT_CLOSED = 1
-
-
-@pytest.mark.parametrize("outage", ["socket dropped", "server closes 3011"])
+@pytest.mark.parametrize("outage", OUTAGES)
 async def test_recovery_while_publications_continue(server: RunningServer, outage: str) -> None:
     total = 80
     # A reconnect delay of 0.3-0.5 s: publications surely go out while the client is away.
@@ -174,12 +177,7 @@ async def test_recovery_while_publications_continue(server: RunningServer, outag
         try:
             await sub_events.wait_for("publication", count=20)
             (session,) = sessions_of(server, "alice")
-            if outage == "socket dropped":
-                drop_socket(session)
-                expected = (TRANSPORT_CLOSED, "transport closed")
-            else:
-                session.disconnect(codes.FORCE_RECONNECT)
-                expected = (codes.FORCE_RECONNECT.code, codes.FORCE_RECONNECT.reason)
+            expected = cut_off(session, outage)
 
             reconnecting = await events.wait_for("connecting", lambda c: c.code != 0)
             assert (reconnecting.code, reconnecting.reason) == expected
