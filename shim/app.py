@@ -81,12 +81,13 @@ def _build_quart(runtime: Runtime) -> Quart:
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Ready to take traffic: started, and the engine reachable (Redis pub/sub up)."""
+        """Ready to take traffic: started and not draining (a load balancer stops sending
+        clients during a SIGTERM drain), and the engine reachable (Redis pub/sub up)."""
         engine_ok = bool(getattr(runtime.broker, "healthy", True))
         consumer = runtime.stream_consumer
         ingest_ok = consumer is None or consumer.running
         body = {
-            "ready": runtime.started and engine_ok and ingest_ok,
+            "ready": runtime.started and not runtime.shutting_down and engine_ok and ingest_ok,
             "engine": settings.engine,
             "engine_reachable": engine_ok,
             "ingest_stream": None if consumer is None else consumer.running,

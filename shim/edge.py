@@ -56,6 +56,12 @@ class SocketPump:
         self.close_reason = ""
         self._closing = False
 
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes included."""
+        transport = self.direct.transport
+        if transport is not None:
+            transport.abort()
+
     # Transport (what sessions see).
 
     def close(self, code: int, reason: str) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from adapters.ingest.redis_stream import StreamConsumer
     from adapters.redis_control import RedisControl
+    from shim.edge import SocketPump
 
 log = logging.getLogger("shim.runtime")
 
@@ -120,8 +121,8 @@ class Runtime:
         self.control: RedisControl | None = None
         # Applies a server API action forwarded by another node (set by the server API).
         self.command_handler: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
-        # WebSocket handlers still running, and whether the node is stopping.
-        self.open_sockets = 0
+        # WebSocket connections still running, and whether the node is stopping.
+        self.open_sockets: set[SocketPump] = set()
         self.shutting_down = False
         self.stream_consumer: StreamConsumer | None = None
         self.started = False
@@ -209,9 +210,13 @@ class Runtime:
             await asyncio.sleep(0.05)
         log.info(
             "shutdown drained: %d sockets and %d ingest requests left",
-            self.open_sockets,
+            len(self.open_sockets),
             self.ingestor.stats.in_flight,
         )
+        # A peer that stopped reading would hold its connection (and hypercorn's exit)
+        # forever, its unsent bytes kept by the kernel: past the grace period, drop it.
+        for pump in list(self.open_sockets):
+            pump.abort()
 
     async def change_cutover(self, changes: Mapping[str, Any]) -> CutoverState:
         """Apply an admin change here and, with Redis, on every node."""

@@ -221,7 +221,7 @@ async def _pump(
     first_frame: str | bytes | None,
 ) -> None:
     """Run one connection of either protocol until it ends, counted for shutdown."""
-    runtime.open_sockets += 1
+    runtime.open_sockets.add(pump)
     try:
         if first_frame is not None:
             await session.handle_frame(first_frame)
@@ -234,7 +234,7 @@ async def _pump(
             discard_on=frozenset({SLOW_CODE}),
         )
     finally:
-        runtime.open_sockets -= 1
+        runtime.open_sockets.discard(pump)
         session.transport_closed()
 
 
