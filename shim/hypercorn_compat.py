@@ -81,20 +81,25 @@ class DirectWrite:
     and a frame is only written directly when that lock is free.
     """
 
-    __slots__ = ("lock", "transport", "writer")
+    __slots__ = ("frames", "lock", "transport", "writer")
 
     def __init__(self) -> None:
         self.writer: asyncio.StreamWriter | None = None
         self.transport: asyncio.WriteTransport | None = None
         self.lock: asyncio.Lock | None = None
+        # False when an extension (permessage-deflate) is in effect: then frames must
+        # go through wsproto, and the transport is kept only to abort it.
+        self.frames = False
 
-    def attach(self, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+    def attach(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, *, frames: bool) -> None:
         self.writer, self.transport, self.lock = writer, writer.transport, lock
+        self.frames = frames
 
     def usable(self) -> bool:
         transport, lock = self.transport, self.lock
         return (
-            transport is not None
+            self.frames
+            and transport is not None
             and lock is not None
             and not lock.locked()
             and not transport.is_closing()
@@ -105,7 +110,8 @@ class DirectWrite:
         socket at once, so it needs no drain."""
         transport, lock = self.transport, self.lock
         return (
-            transport is not None
+            self.frames
+            and transport is not None
             and lock is not None
             and not lock.locked()
             and not transport.is_closing()
@@ -176,11 +182,10 @@ class _PingingWSStream(ws_stream.WSStream):
         direct = self.scope["extensions"].get(DIRECT_WRITE_EXTENSION)
         if (
             isinstance(direct, DirectWrite)
-            and not _extensions_in_effect(self.connection)
             and isinstance(writer, asyncio.StreamWriter)
             and isinstance(lock, asyncio.Lock)
         ):
-            direct.attach(writer, lock)
+            direct.attach(writer, lock, frames=not _extensions_in_effect(self.connection))
         liveness = self.scope["extensions"].get(LIVENESS_EXTENSION)
         if not isinstance(liveness, Liveness):
             return
