@@ -234,7 +234,7 @@ def _ratio(results: Sequence[Result], a: str, b: str, phase: str, key: str) -> f
     return _num(pa[key]) / _num(pb[key])
 
 
-def verdicts(results: Sequence[Result]) -> list[Verdict]:
+def verdicts(results: Sequence[Result], sustain_rate: float) -> list[Verdict]:
     out = []
     for target, a, b, floor in (
         ("channel burst >= 2x the websockets ceiling @ 1,000", "channel", "ws", 2.0),
@@ -250,6 +250,15 @@ def verdicts(results: Sequence[Result]) -> list[Verdict]:
             "channel p99 @ 1,000 x 20/s within 1.5x the ceiling's",
             "-" if math.isnan(ratio) else f"{ratio:.2f}x",
             None if math.isnan(ratio) else ratio <= 1.5,
+        )
+    )
+    sustained = _phase(_find(results, "channel", TARGET_CASE), "sustained")
+    out.append(
+        Verdict(
+            f"channel keeps up with 1,000 x {sustain_rate:.0f}/s sustained",
+            "-" if sustained is None else f"{_num(sustained['publish_rate']):.0f}/s sent, "
+            f"{_num(sustained['drain_ms']):.0f} ms backlog",
+            None if sustained is None else keeps_up(sustained, sustain_rate),
         )
     )
     memory = [r for r in results if r["system"] == "channel" and " ch " not in r["case"]]

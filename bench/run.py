@@ -286,7 +286,7 @@ def markdown(info: dict[str, Any], results: Sequence[dict[str, Any]], plan: Plan
         "",
         "### Targets",
         "",
-        report.verdict_table(report.verdicts(results)),
+        report.verdict_table(report.verdicts(results, plan.sustain_rate)),
     ]
     issues = report.problems(results)
     if issues:
