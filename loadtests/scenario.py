@@ -55,6 +55,8 @@ class Options:
     slow: int = 10
     protocols: tuple[str, ...] = ("legacy", "channel")
     stalled_percents: tuple[float, ...] = (0.0, 10.0, 50.0)
+    # The phases run this many times, interleaved; the verdict compares medians.
+    rounds: int = 1
     rate: float = 50.0
     publishers: int = 2
     payload_bytes: int = 2048
@@ -364,6 +366,7 @@ def run_scenario(cluster: Cluster, options: Options) -> list[PhaseResult]:
             slow=options.slow,
             duration=options.duration,
         )
+        for _ in range(options.rounds)
         for percent in options.stalled_percents
     ]
 
@@ -418,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.stalled_percents,
         help="phases: share of all subscribers that stall, e.g. 0,10,50",
     )
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=d.rounds,
+        help="run the phases this many times, interleaved; the verdict compares median p99s",
+    )
     load.add_argument("--rate", type=float, default=d.rate, help="publications per second")
     load.add_argument("--publishers", type=int, default=d.publishers, help="one key (channel) each")
     load.add_argument("--payload-bytes", type=int, default=d.payload_bytes)
@@ -470,6 +479,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         parser.error(
             "need at least one fast client per protocol, a publisher, a rate and a duration"
         )
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if 0 not in args.stalled_percents:
         parser.error("--stalled-percents must include 0 (the baseline)")
     if args.host and (not args.api_key or not args.signing_key_file):
@@ -485,6 +496,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         slow=args.slow,
         protocols=protocols,
         stalled_percents=args.stalled_percents,
+        rounds=args.rounds,
         rate=args.rate,
         publishers=args.publishers,
         payload_bytes=args.payload_bytes,
