@@ -6,32 +6,16 @@ import asyncio
 import contextlib
 from typing import Any
 
-import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import RunningServer, run_server
 from tests.jsclient import JsClient, js_available
 from tests.pyclient import new_client, new_subscription
+from tests.rawclient import stalled_subscriber
 
 CHANNEL = "task:stall"
-
-
-async def _raw_subscriber(url: str, token: str, channel: str) -> ClientConnection:
-    # max_queue=1: once one message waits unread, websockets stops reading the socket,
-    # so the kernel buffers fill exactly as with a client that stopped reading.
-    ws = await connect(url, compression=None, max_queue=1, ping_interval=None)
-    await ws.send(orjson.dumps({"id": 1, "connect": {"token": token}}).decode())
-    await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}).decode())
-    seen: set[int] = set()
-    while not {1, 2} <= seen:
-        for line in str(await ws.recv()).split("\n"):
-            reply = orjson.loads(line)
-            assert "error" not in reply, reply
-            if reply.get("id"):
-                seen.add(reply["id"])
-    return ws
 
 
 async def _close_code(ws: ClientConnection) -> int | None:
@@ -91,7 +75,7 @@ async def test_stalled_client_is_cut_off_and_fast_client_gets_everything(
         await sub.subscribe()
         await sub_events.wait_for("subscribed")
         stalled = [
-            await _raw_subscriber(server.ws_url, server.token(f"slow-{i}"), CHANNEL)
+            await stalled_subscriber(server.ws_url, server.token(f"slow-{i}"), CHANNEL)
             for i in range(stalled_count)
         ]
         assert node.subscriber_count(CHANNEL) == 1 + stalled_count
@@ -129,7 +113,7 @@ async def test_stalled_client_is_cut_off_and_fast_js_client_gets_everything(
         await js.call("newSubscription", channel=CHANNEL, options={})
         await js.call("subscribe", channel=CHANNEL, wait=True, timeout=5000)
         stalled = [
-            await _raw_subscriber(server.ws_url, server.token(f"slow-{i}"), CHANNEL)
+            await stalled_subscriber(server.ws_url, server.token(f"slow-{i}"), CHANNEL)
             for i in range(stalled_count)
         ]
         assert server.runtime.node.subscriber_count(CHANNEL) == 1 + stalled_count

@@ -17,9 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from shim.cutover import Mode
@@ -27,6 +26,7 @@ from tests.conftest import ADMIN_KEY, API_KEY, RunningServer, run_server
 from tests.jsclient import JS_DIR, node_binary
 from tests.legacyclient import SHORT_PINGS, legacy_client
 from tests.pyclient import new_client, new_subscription
+from tests.rawclient import stalled_subscriber
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium"))
 E2E_SCRIPT = JS_DIR / "console_e2e.mjs"
@@ -83,21 +83,6 @@ async def channels_client(server: RunningServer, user: str, *channels: str) -> A
         yield
     finally:
         await client.disconnect()
-
-
-async def stalled_subscriber(server: RunningServer, user: str, channel: str) -> ClientConnection:
-    """A Centrifuge client that subscribes and then stops reading (max_queue=1 makes
-    websockets stop reading the socket once one message waits)."""
-    ws = await connect(server.ws_url, compression=None, max_queue=1, ping_interval=None)
-    await ws.send(orjson.dumps({"id": 1, "connect": {"token": server.token(user)}}).decode())
-    await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}).decode())
-    seen: set[int] = set()
-    while not {1, 2} <= seen:
-        for line in str(await ws.recv()).split("\n"):
-            reply = orjson.loads(line)
-            assert "error" not in reply, reply
-            seen.add(reply.get("id", 0))
-    return ws
 
 
 async def flood_until_cut(server: RunningServer, channel: str, task_id: str) -> None:
@@ -226,7 +211,7 @@ async def test_overview_counts_clients_channels_and_slow_disconnects(
             # The legacy client's subscribe_all and three personal channels count as well.
             assert now["channels"]["count"] == len(list(server.runtime.node.channels()))
 
-            stalled = await stalled_subscriber(server, "dan", "task:stall")
+            stalled = await stalled_subscriber(server.ws_url, server.token("dan"), "task:stall")
             await flood_until_cut(server, "task:stall", "stall")
             assert await close_code(stalled) == 3008
             after = await overview()
@@ -416,7 +401,7 @@ async def test_console_in_chromium(signing_keys: tuple[str, str], tmp_path: Path
             assert await page.call("count", selector="#tail-lines li") == 3
 
             # A client that stops reading is cut off; the page shows the slow disconnect.
-            stalled = await stalled_subscriber(server, "sid", "task:stall")
+            stalled = await stalled_subscriber(server.ws_url, server.token("sid"), "task:stall")
             await flood_until_cut(server, "task:stall", "stall")
             assert await close_code(stalled) == 3008
             await page.wait_text("#slow-channels", "^1$")

@@ -16,12 +16,13 @@ import httpx
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.legacyclient import Frame, legacy_url, open_legacy
 from tests.multinode import ClusterKeys, NodeProcess, spawn_node, start_nodes
 from tests.pyclient import new_client, new_subscription
+from tests.rawclient import stalled_subscriber
 from tests.redis_server import RedisServer
 
 GRACE_SECONDS = 4.0
@@ -40,28 +41,6 @@ async def queued_bytes(node: NodeProcess) -> float:
         if family.name == "dex_shim_client_queue_bytes":
             return float(family.samples[0].value)
     raise AssertionError("no dex_shim_client_queue_bytes in /metrics")
-
-
-async def stalled_subscriber(
-    node: NodeProcess, channel: str, *, deflate: bool = False
-) -> ClientConnection:
-    # max_queue=1: once a message waits unread, websockets stops reading the socket,
-    # so the kernel buffers fill as with a browser tab that froze.
-    ws = await connect(
-        node.ws_url,
-        compression="deflate" if deflate else None,
-        max_queue=1,
-        ping_interval=None,
-    )
-    await ws.send(orjson.dumps({"id": 1, "connect": {"token": node.token("stalled")}}).decode())
-    await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}).decode())
-    seen: set[int] = set()
-    while not {1, 2} <= seen:
-        for line in str(await ws.recv()).split("\n"):
-            reply = orjson.loads(line)
-            assert "error" not in reply, reply
-            seen.add(reply.get("id", 0))
-    return ws
 
 
 @contextlib.asynccontextmanager
@@ -88,7 +67,9 @@ async def test_draining_node_turns_newcomers_away_and_a_stalled_client_cannot_ho
         "legacy_ping_interval_seconds": "1",
     }
     async with one_node(tmp_path, **settings) as node:
-        stalled = await stalled_subscriber(node, "task:drain", deflate=compression)
+        stalled = await stalled_subscriber(
+            node.ws_url, node.token("stalled"), "task:drain", deflate=compression
+        )
         fast, fast_events = new_client(node.ws_url, node.token("fast"))
         await fast.connect()
         sub, sub_events = new_subscription(fast, "task:drain")

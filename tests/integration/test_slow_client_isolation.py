@@ -216,3 +216,19 @@ def test_verdict_slack_widens_the_bound_for_small_baselines() -> None:
     bound = Bound(factor=3.0, slack_ms=50.0, percent=50.0)
     verdict = evaluate([_phase(0, 4.0), _phase(50, 54.0)], bound)
     assert verdict.passed and verdict.p99_limit_ms == 54.0
+
+
+def test_several_rounds_compare_median_p99s_so_one_noisy_phase_does_not_decide() -> None:
+    bound = Bound(factor=1.25, slack_ms=0.0, percent=10.0)
+    # The first baseline ran in a quiet moment; the other rounds show the real spread.
+    rounds = [_phase(0, 15.7), _phase(10, 25.8), _phase(0, 24.9), _phase(10, 21.2)]
+    rounds += [_phase(0, 22.0), _phase(10, 23.0)]
+    verdict = evaluate(rounds, bound)
+    assert verdict.passed, verdict.reasons
+    assert verdict.p99_limit_ms == 22.0 * 1.25
+    # A stall effect that shows in every round still fails.
+    verdict = evaluate(
+        [_phase(0, 20.0), _phase(10, 30.0), _phase(0, 21.0), _phase(10, 29.0)], bound
+    )
+    assert not verdict.passed
+    assert "median fast p99 of 2 rounds 29.5 ms exceeds 25.6 ms" in verdict.reasons[0]
