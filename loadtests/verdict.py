@@ -224,6 +224,10 @@ def render_table(results: Sequence[PhaseResult], verdict: Verdict, bound: Bound)
     lines = ["| measure | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     lines.append("")
+    percents = sorted({r.stalled_percent for r in results})
+    if len(results) > len(percents):
+        medians = ", ".join(f"{p:g} % stalled {_median_p99(results, p):.1f} ms" for p in percents)
+        lines.append(f"median fast p99 over the rounds: {medians}")
     if verdict.p99_limit_ms is not None:
         lines.append(
             f"p99 bound for {bound.percent:g} % stalled: {verdict.p99_limit_ms:.1f} ms "
