@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
 
+import h11 as h11_lib
 from hypercorn.asyncio import task_group, worker_context
 from hypercorn.protocol import h2, h11, ws_stream
 from wsproto.events import Event as WSEvent
@@ -148,9 +149,28 @@ class _PendingEvents(list[WSEvent]):
         return self.pop(0)
 
 
-def _lighten(connection: Any, writer: Any) -> None:
-    """Swap two empty per-socket deques for lists: wsproto's pending events, and
-    asyncio's drain waiters of the stream (appended, removed and iterated only)."""
+class _SpentHTTP:
+    """Stands in for a connection's h11 state machine once the 101 has been sent:
+    from then on hypercorn writes WebSocket frames as raw bytes and never asks h11
+    for anything, and the machine (about 1 KiB with its buffers) would stay with
+    every idle socket."""
+
+    __slots__ = ()
+
+    def send(self, event: object) -> bytes:
+        raise h11_lib.LocalProtocolError(f"no HTTP after the WebSocket upgrade: {event!r}")
+
+
+_SPENT_HTTP = _SpentHTTP()
+
+
+def _lighten(stream: ws_stream.WSStream, connection: Any, writer: Any) -> None:
+    """Drop per-socket state an accepted WebSocket no longer needs: the h11 machine,
+    and two empty deques swapped for lists (wsproto's pending events; asyncio's
+    drain waiters of the stream, appended, removed and iterated only)."""
+    upgraded = getattr(getattr(stream.send, "__self__", None), "connection", None)
+    if isinstance(upgraded, h11.H11WSConnection):
+        upgraded.h11_connection = _SPENT_HTTP  # type: ignore[assignment]
     pending = getattr(connection, "_events", None)
     if isinstance(pending, collections.deque) and not pending:
         connection._events = _PendingEvents()
@@ -178,7 +198,7 @@ class _PingingWSStream(ws_stream.WSStream):
         await super()._accept(message)
         server = _tcp_server_of(self)
         writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
-        _lighten(self.connection, writer)
+        _lighten(self, self.connection, writer)
         direct = self.scope["extensions"].get(DIRECT_WRITE_EXTENSION)
         if (
             isinstance(direct, DirectWrite)
