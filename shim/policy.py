@@ -254,14 +254,23 @@ class ChannelAuthorizer:
         """The user's personal channel, or "" for anonymous users or when the rule is off."""
         return f"{self._user_prefix}{user}" if user and self._user_prefix else ""
 
+    def foreign_personal_channel(self, channel: str, user: str) -> bool:
+        """A personal channel that is not `user`'s: what no policy and no token may
+        grant (every personal channel is foreign to an anonymous user)."""
+        return (
+            bool(self._user_prefix)
+            and channel.startswith(self._user_prefix)
+            and channel != self.personal_channel(user)
+        )
+
     async def authorize_subscribe(
         self, credentials: Credentials, channel: str, client_id: str
     ) -> Decision:
         if self._user_prefix and channel.startswith(self._user_prefix):
             # Never delegated: no policy may hand one user another's personal channel.
-            if credentials.user and channel == self.personal_channel(credentials.user):
-                return Decision.allow("own personal channel")
-            return Decision.deny("personal channel of another user")
+            if self.foreign_personal_channel(channel, credentials.user):
+                return Decision.deny("personal channel of another user")
+            return Decision.allow("own personal channel")
         try:
             return await self._policy.can_subscribe(credentials, channel, client_id)
         except Exception:

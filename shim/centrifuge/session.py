@@ -405,14 +405,16 @@ class CentrifugeSession:
             result["ttl"] = max(1, int(self.expires_at - time.time()))
 
         server_channels = []
-        if credentials.user and not self.console:
-            server_channels.append(f"{settings.user_channel_prefix}:{credentials.user}")
+        personal = self.authorizer.personal_channel(credentials.user)
+        if personal and not self.console:
+            server_channels.append(personal)
         # Wildcard grants (`task:*`) in the token authorize, they do not subscribe;
         # another user's personal channel is never granted, not even by the token.
         server_channels += [
             c
             for c in credentials.server_side_channels
-            if c not in server_channels and not self._foreign_personal_channel(c, credentials)
+            if c not in server_channels
+            and not self.authorizer.foreign_personal_channel(c, credentials.user)
         ]
         opened: list[tuple[Subscription, StreamPosition]] = []
         subs_result: dict[str, Mapping[str, Any]] = {}
@@ -458,16 +460,6 @@ class CentrifugeSession:
             raise Reject(codes.UNKNOWN_CHANNEL)
         return namespace
 
-    def _foreign_personal_channel(
-        self, channel: str, credentials: Credentials | None = None
-    ) -> bool:
-        """True for a personal channel (`user:<id>`) that is not this connection's."""
-        prefix = self.node.settings.user_channel_prefix
-        if not prefix or not channel.startswith(f"{prefix}:"):
-            return False
-        user = credentials.user if credentials is not None else self._user()
-        return channel != self.authorizer.personal_channel(user)
-
     async def _subscribe(self, command_id: int, request: SubscribeRequest) -> None:
         assert self.credentials is not None
         namespace = self._check_channel(request.channel)
@@ -496,7 +488,7 @@ class CentrifugeSession:
                 raise Reject(
                     codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED
                 ) from None
-            if self._foreign_personal_channel(channel):
+            if self.authorizer.foreign_personal_channel(channel, self._user()):
                 # A token may not hand one user another's personal channel either.
                 log.info(
                     "subscribe refused: personal channel of another user",
