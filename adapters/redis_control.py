@@ -6,8 +6,8 @@ each change, and a random `generation` set when the hash is created) plus a pub/
 notice, so a change made through any node's admin API reaches every node within a
 moment, and a node that starts (or reconnects) reads the current one. A Redis that
 restarts empty counts versions from 1 again; the new generation tells nodes that
-those versions are newer than the ones they saw before. Each node writes its counts under a key that expires, so a dead
-node drops out of the totals by itself.
+those versions are newer than the ones they saw before. Each node writes its
+counts under a key that expires, so a dead node drops out of the totals by itself.
 """
 
 from __future__ import annotations
