@@ -102,8 +102,12 @@ class JsClient:
 
     async def __aenter__(self) -> JsClient:
         node = node_binary()
-        if node is None:
-            raise RuntimeError("node is not installed")
+        # Not a skip: `make test` installs both, so a missing one is a broken setup.
+        if node is None or not js_available():
+            raise RuntimeError(
+                "centrifuge-js tests need Node 20 and tests/js/node_modules "
+                "(`make test` runs `npm ci --prefix tests/js`)"
+            )
         self._proc = await asyncio.create_subprocess_exec(
             node,
             str(DRIVER),

@@ -11,7 +11,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import RunningServer, run_server
-from tests.jsclient import JsClient, js_available
+from tests.jsclient import JsClient
 from tests.pyclient import new_client, new_subscription
 from tests.rawclient import stalled_subscriber
 
@@ -96,7 +96,6 @@ async def test_stalled_client_is_cut_off_and_fast_client_gets_everything(
 
 
 @pytest.mark.js
-@pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing")
 @pytest.mark.parametrize(("cut_by", "stalled_count", "overrides"), [CASES[0], CASES[2]])
 async def test_stalled_client_is_cut_off_and_fast_js_client_gets_everything(
     signing_keys: tuple[str, str], cut_by: str, stalled_count: int, overrides: dict[str, int]

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ADMIN_KEY, RunningServer, run_server
-from tests.jsclient import JsClient, js_available
+from tests.jsclient import JsClient
 from tests.legacyclient import SHORT_PINGS, LegacyClient, legacy_url, open_legacy, settle
 from tests.pyclient import new_client, new_subscription
 
@@ -369,7 +369,6 @@ async def test_python_sdk_on_the_legacy_url_is_served_centrifuge(server: Running
 
 
 @pytest.mark.js
-@pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing")
 async def test_js_sdk_on_the_legacy_url_is_served_centrifuge(server: RunningServer) -> None:
     async with JsClient(legacy_url(server.port), server.token("js")) as js:
         await js.call("connect")

@@ -32,7 +32,7 @@ from shim.events import Event
 from shim.outbox import Outbox
 from shim.routing import Router
 from tests.conftest import RunningServer, run_server
-from tests.jsclient import JsClient, js_available
+from tests.jsclient import JsClient
 from tests.legacyclient import SHORT_PINGS, LegacyClient, open_legacy, settle
 from tests.pyclient import SubEvents, new_client, new_subscription
 from tests.redis_server import RedisServer
@@ -431,7 +431,6 @@ async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_
 
 
 @pytest.mark.js
-@pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing")
 async def test_corpus_reaches_the_hook_a_task_client_and_both_sdks_at_once(
     signing_keys: Keys, corpus: Corpus
 ) -> None:

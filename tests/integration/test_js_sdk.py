@@ -18,13 +18,10 @@ from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
 from tests.conftest import RunningServer, run_server
-from tests.jsclient import Event, JsClient, JsError, js_available
+from tests.jsclient import Event, JsClient, JsError
 from tests.pyclient import OUTAGES, cut_off
 
-pytestmark = [
-    pytest.mark.js,
-    pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing"),
-]
+pytestmark = pytest.mark.js
 
 # Short SDK backoffs so reconnects and retries happen within a test's few seconds.
 FAST = {"minReconnectDelay": 100, "maxReconnectDelay": 300}

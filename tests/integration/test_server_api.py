@@ -35,7 +35,7 @@ from centrifuge import Client  # type: ignore[import-untyped]
 from shim import __version__
 from shim.config import Settings
 from tests.conftest import API_KEY, RunningServer, eventually, run_server, sessions_of
-from tests.jsclient import JsClient, js_available
+from tests.jsclient import JsClient
 from tests.legacyclient import legacy_client, probe_event, probe_matcher, settle
 from tests.pyclient import ClientEvents, SubEvents, new_client, new_subscription
 
@@ -329,7 +329,6 @@ async def test_unsubscribe_sends_server_unsubscribe(server: RunningServer) -> No
 
 
 @pytest.mark.js
-@pytest.mark.skipif(not js_available(), reason="node or tests/js/node_modules missing")
 async def test_subscribe_adds_a_server_side_subscription(server: RunningServer) -> None:
     async with JsClient(server.ws_url, server.token("alice")) as js, cent_client(server) as api:
         await js.call("connect")
