@@ -94,7 +94,7 @@ class RouteRule:
 
 
 def _default_routes() -> tuple[RouteRule, ...]:
-    # The design doc's table (../shared/seeds): task-scoped families to task:{task_id},
+    # The design doc's table (docs/spec/dex-realtime-design.md): task-scoped families to task:{task_id},
     # task.* also to project:{project_id} when known, quests to quest:{quest_id},
     # approvals to the user when named and to `system` otherwise.
     return (

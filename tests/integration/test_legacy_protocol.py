@@ -1,7 +1,7 @@
 """The legacy hub protocol on GET /api/v1/ws, against the real hypercorn server.
 
 One test (or a few) per point of the acceptance checklist at the end of
-/work/shared/spec/legacy-hub-protocol.md that still applies: the handshake and its
+docs/spec/legacy-hub-protocol.md that still applies: the handshake and its
 401/400 answers (§1), frames and their envelope (§2), commands (§3), limits and
 keepalive (§4) and the stalled-client cut-off (§7, as changed in MIGRATION.md).
 Clients behave like the product's browser hook (tests/legacyclient.py).

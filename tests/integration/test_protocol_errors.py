@@ -4,7 +4,7 @@ Each test drives one misbehaving client against the real hypercorn server and
 checks the exact reply error or close frame it gets; a well-behaved bystander
 connected at the same time must still subscribe and receive a broadcast
 afterwards (one client's trouble never takes down anyone else). Expected codes
-and messages are those of §4, §6 and §7 of /work/shared/spec/centrifuge-protocol.md.
+and messages are those of §4, §6 and §7 of docs/spec/centrifuge-protocol.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Centrifuge protocol v2 JSON codec: literal frame vectors, error cases, fuzzing.
 
 Expected server texts come from the examples of §13 (and §2.3, §11, §12) of
-/work/shared/spec/centrifuge-protocol.md. Where the codec controls key order
+docs/spec/centrifuge-protocol.md. Where the codec controls key order
 (proto field order, as Go writes it) the text is compared exactly.
 """
 

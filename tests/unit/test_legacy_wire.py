@@ -23,10 +23,8 @@ from legacy.wire import (
 )
 from shim.events import Event
 
-# The repository is checked out beside `shared/`, here and in CI.
-CORPUS_PATH = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "legacy-broadcasts.json"
-)
+# Vendored with the repository (tests/data/README.md says where it came from).
+CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "legacy-broadcasts.json"
 GO_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z$")
 
 
