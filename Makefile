@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest clean chromium
+.PHONY: run test lint typecheck pytest clean chromium bench bench-quick bench-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,27 @@ pytest: $(VENV)/.test-installed tests/js/node_modules/.package-lock.json chromiu
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# The fan-out benchmark (docs/benchmarks.md): Debian's Go toolchain, gorilla/websocket
+# for the load generator, and the Go Centrifuge library (the anchor) with the
+# dependencies its Debian package leaves out; all build offline.
+BENCH_APT := golang-go golang-github-gorilla-websocket-dev \
+	golang-github-centrifugal-centrifuge-dev golang-github-centrifugal-protocol-dev \
+	golang-github-igm-sockjs-go-dev golang-github-mna-redisc-dev \
+	golang-github-fzambia-eagle-dev redis-server
+bench-deps:
+	@dpkg -s $(BENCH_APT) >/dev/null 2>&1 || (apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends $(BENCH_APT) >/dev/null)
+
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: bench-deps $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py
+
+bench-quick: bench-deps $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -15,6 +15,7 @@ from typing import Any
 Result = dict[str, Any]
 
 LABELS = {
+    "centrifuge": "Go Centrifuge 0.15 (the anchor, protocol v1)",
     "channel": "shim, channel protocol",
     "legacy": "shim, legacy protocol",
     "redis1": "shim, 1 node over Redis (channel protocol)",
@@ -23,6 +24,8 @@ LABELS = {
     "ws": "websockets.broadcast, pre-encoded (ceiling)",
 }
 SYSTEMS = tuple(LABELS)
+# Every figure is also given as a ratio to this system's, measured in the same run.
+ANCHOR = "centrifuge"
 # The case the issue's targets are stated at.
 TARGET_CASE = "1,000"
 
@@ -94,6 +97,20 @@ def _incomplete(phase: Result | None) -> str:
     return f" ({phase['delivered']:,}/{phase['expected']:,})"
 
 
+def _anchor_ratio(results: Sequence[Result], system: str, case: str, phase: str, key: str) -> str:
+    """ " (1.23x)": this system's figure over the anchor's in the same case."""
+    if system == ANCHOR:
+        return ""
+    mine = _phase(_find(results, system, case), phase)
+    theirs = _phase(_find(results, ANCHOR, case), phase)
+    if mine is None or theirs is None:
+        return ""
+    a, b = _num(mine[key]), _num(theirs[key])
+    if math.isnan(a) or math.isnan(b) or b == 0:
+        return ""
+    return f" ({a / b:.2f}x)"
+
+
 def burst_table(results: Sequence[Result]) -> str:
     cases = _cases(results)
     rows = []
@@ -102,9 +119,13 @@ def burst_table(results: Sequence[Result]) -> str:
         for case in cases:
             phase = _phase(_find(results, system, case), "burst")
             rate = _num(phase["deliveries_per_s"]) if phase else math.nan
-            cells.append(_fmt_rate(rate) + _incomplete(phase))
+            cells.append(
+                _fmt_rate(rate)
+                + _incomplete(phase)
+                + _anchor_ratio(results, system, case, "burst", "deliveries_per_s")
+            )
         rows.append(cells)
-    return _table(["burst deliveries/s, subscribers:", *cases], rows)
+    return _table(["burst deliveries/s (x Go Centrifuge), subscribers:", *cases], rows)
 
 
 def latency_table(results: Sequence[Result]) -> str:
@@ -120,9 +141,10 @@ def latency_table(results: Sequence[Result]) -> str:
             cells.append(
                 f"{_fmt_ms(_num(phase['p50_ms']))} / {_fmt_ms(_num(phase['p99_ms']))}"
                 + _incomplete(phase)
+                + _anchor_ratio(results, system, case, "latency", "p99_ms")
             )
         rows.append(cells)
-    return _table(["p50 / p99 ms at 20 publications/s, subscribers:", *cases], rows)
+    return _table(["p50 / p99 ms (p99 x Go Centrifuge's), subscribers:", *cases], rows)
 
 
 def keeps_up(phase: Result, rate: float) -> bool:
@@ -146,10 +168,14 @@ def sustained_table(results: Sequence[Result], rate: float) -> str:
                 [
                     LABELS[system],
                     f"{phase['delivered']:,}/{phase['expected']:,}",
-                    _fmt_rate(_num(phase["deliveries_per_s"])),
+                    _fmt_rate(_num(phase["deliveries_per_s"]))
+                    + _anchor_ratio(
+                        results, system, result["case"], "sustained", "deliveries_per_s"
+                    ),
                     f"{_num(phase['publish_rate']):.0f}",
                     _fmt_ms(_num(phase["p50_ms"])),
-                    _fmt_ms(_num(phase["p99_ms"])),
+                    _fmt_ms(_num(phase["p99_ms"]))
+                    + _anchor_ratio(results, system, result["case"], "sustained", "p99_ms"),
                     _fmt_ms(_num(phase["max_ms"])),
                     _fmt_ms(_num(phase["drain_ms"])),
                     "yes" if keeps_up(phase, rate) else "**no**",
@@ -161,7 +187,7 @@ def sustained_table(results: Sequence[Result], rate: float) -> str:
         "deliveries/s",
         "publications/s sent",
         "p50 ms",
-        "p99 ms",
+        "p99 ms (x Go)",
         "max ms",
         "backlog at end ms",
         "keeps up",
@@ -180,9 +206,14 @@ def memory_table(results: Sequence[Result]) -> str:
                 cells.append("-")
                 continue
             mark = "" if result.get("rss_settled") else " (unsettled)"
-            cells.append(f"{_num(result['per_connection_kib']):.1f}{mark}")
+            kib = _num(result["per_connection_kib"])
+            anchor = _find(results, ANCHOR, case)
+            ratio = ""
+            if system != ANCHOR and anchor is not None and _num(anchor["per_connection_kib"]) > 0:
+                ratio = f" ({kib / _num(anchor['per_connection_kib']):.2f}x)"
+            cells.append(f"{kib:.1f}{mark}{ratio}")
         rows.append(cells)
-    return _table(["KiB per idle connection (server RSS delta / N), N:", *cases], rows)
+    return _table(["KiB per idle connection (x Go Centrifuge), N:", *cases], rows)
 
 
 def cpu_table(results: Sequence[Result]) -> str:
@@ -234,8 +265,45 @@ def _ratio(results: Sequence[Result], a: str, b: str, phase: str, key: str) -> f
     return _num(pa[key]) / _num(pb[key])
 
 
-def verdicts(results: Sequence[Result], sustain_rate: float) -> list[Verdict]:
+def _anchor_verdicts(results: Sequence[Result], sustain_rate: float) -> list[Verdict]:
+    """The issue's targets, each a ratio to Go Centrifuge in the same run."""
     out = []
+    for system in ("channel", "legacy"):
+        ratio = _ratio(results, system, ANCHOR, "burst", "deliveries_per_s")
+        out.append(
+            Verdict(
+                f"{system} burst >= 1.0x Go Centrifuge @ 1,000",
+                "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+                None if math.isnan(ratio) else ratio >= 1.0,
+            )
+        )
+        ratio = _ratio(results, system, ANCHOR, "latency", "p99_ms")
+        out.append(
+            Verdict(
+                f"{system} p99 @ 1,000 x 20/s <= 1.25x Go Centrifuge's",
+                "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+                None if math.isnan(ratio) else ratio <= 1.25,
+            )
+        )
+        ratio = _ratio(results, system, ANCHOR, "sustained", "p99_ms")
+        mine = _phase(_find(results, system, TARGET_CASE), "sustained")
+        complete = bool(mine and mine.get("complete"))
+        measured = "-" if math.isnan(ratio) else f"{ratio:.2f}x"
+        if mine is not None and not complete:
+            measured += f", {mine['delivered']:,}/{mine['expected']:,} delivered"
+        out.append(
+            Verdict(
+                f"{system} p99 @ 1,000 x {sustain_rate:.0f}/s sustained <= 2x Go Centrifuge's, "
+                "all delivered",
+                measured,
+                None if math.isnan(ratio) else ratio <= 2.0 and complete,
+            )
+        )
+    return out
+
+
+def verdicts(results: Sequence[Result], sustain_rate: float) -> list[Verdict]:
+    out = _anchor_verdicts(results, sustain_rate)
     for target, a, b, floor in (
         ("channel burst >= 2x the websockets ceiling @ 1,000", "channel", "ws", 2.0),
         ("channel burst >= 10x python-socketio @ 1,000", "channel", "socketio", 10.0),
@@ -256,7 +324,9 @@ def verdicts(results: Sequence[Result], sustain_rate: float) -> list[Verdict]:
     out.append(
         Verdict(
             f"channel keeps up with 1,000 x {sustain_rate:.0f}/s sustained",
-            "-" if sustained is None else f"{_num(sustained['publish_rate']):.0f}/s sent, "
+            "-"
+            if sustained is None
+            else f"{_num(sustained['publish_rate']):.0f}/s sent, "
             f"{_num(sustained['drain_ms']):.0f} ms backlog",
             None if sustained is None else keeps_up(sustained, sustain_rate),
         )

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from bench import report  # noqa: E402
 from bench.report import Case  # noqa: E402
-from bench.servers import Keys, Running, make_keys, running  # noqa: E402
+from bench.servers import Keys, Running, go_env, make_keys, running  # noqa: E402
 
 LOADGEN_DIR = ROOT / "bench" / "loadgen"
 DOCS_MD = ROOT / "docs" / "benchmarks.md"
@@ -83,12 +83,8 @@ def build_loadgen(out: Path) -> Path:
     /usr/share/gocode), with no module proxy: it works offline or not at all."""
     # Built outside the tree: a 7 MB binary has no place in a commit.
     binary = Path(tempfile.gettempdir()) / "dex-bench-loadgen"
-    env = dict(
-        os.environ,
+    env = go_env(
         GOFLAGS="-mod=mod",
-        GOPROXY="off",
-        GOTOOLCHAIN="local",
-        GOCACHE=os.environ.get("GOCACHE", str(Path(tempfile.gettempdir()) / "dex-bench-gocache")),
         GOPATH=os.environ.get("GOPATH", str(Path(tempfile.gettempdir()) / "dex-bench-gopath")),
     )
     subprocess.run(["go", "build", "-o", str(binary), "."], cwd=LOADGEN_DIR, env=env, check=True)

@@ -7,6 +7,7 @@ whose CPU counts, like Redis) and the URLs the load generator needs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -139,6 +141,32 @@ def _shim_command() -> list[str]:
     return [sys.executable, "-m", "shim.cli", "serve"]
 
 
+CENTRIFUGE_DIR = ROOT / "bench" / "peers" / "centrifuge_go"
+
+
+def go_env(**extra: str) -> dict[str, str]:
+    """Offline Go builds: no module proxy, Debian's toolchain, caches in the temp dir."""
+    tmp = Path(tempfile.gettempdir())
+    env = dict(
+        os.environ,
+        GOPROXY="off",
+        GOTOOLCHAIN="local",
+        GOCACHE=os.environ.get("GOCACHE", str(tmp / "dex-bench-gocache")),
+    )
+    env.update(extra)
+    return env
+
+
+@functools.cache
+def build_centrifuge() -> Path:
+    """Build the Go Centrifuge anchor in GOPATH mode against Debian's packages under
+    /usr/share/gocode (golang-github-centrifugal-centrifuge-dev and its dependencies)."""
+    binary = Path(tempfile.gettempdir()) / "dex-bench-centrifuge"
+    env = go_env(GO111MODULE="off", GOPATH="/usr/share/gocode", GOFLAGS="")
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=CENTRIFUGE_DIR, env=env, check=True)
+    return binary
+
+
 def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     proc = subprocess.Popen(
@@ -213,6 +241,16 @@ def _start(
             keys.api_key,
             [p.pid for p in procs[1:]],
             [redis.pid],
+        )
+    if system == "centrifuge":
+        env = dict(os.environ, DEX_BENCH_API_KEY=keys.api_key)
+        proc, port = _spawn([str(build_centrifuge())], env, log)
+        procs.append(proc)
+        return Running(
+            [f"ws://127.0.0.1:{port}/connection/websocket"],
+            f"http://127.0.0.1:{port}/api/v1/broadcast",
+            keys.api_key,
+            [proc.pid],
         )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if system == "socketio":

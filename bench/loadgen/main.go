@@ -243,6 +243,26 @@ func open(o *options, s *sub, base string) error {
 			return err
 		}
 		return readUntil(c, s, replyTo(2))
+	case "centrifuge":
+		// Go Centrifuge 0.15 speaks client protocol v1: {"id","method","params"}
+		// commands, replies {"id","result"|"error"}, pushes {"result":{"channel",...}}.
+		c, err := dial(base)
+		if err != nil {
+			return err
+		}
+		s.conn = c
+		cmd, _ := json.Marshal(map[string]any{"id": 1, "method": "connect", "params": map[string]any{"token": token}})
+		if err := c.WriteMessage(websocket.TextMessage, cmd); err != nil {
+			return err
+		}
+		if err := readUntil(c, s, replyTo(1)); err != nil {
+			return err
+		}
+		cmd = []byte(`{"id":2,"method":"subscribe","params":{"channel":"task:` + key + `"}}`)
+		if err := c.WriteMessage(websocket.TextMessage, cmd); err != nil {
+			return err
+		}
+		return readUntil(c, s, replyTo(2))
 	case "legacy":
 		c, err := dial(base + "?token=" + url.QueryEscape(token))
 		if err != nil {
@@ -893,7 +913,7 @@ func main() {
 	o := &options{}
 	var subURLs, serverPids, extraPids, tokensPath string
 	var phaseTimeout, settleTimeout float64
-	flag.StringVar(&o.system, "system", "channel", "protocol: channel | legacy | socketio | ws")
+	flag.StringVar(&o.system, "system", "channel", "protocol: channel | centrifuge (v1) | legacy | socketio | ws")
 	flag.StringVar(&subURLs, "sub-urls", "", "comma-separated websocket URLs; subscribers take them in turn")
 	flag.StringVar(&o.pubURL, "pub-url", "", "http://.../api/v1/broadcast (POST) or ws://... (one frame per publish)")
 	flag.StringVar(&o.apiKey, "api-key", "", "X-API-Key for HTTP publishing")
