@@ -137,6 +137,8 @@ def _build_quart(runtime: Runtime) -> Quart:
             return json_response(
                 {"error": "token expired" if exc.expired else "invalid token"}, 401
             )
+        if not user and not settings.client_anonymous:
+            return json_response({"error": "token has no user id"}, 401)
         cutover = runtime.cutover
         protocol = cutover.protocol_for(user)
         return json_response(

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from adapters.auth.jwt import TokenError
+from adapters.auth.jwt import Credentials, TokenError
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
 from shim.centrifuge import codec, codes
@@ -42,18 +42,23 @@ LEGACY_INVALID = b'{"message":"invalid token"}\n'
 LEGACY_MISSING_CLOSE = (4401, "missing authorization header")
 SLOW_CODE = codes.SLOW.code
 SHUTTING_DOWN = b'{"message":"server shutting down"}\n'
+NO_CREDENTIALS = Credentials(user="")
 
 
-def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, str]:
-    """(401 body, "") when the legacy token is missing or bad, else (b"", user)."""
+def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, Credentials]:
+    """(401 body, anonymous credentials) when the legacy token is missing or bad,
+    else (b"", the token's credentials)."""
     token = legacy_token(scope["headers"], scope.get("query_string", b""))
     if not token:
-        return LEGACY_MISSING, ""
+        return LEGACY_MISSING, NO_CREDENTIALS
     try:
         credentials = runtime.verifier.verify_connection(token)
     except TokenError as exc:
-        return (LEGACY_EXPIRED if exc.expired else LEGACY_INVALID), ""
-    return b"", credentials.user
+        return (LEGACY_EXPIRED if exc.expired else LEGACY_INVALID), NO_CREDENTIALS
+    if credentials.anonymous and not runtime.settings.client_anonymous:
+        # What the channel protocol refuses (3501) is not a user here either.
+        return LEGACY_INVALID, NO_CREDENTIALS
+    return b"", credentials
 
 
 async def serve_centrifuge(
@@ -151,11 +156,11 @@ async def serve_legacy(
     # the connect command); one with a token is a legacy client, which may well stay
     # silent, so it is never kept waiting for a first frame.
     detect = not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
-    user = ""
+    credentials = NO_CREDENTIALS
     # The Go hub authenticated before looking at the handshake: a 401 before any
     # upgrade gives the browser hook its bounded retries.
     if not detect:
-        rejection, user = legacy_rejection(runtime, scope)
+        rejection, credentials = legacy_rejection(runtime, scope)
         if rejection:
             await reject_http(send, 401, rejection, b"application/json")
             return
@@ -198,7 +203,7 @@ async def serve_legacy(
         pump,
         outbox,
         runtime.legacy_stats,
-        user=user,
+        user=credentials.user,
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
     )

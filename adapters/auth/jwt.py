@@ -4,7 +4,9 @@ Claims follow Centrifugo's conventions (sub, exp, expire_at, info/b64info, chann
 channel, client, data/b64data) plus the Dex product's `user_id` and our `project_ids`.
 Validation mirrors the legacy server (golang-jwt v5): only the configured algorithm,
 signature before claims, `exp` only when present and without leeway, `nbf` checked,
-`iat` not checked (a Dex clock slightly ahead must not lock users out).
+`iat` not checked (a Dex clock slightly ahead must not lock users out). `exp`, `nbf`
+and `iat` must be JSON numbers when present (RFC 7519 NumericDate): a string is a
+malformed token, as golang-jwt has it, where PyJWT alone would read "123" as 123.
 
 Error messages are fixed strings: no token, and no PyJWT text that could quote one,
 ever reaches a TokenError (and so a log line).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -179,6 +182,9 @@ class TokenVerifier:
         self._jwt = jwt.PyJWT(
             options={
                 "verify_iat": False,
+                # Checked by _check_times, once their type is known to be a NumericDate.
+                "verify_exp": False,
+                "verify_nbf": False,
                 # PyJWT refuses any token with `aud` when no audience is given; we
                 # check `aud` only when one is configured (Centrifugo does the same).
                 "verify_aud": bool(audience),
@@ -263,21 +269,43 @@ class TokenVerifier:
         if not token:
             raise TokenError("empty token")
         try:
-            return self._jwt.decode(
+            claims: dict[str, Any] = self._jwt.decode(
                 token,
                 self._key,
                 algorithms=[self._algorithm],
                 audience=self._audience or None,
                 issuer=self._issuer or None,
-                leeway=self._leeway,
             )
         # `from None`: the chained PyJWT exception is not ours to vouch for.
-        except jwt.ExpiredSignatureError:
-            raise TokenError("token expired", expired=True) from None
         except jwt.PyJWTError as exc:
             raise TokenError(_describe(exc)) from None
         except (ValueError, TypeError):
             raise TokenError("malformed token") from None
+        _check_times(claims, time.time(), self._leeway)
+        return claims
+
+
+def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
+    """The time claims of a verified token, in PyJWT's order (nbf, then exp), after
+    each present one is checked to be a NumericDate."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is not None and not _numeric_date(value):
+            raise TokenError("malformed token")
+    nbf = claims.get("nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise TokenError("token not yet valid")
+    exp = claims.get("exp")
+    if exp is not None and exp <= now - leeway:
+        raise TokenError("token expired", expired=True)
+
+
+def _numeric_date(value: object) -> bool:
+    # JSON true/false are not numbers, though Python's bool is an int; Python's json
+    # reads NaN and Infinity, which JSON does not have.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _user_of(claims: Mapping[str, Any]) -> str:
@@ -295,7 +323,7 @@ def _expiry_of(claims: Mapping[str, Any]) -> int:
             raise TokenError("invalid expire_at claim")
         return expire_at
     exp = claims.get("exp")
-    return 0 if exp is None else int(exp)  # PyJWT has checked exp is an integer
+    return 0 if exp is None else int(exp)  # _check_times has checked it is a number
 
 
 def _raw_claim(claims: Mapping[str, Any], name: str, b64_name: str) -> bytes | None:

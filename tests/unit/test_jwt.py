@@ -440,3 +440,39 @@ def test_credentials_default_to_an_anonymous_never_expiring_identity() -> None:
     credentials = Credentials(user="")
     assert credentials.anonymous
     assert (credentials.expires_at, credentials.channels, dict(credentials.claims)) == (0, (), {})
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("shift", [-300, 300])
+def test_time_claims_given_as_strings_are_malformed(
+    keys: dict[str, tuple[str, str]], claim: str, shift: int
+) -> None:
+    # RFC 7519 NumericDate is a JSON number; golang-jwt refuses "1700000000", whether
+    # the time it names is past or future (so a string exp is never "expired").
+    private, public = keys["EdDSA"]
+    when = int(time.time()) + shift
+    token = mint_token(private, "EdDSA", user=USER, ttl_seconds=None, extra={claim: str(when)})
+    error = refused(TokenVerifier("EdDSA", public), token)
+    assert (error.expired, str(error)) == (False, "malformed token")
+
+
+@pytest.mark.parametrize("value", [True, [1], {"t": 1}])
+def test_time_claims_that_are_not_numbers_are_malformed(
+    keys: dict[str, tuple[str, str]], value: Any
+) -> None:
+    private, public = keys["HS256"]
+    verifier = TokenVerifier("HS256", public)
+    for claim in ("exp", "nbf", "iat"):
+        token = mint_token(private, "HS256", user=USER, ttl_seconds=None, extra={claim: value})
+        assert str(refused(verifier, token)) == "malformed token", claim
+
+
+def test_fractional_numeric_dates_are_valid(keys: dict[str, tuple[str, str]]) -> None:
+    private, public = keys["HS256"]
+    verifier = TokenVerifier("HS256", public)
+    now = time.time()
+    extra = {"exp": now + 60.5, "nbf": now - 0.5, "iat": now - 0.25}
+    token = mint_token(private, "HS256", user=USER, ttl_seconds=None, extra=extra)
+    assert verifier.verify_connection(token).expires_at == int(now + 60.5)
+    gone = mint_token(private, "HS256", user=USER, ttl_seconds=None, extra={"exp": now - 0.5})
+    assert refused(verifier, gone).expired is True
