@@ -20,6 +20,7 @@ LABELS = {
     "legacy": "shim, legacy protocol",
     "redis1": "shim, 1 node over Redis (channel protocol)",
     "redis2": "shim, 2 nodes over Redis (channel protocol)",
+    "workers2": "shim, serve --workers 2 over Redis (channel protocol)",
     "socketio": "python-socketio room (uvicorn)",
     "ws": "websockets.broadcast, pre-encoded (ceiling)",
 }

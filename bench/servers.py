@@ -116,6 +116,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(p) for p in handle.read().split()]
+
+
 def _shim_env(keys: Keys, workdir: Path, extra: dict[str, str]) -> dict[str, str]:
     # The operator's own DEX_SHIM_* settings would make runs incomparable.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEX_SHIM_")}
@@ -222,6 +227,21 @@ def _start(
             f"http://127.0.0.1:{port}/api/v1/broadcast",
             keys.api_key,
             [proc.pid],
+        )
+    if system == "workers2":
+        redis, redis_port = _start_redis(workdir)
+        procs.append(redis)
+        extra = {"DEX_SHIM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        proc, port = _spawn(
+            [*_shim_command(), "--workers", "2"], _shim_env(keys, workdir, extra), log
+        )
+        procs.append(proc)
+        return Running(
+            [f"ws://127.0.0.1:{port}/connection/websocket"],
+            f"http://127.0.0.1:{port}/api/v1/broadcast",
+            keys.api_key,
+            [proc.pid, *_children(proc.pid)],
+            [redis.pid],
         )
     if system in ("redis1", "redis2"):
         redis, redis_port = _start_redis(workdir)

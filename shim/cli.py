@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,6 +48,14 @@ def log_secrets(settings: Settings) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from shim.server import run
+    from shim.workers import (
+        Supervisor,
+        WorkersError,
+        announce_ready,
+        check_workers,
+        worker_command,
+        worker_socket,
+    )
 
     overrides = {}
     if args.host:
@@ -54,19 +63,50 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = load_settings(args.config, **overrides)
+    if args.worker_index is not None and settings.node_name:
+        # Workers are nodes of their own: a configured name gets the worker's number.
+        settings = replace(settings, node_name=f"{settings.node_name}-w{args.worker_index}")
     redactor = configure_logging(
         level=settings.log_level,
         json=settings.log_format == "json",
         secrets=log_secrets(settings),
     )
+    try:
+        check_workers(settings, args.workers)
+    except WorkersError as exc:
+        print(f"dex-shim serve: {exc}", file=sys.stderr)
+        return 2
 
     def ready(port: int) -> None:
+        workers = f"; {args.workers} workers" if args.workers > 1 else ""
         print(
             f"dex-shim listening on http://{settings.host}:{port} "
-            f"(engine {settings.engine}; Centrifuge at ws://{settings.host}:{port}/connection/websocket)",
+            f"(engine {settings.engine}{workers}; "
+            f"Centrifuge at ws://{settings.host}:{port}/connection/websocket)",
             flush=True,
         )
 
+    if args.worker_fd is not None:
+        ready_fd = args.worker_ready_fd
+        run(
+            settings,
+            on_ready=(lambda _port: announce_ready(ready_fd)) if ready_fd is not None else None,
+            redactor=redactor,
+            sock=worker_socket(args.worker_fd),
+        )
+        return 0
+    if args.workers > 1:
+        supervisor = Supervisor(
+            settings,
+            args.workers,
+            worker_command(args.config, args.host, args.port),
+            on_ready=ready,
+        )
+        try:
+            return supervisor.run()
+        except WorkersError as exc:
+            print(f"dex-shim serve: {exc}", file=sys.stderr)
+            return 1
     run(settings, on_ready=ready, redactor=redactor)
     return 0
 
@@ -177,6 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the service")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT), one per core; needs the Redis engine",
+    )
+    # Set by the --workers supervisor for the processes it starts.
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     token = commands.add_parser("token", help="mint a development token")

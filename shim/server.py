@@ -75,9 +75,11 @@ def run(
     *,
     on_ready: Callable[[int], None] | None = None,
     redactor: Redactor | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    sock = bind_socket(settings.host, settings.port)
+    """Serve until SIGINT/SIGTERM, on `sock` when given (a worker of `--workers`)."""
+    if sock is None:
+        sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
 
     async def main() -> None:

@@ -214,12 +214,15 @@ async def spawn_node(
     *,
     redis_urls: Sequence[str] = (),
     settings: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> NodeProcess:
-    """Start one node and return once it printed its listening line."""
+    """Start one node (`dex-shim serve` plus `args`) and return once it printed its
+    listening line."""
     log_path = _log_file(workdir)
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             *_server_command(),
+            *args,
             cwd=workdir,
             env=node_env(keys, workdir, redis_urls=redis_urls, settings=settings),
             stdin=asyncio.subprocess.DEVNULL,
