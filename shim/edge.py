@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +34,11 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 DIRECT_WRITE_HIGH_WATER = 64 * 1024
 # Seconds to wait for the client's close frame after ours, as Go's library does.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
+# How often a closing connection looks whether its close frame has left our buffer.
+DRAIN_POLL_SECONDS = 0.02
+# SO_LINGER on, zero seconds: close() resets the connection and frees the kernel's
+# send queue at once (a peer with a zero window would otherwise hold it for minutes).
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SocketPump:
@@ -56,11 +63,32 @@ class SocketPump:
         self.close_reason = ""
         self._closing = False
 
-    def abort(self) -> None:
-        """Drop the connection at once, unsent bytes included."""
+    def abort(self, *, reset: bool = False) -> None:
+        """Drop the connection at once, the bytes still in our buffer included. With
+        `reset`, the kernel's unsent bytes too (RST instead of FIN)."""
         transport = self.direct.transport
-        if transport is not None:
-            transport.abort()
+        if transport is None:
+            return
+        if reset:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+    async def _close_frame_flushed(self, timeout: float) -> bool:
+        """Whether everything written, the close frame last, left our buffer for the
+        kernel within `timeout` seconds (True when there is no transport to watch)."""
+        transport = self.direct.transport
+        if transport is None:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while transport.get_write_buffer_size() and not transport.is_closing():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        return True
 
     # Transport (what sessions see).
 
@@ -106,6 +134,8 @@ class SocketPump:
                 # What is queued (e.g. the error explaining the close) goes out
                 # first, within the write timeout.
                 await outbox.flushed(flush_timeout)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + flush_timeout
             await _bounded(
                 self._send(
                     {
@@ -116,6 +146,14 @@ class SocketPump:
                 ),
                 flush_timeout,
             )
+            # The close frame gets what is left of one write timeout to reach the kernel.
+            flushed = await self._close_frame_flushed(max(0.0, deadline - loop.time()))
+            if discard or not flushed:
+                # A slow client is not waited for: once its close frame is with the
+                # kernel (which still delivers it), the descriptor goes; a frame that
+                # never got there takes the kernel's queue with it.
+                self.abort(reset=not flushed)
+                return
             await _bounded(_until_disconnect(receive), CLOSE_HANDSHAKE_TIMEOUT)
         finally:
             outbox.close(discard=True)
