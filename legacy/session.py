@@ -22,6 +22,7 @@ from typing import Protocol
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
 from shim.broker import LegacyTag
 from shim.hypercorn_compat import Liveness
+from shim.limits import TokenBucket, Verdict
 from shim.node import Node
 from shim.outbox import Outbox
 
@@ -43,6 +44,8 @@ DEDUP_MAX_EVENTS = 4096
 # it reconnects). The reasons are for people reading a browser's network panel.
 RETIRED = (4410, "legacy protocol retired: reload the page")
 NO_PONG = (4408, "no pong within the read deadline")
+# Centrifuge's code for the same limit (client_command_rate_limit); the hook reconnects.
+TOO_MANY_REQUESTS = (3013, "too many requests")
 
 
 class State(enum.Enum):
@@ -57,7 +60,13 @@ class Transport(Protocol):
 class LegacyStats:
     """Counters shared by all legacy sessions of a node."""
 
-    __slots__ = ("malformed_commands", "slow_disconnects", "unknown_actions")
+    __slots__ = (
+        "limited_commands",
+        "limited_subscriptions",
+        "malformed_commands",
+        "slow_disconnects",
+        "unknown_actions",
+    )
 
     def __init__(self) -> None:
         # Frames the Go hub could not decode (it logged and dropped them).
@@ -65,6 +74,11 @@ class LegacyStats:
         # Decoded commands whose action the hub did not know (it ignored them).
         self.unknown_actions = 0
         self.slow_disconnects = 0
+        # Frames dropped by client_command_rate_limit.
+        self.limited_commands = 0
+        # Subscriptions ignored: past client_channel_limit, or a name longer than
+        # channel_max_length.
+        self.limited_subscriptions = 0
 
 
 class RecentEvents:
@@ -117,6 +131,7 @@ class LegacySession:
 
     __slots__ = (
         "_attached",
+        "_commands",
         "_drain_at",
         "_seen",
         "_strict",
@@ -156,12 +171,30 @@ class LegacySession:
         self.write_timeout = node.settings.websocket_write_timeout_seconds
         self.liveness = liveness
         self._drain_at = 0.0
+        settings = node.settings
+        # client_command_rate_limit: every frame counts (the hub never answered one).
+        self._commands = (
+            TokenBucket(
+                settings.client_command_rate_limit, settings.client_command_burst, self.clock()
+            )
+            if settings.client_command_rate_limit > 0
+            else None
+        )
         node.add_session(self)
+        node.user_connected(user)
 
     # -- input -------------------------------------------------------------------
 
     async def handle_frame(self, frame: str | bytes) -> None:
         """One client frame (the edge already closed with 1009 above READ_LIMIT_BYTES)."""
+        if self._commands is not None:
+            verdict = self._commands.take(self.clock())
+            if verdict is not Verdict.ALLOW:
+                self.stats.limited_commands += 1
+                self.node.counters.refused("client_command_rate")
+                if verdict is Verdict.DISCONNECT:
+                    self.close(*TOO_MANY_REQUESTS)
+                return
         try:
             command = parse_command(frame)
         except MalformedCommand:
@@ -176,13 +209,30 @@ class LegacySession:
         if action == "subscribe_all":
             self.subscriptions.add(WILDCARD)
         elif action == "subscribe":
-            self.subscriptions.update(_named(command))
+            self._add_subscriptions(_named(command))
         elif action == "unsubscribe":
             self.subscriptions.difference_update(_named(command))
         elif action == "unsubscribe_all":
             self.subscriptions.clear()
         else:
             self.stats.unknown_actions += 1
+
+    def _add_subscriptions(self, names: set[str]) -> None:
+        """Subscriptions within client_channel_limit and channel_max_length; the rest
+        are ignored and counted (each command costs O(subscriptions), and every name
+        is held until the client leaves)."""
+        settings = self.node.settings
+        for name in sorted(names):
+            if name in self.subscriptions:
+                continue
+            if (
+                len(name.encode()) > settings.channel_max_length
+                or len(self.subscriptions) >= settings.client_channel_limit
+            ):
+                self.stats.limited_subscriptions += 1
+                self.node.counters.refused("legacy_subscription")
+                continue
+            self.subscriptions.add(name)
 
     def _wanted_channels(self) -> set[str]:
         if not self.subscriptions:
@@ -285,6 +335,7 @@ class LegacySession:
     def _release(self) -> None:
         self._seen = None
         self.node.remove_session(self)
+        self.node.user_disconnected(self.user)
         for channel in self._attached:
             self.node.detach_legacy(channel, self)
         self._attached.clear()

@@ -30,6 +30,10 @@ class BroadcastError(ValueError):
     """The body as a whole is unusable (not JSON, or neither an object nor an array)."""
 
 
+class TooManyItems(BroadcastError):
+    """The body holds more items than one request may carry."""
+
+
 @dataclass(slots=True, frozen=True)
 class Accepted:
     index: int
@@ -45,7 +49,9 @@ class Refused:
 ParsedItem = Accepted | Refused
 
 
-def parse_broadcast(body: bytes, *, max_item_bytes: int) -> list[ParsedItem]:
+def parse_broadcast(
+    body: bytes, *, max_item_bytes: int, max_items: int | None = None
+) -> list[ParsedItem]:
     """Parse one legacy hub message or a JSON array of them, in order.
 
     Raises BroadcastError when the body is not JSON or is neither an object nor an
@@ -63,13 +69,22 @@ def parse_broadcast(body: bytes, *, max_item_bytes: int) -> list[ParsedItem]:
         items = document
     else:
         raise BroadcastError("body must be a JSON object or an array of objects")
+    if max_items is not None and len(items) > max_items:
+        raise TooManyItems(
+            f"body holds {len(items)} items; at most {max_items} per request (split the batch)"
+        )
     return [_parse_item(index, item, max_item_bytes) for index, item in enumerate(items)]
 
 
 def _parse_item(index: int, item: Any, max_item_bytes: int) -> ParsedItem:
     if not isinstance(item, dict):
         return Refused(index, "not an object")
-    size = len(orjson.dumps(item))
+    try:
+        size = len(orjson.dumps(item))
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels deep but writes only 254: such an item could
+        # never be sent on, so it is refused like any other unusable item.
+        return Refused(index, "item nested too deeply to re-encode")
     if size > max_item_bytes:
         return Refused(index, f"item exceeds {max_item_bytes} bytes ({size})")
     if "type" not in item:

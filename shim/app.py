@@ -16,12 +16,12 @@ from quart import Quart, Response, request
 
 from adapters.auth.jwt import TokenError
 from legacy.session import legacy_token
-from legacy.translate import BroadcastError, parse_broadcast
+from legacy.translate import BroadcastError, TooManyItems, parse_broadcast
 from shim import __version__
 from shim.broker import BrokerUnavailable
 from shim.console import console_blueprint
 from shim.cutover import CutoverError, Protocol
-from shim.edge import ASGIReceive, ASGISend
+from shim.edge import ASGIReceive, ASGISend, reject_http
 from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
 from shim.server_api import server_api_blueprint
@@ -31,6 +31,7 @@ from shim.ws_endpoints import (
     legacy_rejection,
     serve_centrifuge,
     serve_legacy,
+    upgrade_refusal,
 )
 
 log = logging.getLogger("shim.app")
@@ -49,13 +50,47 @@ class ShimApp:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "websocket":
+            if scope["path"] in (CENTRIFUGE_PATH, LEGACY_PATH):
+                refusal = upgrade_refusal(self.runtime, scope)
+                if refusal is not None:
+                    if (await receive())["type"] == "websocket.connect":
+                        await reject_http(send, refusal[0], refusal[1], b"application/json")
+                    return
             if scope["path"] == CENTRIFUGE_PATH:
                 await serve_centrifuge(self.runtime, scope, receive, send)
                 return
             if scope["path"] == LEGACY_PATH:
                 await serve_legacy(self.runtime, scope, receive, send)
                 return
+        elif scope["type"] == "http" and ambiguous_length(scope["headers"]):
+            await refuse_ambiguous_length(send)
+            return
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+
+def ambiguous_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: RFC 9112 6.1 lets a server refuse
+    the request, and a proxy in front may have framed the body the other way
+    (request smuggling), so it is refused and the connection closed."""
+    names = {name.lower() for name, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+async def refuse_ambiguous_length(send: ASGISend) -> None:
+    body = orjson.dumps({"error": "both Content-Length and Transfer-Encoding given"})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                # The body's framing is in doubt: nothing more is read on this connection.
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _build_quart(runtime: Runtime) -> Quart:
@@ -77,6 +112,9 @@ def _build_quart(runtime: Runtime) -> Quart:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if settings.metrics_listen:
+            # Served only on the internal listener then (shim.server).
+            return json_response({"error": "not found"}, 404)
         return Response(runtime.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/ready")
@@ -102,7 +140,13 @@ def _build_quart(runtime: Runtime) -> Quart:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         assert isinstance(body, bytes)
         try:
-            items = parse_broadcast(body, max_item_bytes=settings.ingest_max_item_bytes)
+            items = parse_broadcast(
+                body,
+                max_item_bytes=settings.ingest_max_item_bytes,
+                max_items=settings.ingest_max_items,
+            )
+        except TooManyItems as exc:
+            return json_response({"error": str(exc), "max_items": settings.ingest_max_items}, 413)
         except BroadcastError as exc:
             return json_response({"error": str(exc)}, 400)
         results = await runtime.ingestor.ingest(items)

@@ -22,6 +22,8 @@ import orjson
 ENV_PREFIX = "DEX_SHIM_"
 # Where `engine = "redis"` (or a stream ingest) without a redis_url looks.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Shortest API/admin key accepted from the configuration (a generated one is 32).
+MIN_KEY_BYTES = 32
 
 
 class ConfigError(ValueError):
@@ -258,6 +260,51 @@ class Settings:
     # Seconds an entry may stay pending with a silent node before another claims it.
     ingest_stream_claim_idle_seconds: float = 30.0
 
+    # Most items one POST /api/v1/broadcast may carry; more are refused whole with
+    # HTTP 413 (split the batch). Large requests are published in chunks, so
+    # deliveries to clients go on meanwhile.
+    ingest_max_items: int = 1000
+
+    # --- limits ---------------------------------------------------------------
+    # WebSocket upgrades whose Origin header matches none of these comma-separated
+    # patterns (shell-style, e.g. `https://*.example.com`) get HTTP 403; a request
+    # without Origin (not a browser) is not checked. Empty = any origin, as before.
+    allowed_origins: str = ""
+    # WebSocket connections (both protocols) this node holds at most; past it the
+    # upgrade is answered HTTP 503, as Centrifugo's connection limit does. 0 = no limit.
+    client_connection_limit: int = 0
+    # Connections of one user on this node at most: a Centrifuge connect past it is
+    # closed with 3504 "connection limit", a legacy upgrade gets HTTP 503. 0 = no
+    # limit (legacy pages open several sockets per tab: leave room for them).
+    client_user_connection_limit: int = 0
+    # Commands per second one connection may send on average (token bucket; every
+    # Centrifuge command and every legacy frame counts; pongs do not). Past the
+    # burst a command gets error 111 "too many requests" (a legacy frame is dropped
+    # and counted); a client that sends as many again into the empty bucket is
+    # disconnected with 3013 "too many requests". 0 = no limit.
+    client_command_rate_limit: float = 100.0
+    # Commands a connection may send at once before the rate applies.
+    client_command_burst: int = 200
+    # Publications per second into one channel, counted on this node over ingest,
+    # the server API and client publish (the global channel is exempt: it carries
+    # every event). Past the burst an ingest item is refused with its own result,
+    # a server API or client publish gets error 111. 0 = no limit.
+    channel_publish_rate_limit: float = 0.0
+    # Publications one channel may take at once before the rate applies.
+    channel_publish_burst: int = 100
+    # Commands in one server API `batch` and channels in one `broadcast` at most;
+    # more are refused with HTTP 413.
+    api_max_batch_size: int = 1000
+    # Channels the memory engine keeps history streams for at most; past it the
+    # least recently published stream is dropped (its subscribers resync).
+    memory_max_streams: int = 100_000
+    # `host:port` of a separate listener serving only GET /metrics (keep it internal);
+    # then the public port answers 404 there. Empty = /metrics on the main port.
+    metrics_listen: str = ""
+    # Seconds a console credential (POST /console/api/token, admin key required) is
+    # valid for connecting the console's live tail; the console fetches a new one.
+    console_token_ttl_seconds: float = 60.0
+
     def __post_init__(self) -> None:
         # Resolved once here, so every reader sees "memory" or "redis" and a URL when
         # Redis is used. dataclasses.replace() passes the resolved engine on: change
@@ -413,6 +460,34 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("client_queue_max_size_bytes: must be at least 1024")
     if settings.websocket_max_frame_bytes > 1024 * 1024:
         raise ConfigError("websocket_max_frame_bytes: must stay under 1 MiB for the Python SDK")
+    for name in ("api_key", "admin_api_key"):
+        # Empty means "generate one"; a configured key must not be guessable.
+        configured = getattr(settings, name)
+        if configured and len(configured.encode()) < MIN_KEY_BYTES:
+            raise ConfigError(f"{name}: must be at least {MIN_KEY_BYTES} bytes long")
+    for name in ("ingest_max_items", "api_max_batch_size", "memory_max_streams"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if settings.client_command_burst < 1 or settings.channel_publish_burst < 1:
+        raise ConfigError("client_command_burst / channel_publish_burst: must be at least 1")
+    if settings.metrics_listen and not _host_port(settings.metrics_listen):
+        raise ConfigError(f"metrics_listen: expected host:port, got {settings.metrics_listen!r}")
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def metrics_address(settings: Settings) -> tuple[str, int] | None:
+    """(host, port) of the separate metrics listener, or None."""
+    return _host_port(settings.metrics_listen) if settings.metrics_listen else None
+
+
+def origin_patterns(settings: Settings) -> tuple[str, ...]:
+    return tuple(p.strip().lower() for p in settings.allowed_origins.split(",") if p.strip())
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -8,6 +8,7 @@ order, so a legacy client that reaches it through several channels sees it once
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,12 @@ from legacy.wire import encode_legacy_frame, now_timestamp
 from shim.broker import BrokerUnavailable, LegacyTag
 from shim.events import Event, new_event_id
 from shim.node import Node
-from shim.routing import Router
+from shim.routing import Route, Router
 
 log = logging.getLogger("shim.ingest")
+
+# Events of one request published between two yields to the event loop.
+PUBLISH_CHUNK = 100
 
 
 @dataclass(slots=True)
@@ -73,7 +77,7 @@ class Ingestor:
         self.stats.in_flight += 1
         try:
             accepted = [(item.index, item.event) for item in items if isinstance(item, Accepted)]
-            published = iter(await self.publish_events(accepted))
+            published = iter(await self._publish_in_chunks(accepted))
             results = []
             for item in items:
                 if isinstance(item, Accepted):
@@ -85,6 +89,17 @@ class Ingestor:
             return results
         finally:
             self.stats.in_flight -= 1
+
+    async def _publish_in_chunks(self, events: Sequence[tuple[int, Event]]) -> list[ItemResult]:
+        """publish_events over a large request a chunk at a time, in order, letting the
+        loop run between chunks: clients' sockets keep being written (and a healthy
+        client is not taken for slow) while a big batch is published."""
+        results: list[ItemResult] = []
+        for start in range(0, len(events), PUBLISH_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            results += await self.publish_events(events[start : start + PUBLISH_CHUNK])
+        return results
 
     async def publish(self, event_type: str, payload: Mapping[str, Any], **top: str) -> ItemResult:
         """The design doc's Publisher: publish(event_type, payload) from Python code."""
@@ -103,14 +118,19 @@ class Ingestor:
 
     async def publish_events(self, events: Sequence[tuple[int, Event]]) -> list[ItemResult]:
         """Route and encode each event once, publish them all in order, and say per
-        event whether every one of its channels stored it."""
+        event whether every one of its channels stored it. An event whose channel is
+        over channel_publish_rate_limit is refused on its own; the others go on."""
         batch: list[tuple[str, bytes, LegacyTag]] = []
-        routes = []
+        routes: list[Route | str] = []
         for _index, event in events:
             route = self.router.route(event)
             if route.unknown_type and event.type not in self._unknown_types_logged:
                 self._unknown_types_logged.add(event.type)
                 log.warning("unknown event type %r routed to the default channel", event.type)
+            over = self.node.publish_allowed(route.channels)
+            if over:
+                routes.append(over)
+                continue
             tag = LegacyTag(
                 event_id=event.id,
                 frame=encode_legacy_frame(event).encode(),
@@ -120,10 +140,21 @@ class Ingestor:
             data = channel_data(event)
             batch.extend((channel, data, tag) for channel in route.channels)
             routes.append(route)
-        outcomes = iter(await self.node.publish_many(batch))
+        outcomes = iter(await self.node.publish_many(batch) if batch else ())
 
         results = []
-        for (index, event), route in zip(events, routes, strict=True):
+        for (index, event), routed in zip(events, routes, strict=True):
+            if isinstance(routed, str):
+                self.stats.count(event.type, "refused")
+                results.append(
+                    ItemResult(
+                        index,
+                        "refused",
+                        error=f"rate limited: {routed} is over channel_publish_rate_limit",
+                    )
+                )
+                continue
+            route = routed
             stored = [(channel, next(outcomes)) for channel in route.channels]
             failures = [o for _c, o in stored if isinstance(o, BrokerUnavailable)]
             if failures:

@@ -144,7 +144,17 @@ class RuntimeCollector(Collector):
         )
         ignored.add_metric(["malformed"], legacy.malformed_commands)
         ignored.add_metric(["unknown_action"], legacy.unknown_actions)
+        ignored.add_metric(["rate_limited"], legacy.limited_commands)
         yield ignored
+
+        limited = CounterMetricFamily(
+            f"{PREFIX}_limits_refused",
+            "Connections, commands, subscriptions and publications refused by a limit.",
+            labels=["limit"],
+        )
+        for limit, count in sorted(counters.limited.items()):
+            limited.add_metric([limit], count)
+        yield limited
 
         cutover = runtime.cutover
         mode = GaugeMetricFamily(

@@ -30,6 +30,7 @@ from shim.broker import (
 )
 from shim.centrifuge import codec
 from shim.config import NamespaceOptions, Settings
+from shim.limits import ChannelRates
 from shim.outbox import Flusher
 
 log = logging.getLogger("shim.node")
@@ -61,7 +62,7 @@ class NodeCounters:
     """Plain integers bumped on hot paths (a Prometheus counter per delivery would
     take a lock per subscriber); /metrics reads them at scrape time."""
 
-    __slots__ = ("broker_errors", "deliveries", "disconnects", "publications")
+    __slots__ = ("broker_errors", "deliveries", "disconnects", "limited", "publications")
 
     def __init__(self) -> None:
         # Messages appended to client queues, by protocol ("channels" / "legacy").
@@ -73,6 +74,11 @@ class NodeCounters:
         self.disconnects: dict[tuple[str, int], int] = {}
         # Broker operation -> failures.
         self.broker_errors: dict[str, int] = {}
+        # Limit -> requests, commands or items refused by it (see shim.limits).
+        self.limited: dict[str, int] = {}
+
+    def refused(self, limit: str) -> None:
+        self.limited[limit] = self.limited.get(limit, 0) + 1
 
     def disconnected(self, protocol: str, code: int) -> None:
         key = (protocol, code)
@@ -139,6 +145,13 @@ class Node:
         # Writes queued messages straight to idle sockets once per loop iteration.
         self.flusher = Flusher()
         self.observer: Observer = _NoObserver()
+        # Connections per user id on this node (client_user_connection_limit).
+        self.user_connections: dict[str, int] = {}
+        self.publish_rates = ChannelRates(
+            settings.channel_publish_rate_limit,
+            settings.channel_publish_burst,
+            exempt=(settings.global_channel,),
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -171,6 +184,36 @@ class Node:
 
     def remove_session(self, session: Ticking) -> None:
         self.sessions.pop(session, None)
+
+    def user_at_limit(self, user: str) -> bool:
+        """True when `user` already holds client_user_connection_limit connections
+        here (anonymous connections are not limited, as in Centrifugo)."""
+        limit = self.settings.client_user_connection_limit
+        if limit and user and self.user_connections.get(user, 0) >= limit:
+            self.counters.refused("user_connection_limit")
+            return True
+        return False
+
+    def user_connected(self, user: str) -> None:
+        if user:
+            self.user_connections[user] = self.user_connections.get(user, 0) + 1
+
+    def user_disconnected(self, user: str) -> None:
+        count = self.user_connections.get(user, 0) - 1
+        if count > 0:
+            self.user_connections[user] = count
+        else:
+            self.user_connections.pop(user, None)
+
+    def publish_allowed(self, channels: Iterable[str]) -> str:
+        """Take a publication from each channel's rate budget: "" when allowed, else
+        the channel over channel_publish_rate_limit (nothing taken then)."""
+        if not self.publish_rates.enabled:
+            return ""
+        over = self.publish_rates.allow(channels, time.monotonic())
+        if over:
+            self.counters.refused("channel_publish_rate")
+        return over
 
     def namespace(self, channel: str) -> NamespaceOptions | None:
         return self.settings.namespace_for(channel)

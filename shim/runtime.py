@@ -18,7 +18,7 @@ from legacy.session import LegacySession, LegacyStats
 from shim.broker import Broker, PresenceManager
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
-from shim.config import Settings
+from shim.config import Settings, origin_patterns
 from shim.cutover import CutoverState, Mode
 from shim.ingest import Ingestor
 from shim.metrics import Metrics
@@ -92,6 +92,10 @@ class Runtime:
             log.warning("no admin_api_key configured: using the development key in %s", DEV_KEY_DIR)
         self.settings = settings
         self.api_key = settings.api_key
+        # Port of the separate metrics listener (metrics_listen), once it is bound.
+        self.metrics_port = 0
+        # Lower-cased allowed_origins patterns; empty = any origin.
+        self.origin_patterns = origin_patterns(settings)
         if broker is None or presence is None:
             broker, presence = _engine(settings)
         self.broker: Broker = broker

@@ -9,14 +9,17 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from shim.app import ShimApp, create_app
-from shim.config import Settings
+from shim.config import Settings, metrics_address
+from shim.edge import ASGIReceive, ASGISend
 from shim.hypercorn_compat import install_hypercorn_hooks
 from shim.logs import Redactor
+from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.server")
@@ -58,16 +61,60 @@ async def serve_app(
 ) -> None:
     install_hypercorn_hooks(compression=app.runtime.settings.websocket_compression)
     config = hypercorn_config(app.runtime.settings, sock)
+    stopped = asyncio.Event()
 
     async def drain_then_stop() -> None:
         await shutdown()
         await app.runtime.shutdown()
+        stopped.set()
 
+    metrics = _metrics_listener(app.runtime, stopped)
     try:
         await serve(app, config, shutdown_trigger=drain_then_stop)  # type: ignore[arg-type]
     finally:
         # hypercorn took the descriptor over (fd://) and closed it.
         sock.detach()
+        if metrics is not None:
+            stopped.set()
+            await metrics
+
+
+def _metrics_listener(runtime: Runtime, stopped: asyncio.Event) -> asyncio.Task[None] | None:
+    """GET /metrics on its own (internal) address when metrics_listen is set."""
+    address = metrics_address(runtime.settings)
+    if address is None:
+        return None
+    sock = bind_socket(*address)
+    runtime.metrics_port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+
+    async def metrics_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] != "http":
+            return
+        found = scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD")
+        body = runtime.metrics.render() if found else b'{"error":"not found"}'
+        content_type = METRICS_CONTENT_TYPE if found else "application/json"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if found else 404,
+                "headers": [(b"content-type", content_type.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def run() -> None:
+        try:
+            await serve(metrics_app, config, shutdown_trigger=stopped.wait)  # type: ignore[arg-type]
+        finally:
+            sock.detach()
+
+    log.info("metrics served on %s:%d", address[0], runtime.metrics_port)
+    return asyncio.get_running_loop().create_task(run(), name="metrics-listener")
 
 
 def run(

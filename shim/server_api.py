@@ -75,6 +75,14 @@ class BadBody(Exception):
     """The request body does not have the method's shape (HTTP 400)."""
 
 
+class TooLarge(Exception):
+    """More batch commands or broadcast channels than api_max_batch_size (HTTP 413)."""
+
+
+# Sequential batch commands handled between two yields to the event loop.
+BATCH_CHUNK = 50
+
+
 # --- field readers: a wrong type is a malformed body, as Go's decoder sees it --------
 
 
@@ -119,7 +127,11 @@ def _raw(body: Mapping[str, Any], key: str) -> bytes | None:
     """A JSON value of the body re-encoded as bytes, None when absent or null."""
     if body.get(key) is None:
         return None
-    return orjson.dumps(body[key])
+    try:
+        return orjson.dumps(body[key])
+    except orjson.JSONEncodeError:
+        # Read up to 1024 levels deep, written only up to 254.
+        raise BadBody(f"{key}: nested too deeply") from None
 
 
 def _refuse(body: Mapping[str, Any], *keys: str) -> None:
@@ -213,6 +225,8 @@ class ServerApi:
             if cached is not None:
                 return {"offset": cached.offset, "epoch": cached.epoch}
         node = self.runtime.node
+        if node.publish_allowed((channel,)):
+            raise ApiError(codes.TOO_MANY_REQUESTS)
         try:
             if skip_history:
                 pub = Publication(data=data, time_ms=time.time_ns() // 1_000_000)
@@ -247,6 +261,7 @@ class ServerApi:
         _refuse(body, "tags", "b64data")
         if not channels:
             raise ApiError(codes.BAD_REQUEST, "channels required")
+        self._check_size("channels", len(channels))
         if data is None:
             raise ApiError(codes.BAD_REQUEST, "data required")
 
@@ -451,11 +466,21 @@ class ServerApi:
         parallel = _bool(body, "parallel")
         if not all(isinstance(command, dict) for command in commands):
             raise BadBody("commands: wrong type")
+        self._check_size("commands", len(commands))
         if parallel:
             replies = await asyncio.gather(*(self._batch_one(c) for c in commands))
-        else:
-            replies = [await self._batch_one(c) for c in commands]
-        return {"replies": list(replies)}
+            return {"replies": list(replies)}
+        answers = []
+        for position, command in enumerate(commands):
+            if position and position % BATCH_CHUNK == 0:
+                await asyncio.sleep(0)  # deliveries go on during a long batch
+            answers.append(await self._batch_one(command))
+        return {"replies": answers}
+
+    def _check_size(self, what: str, count: int) -> None:
+        limit = self.runtime.settings.api_max_batch_size
+        if count > limit:
+            raise TooLarge(f"{what}: {count} given, at most {limit} (api_max_batch_size)")
 
     async def _batch_one(self, command: Mapping[str, Any]) -> Result:
         name = next((key for key in command if key in self.methods), None)
@@ -468,7 +493,7 @@ class ServerApi:
             return {name: await self.methods[name](params)}
         except ApiError as exc:
             return {"error": exc.as_dict()}
-        except BadBody as exc:
+        except (BadBody, TooLarge) as exc:
             return {"error": ApiError(codes.BAD_REQUEST, str(exc)).as_dict()}
         except Exception:
             log.exception("server API batch command %s failed", name)
@@ -526,6 +551,8 @@ def server_api_blueprint(runtime: Runtime) -> Blueprint:
             result = await handler(body)
         except BadBody as exc:
             return _json({"error": ApiError(codes.BAD_REQUEST, str(exc)).as_dict()}, 400)
+        except TooLarge as exc:
+            return _json({"error": ApiError(codes.LIMIT_EXCEEDED, str(exc)).as_dict()}, 413)
         except ApiError as exc:
             return _json({"error": exc.as_dict()})
         except Exception:

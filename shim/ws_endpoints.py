@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 from typing import Any, Protocol
 
 import orjson
@@ -17,8 +18,9 @@ import orjson
 from adapters.auth.jwt import Credentials, TokenError
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
+from shim import console_credential
 from shim.centrifuge import codec, codes
-from shim.centrifuge.session import CentrifugeSession, is_admin_key
+from shim.centrifuge.session import CentrifugeSession
 from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.hypercorn_compat import (
     DIRECT_WRITE_EXTENSION,
@@ -43,6 +45,31 @@ LEGACY_MISSING_CLOSE = (4401, "missing authorization header")
 SLOW_CODE = codes.SLOW.code
 SHUTTING_DOWN = b'{"message":"server shutting down"}\n'
 NO_CREDENTIALS = Credentials(user="")
+
+
+ORIGIN_REFUSED = b'{"message":"origin not allowed"}\n'
+CONNECTION_LIMIT = b'{"message":"connection limit"}\n'
+
+
+def upgrade_refusal(runtime: Runtime, scope: dict[str, Any]) -> tuple[int, bytes] | None:
+    """(status, body) when an upgrade on either path is refused before anything else:
+    an Origin outside allowed_origins (403), or the node's connection limit (503)."""
+    patterns = runtime.origin_patterns
+    if patterns:
+        origin = next((v for k, v in scope["headers"] if k.lower() == b"origin"), None)
+        if origin is not None and not origin_allowed(origin.decode("latin-1"), patterns):
+            return 403, ORIGIN_REFUSED
+    limit = runtime.settings.client_connection_limit
+    if limit and len(runtime.node.sessions) >= limit:
+        runtime.node.counters.refused("connection_limit")
+        return 503, CONNECTION_LIMIT
+    return None
+
+
+def origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
+    """Origin (scheme://host[:port]) matched against shell-style patterns, case-blind."""
+    origin = origin.strip().lower()
+    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in patterns)
 
 
 def legacy_rejection(runtime: Runtime, scope: dict[str, Any]) -> tuple[bytes, Credentials]:
@@ -77,7 +104,7 @@ async def serve_centrifuge(
         return
     first_frame: str | bytes | None = None
     if not runtime.cutover.channels_served:
-        # Only the operator console (admin key in its connect) is served in `legacy`.
+        # Only the operator console (its credential in the connect) is served in `legacy`.
         first_frame = await _first_frame(receive, runtime.settings.client_stale_close_delay_seconds)
         if first_frame is None or not _is_console_connect(runtime, first_frame):
             await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
@@ -105,7 +132,7 @@ def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
     except codec.ProtocolError:
         return False
     request = commands[0].request if commands else None
-    return isinstance(request, codec.ConnectRequest) and is_admin_key(
+    return isinstance(request, codec.ConnectRequest) and console_credential.valid(
         request.token, runtime.settings.admin_api_key
     )
 
@@ -163,6 +190,10 @@ async def serve_legacy(
         rejection, credentials = legacy_rejection(runtime, scope)
         if rejection:
             await reject_http(send, 401, rejection, b"application/json")
+            return
+        if runtime.node.user_at_limit(credentials.user):
+            # Before the upgrade, so the browser hook's retries stay bounded.
+            await reject_http(send, 503, CONNECTION_LIMIT, b"application/json")
             return
     if runtime.shutting_down:
         await reject_http(send, 503, SHUTTING_DOWN, b"application/json")

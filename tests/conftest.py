@@ -21,8 +21,8 @@ from shim.config import Settings, load_settings
 from shim.runtime import Runtime
 from shim.server import bind_socket, serve_app
 
-API_KEY = "test-api-key-0123456789"
-ADMIN_KEY = "test-admin-key-0123456789"
+API_KEY = "test-api-key-0123456789-abcdefghijklmnop"
+ADMIN_KEY = "test-admin-key-0123456789-abcdefghijklmnop"
 # Every token minted by the suite: none may appear in the logs of the whole run.
 MINTED_TOKENS: set[str] = set()
 # Vendored from the product spec (see tests/data/README.md): a bare clone tests on its own.

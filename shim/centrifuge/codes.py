@@ -72,12 +72,16 @@ WRITE_ERROR = DisconnectCode(3009, "write error")
 INSUFFICIENT_STATE = DisconnectCode(3010, "insufficient state")
 FORCE_RECONNECT = DisconnectCode(3011, "force reconnect")
 NO_PONG = DisconnectCode(3012, "no pong")
+# Still sending commands after the command rate limit refused a burst of them.
+TOO_MANY_REQUESTS_DISCONNECT = DisconnectCode(3013, "too many requests")
 INVALID_TOKEN = DisconnectCode(3500, "invalid token")
 BAD_PROTOCOL = DisconnectCode(3501, "bad request")
 STALE = DisconnectCode(3502, "stale")
 FORCE_DISCONNECT = DisconnectCode(3503, "force disconnect")
 # The cutover is in `legacy` mode: channel clients are turned away without retrying.
 CHANNELS_DISABLED = DisconnectCode(3503, "channel protocol disabled")
+# client_user_connection_limit reached at connect.
+CONNECTION_LIMIT = DisconnectCode(3504, "connection limit")
 CHANNEL_LIMIT = DisconnectCode(3505, "channel limit")
 INAPPROPRIATE_PROTOCOL = DisconnectCode(3506, "inappropriate protocol")
 DISCONNECT_PERMISSION_DENIED = DisconnectCode(3507, "permission denied")

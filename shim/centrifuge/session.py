@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hmac
 import logging
 import random
 import time
@@ -19,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from adapters.auth.jwt import Credentials, TokenError, TokenVerifier
-from shim import __version__
+from shim import __version__, console_credential
 from shim.broker import (
     BrokerUnavailable,
     ClientInfo,
@@ -45,6 +44,7 @@ from shim.centrifuge.codec import (
     UnsubscribeRequest,
 )
 from shim.config import NamespaceOptions
+from shim.limits import TokenBucket, Verdict
 from shim.node import Node
 from shim.outbox import Outbox
 from shim.policy import ChannelAuthorizer
@@ -172,7 +172,9 @@ class Subscription:
 
 class CentrifugeSession:
     __slots__ = (
+        "_commands",
         "_connect_failed",
+        "_counted_user",
         "_opened_at",
         "authorizer",
         "client_id",
@@ -214,6 +216,17 @@ class CentrifugeSession:
         self._opened_at = asyncio.get_running_loop().time()
         self._connect_failed = False
         self.console = False
+        settings = node.settings
+        # client_command_rate_limit: one small bucket per connection, None when off.
+        self._commands = (
+            TokenBucket(
+                settings.client_command_rate_limit, settings.client_command_burst, self._opened_at
+            )
+            if settings.client_command_rate_limit > 0
+            else None
+        )
+        # The user counted against client_user_connection_limit ("" = not counted).
+        self._counted_user = ""
         node.add_session(self)
 
     # -- output ------------------------------------------------------------------
@@ -263,6 +276,7 @@ class CentrifugeSession:
 
     def _release_all(self) -> None:
         self.node.remove_session(self)
+        self._uncount_user()
         for sub in list(self.subscriptions.values()):
             self._drop_subscription(sub)
 
@@ -274,6 +288,11 @@ class CentrifugeSession:
         if sub.namespace.presence or sub.namespace.join_leave:
             task = asyncio.get_running_loop().create_task(self._leave(sub))
             task.add_done_callback(_log_failure)
+
+    def _uncount_user(self) -> None:
+        if self._counted_user:
+            self.node.user_disconnected(self._counted_user)
+            self._counted_user = ""
 
     async def _leave(self, sub: Subscription) -> None:
         if sub.namespace.presence:
@@ -307,6 +326,8 @@ class CentrifugeSession:
         if self.state is State.CONNECTING and not isinstance(request, ConnectRequest):
             self.disconnect(codes.BAD_PROTOCOL)
             return
+        if self._commands is not None and not self._within_rate(command.id):
+            return
         started = time.perf_counter()
         try:
             await self._dispatch(command.id, request)
@@ -324,6 +345,20 @@ class CentrifugeSession:
             self.node.observer.command(
                 _COMMAND_NAMES.get(type(request), "unknown"), time.perf_counter() - started
             )
+
+    def _within_rate(self, command_id: int) -> bool:
+        """client_command_rate_limit: False when this command is refused (error 111,
+        or disconnect 3013 for a client that kept sending into the empty bucket)."""
+        assert self._commands is not None
+        verdict = self._commands.take(asyncio.get_running_loop().time())
+        if verdict is Verdict.ALLOW:
+            return True
+        self.node.counters.refused("client_command_rate")
+        if verdict is Verdict.DISCONNECT:
+            self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT)
+        elif command_id:
+            self._send(codec.encode_error(command_id, codes.TOO_MANY_REQUESTS))
+        return False
 
     async def _dispatch(self, command_id: int, request: object) -> None:
         if isinstance(request, ConnectRequest):
@@ -365,10 +400,19 @@ class CentrifugeSession:
         if self.state is not State.CONNECTING:
             raise Disconnect(codes.BAD_PROTOCOL)
         settings = self.node.settings
-        if request.token and is_admin_key(request.token, settings.admin_api_key):
-            # The operator console (/console) tails channels with the admin key.
+        if request.token and console_credential.looks_like_one(request.token):
+            # The operator console (/console) tails channels with a short-lived
+            # credential minted for the admin key (never the admin key itself).
+            expires_at = console_credential.verify(request.token, settings.admin_api_key)
+            if not expires_at:
+                raise Disconnect(codes.INVALID_TOKEN)
+            if expires_at <= time.time():
+                self._connect_failed = True
+                raise Reject(codes.TOKEN_EXPIRED)  # the page fetches a new one
             self.console = True
-            credentials = Credentials(user=CONSOLE_USER, claims={"console": True})
+            credentials = Credentials(
+                user=CONSOLE_USER, expires_at=expires_at, claims={"console": True}
+            )
         elif request.token:
             try:
                 credentials = self.verifier.verify_connection(request.token)
@@ -389,6 +433,11 @@ class CentrifugeSession:
             self._connect_failed = True
             raise Reject(codes.TOKEN_EXPIRED)
 
+        if not self.console:
+            if self.node.user_at_limit(credentials.user):
+                raise Disconnect(codes.CONNECTION_LIMIT)
+            self.node.user_connected(credentials.user)
+            self._counted_user = credentials.user
         self.credentials = credentials
         self.state = State.CONNECTED
         now = asyncio.get_running_loop().time()
@@ -429,6 +478,7 @@ class CentrifugeSession:
                 self._drop_subscription(sub)
             self.state = State.CONNECTING
             self.credentials = None
+            self._uncount_user()
             self._connect_failed = True
             raise
         log.debug("connected", extra={"client": self.client_id, "user": credentials.user})
@@ -697,6 +747,8 @@ class CentrifugeSession:
             raise Reject(codes.PERMISSION_DENIED)
         if request.data is None:
             raise Reject(codes.BAD_REQUEST, "publish needs data")
+        if self.node.publish_allowed((request.channel,)):
+            raise Reject(codes.TOO_MANY_REQUESTS)
         sub = self.subscriptions.get(request.channel)
         info = sub.info if sub is not None else self._client_info()
         await self.node.publish(request.channel, request.data, info=info)
@@ -742,6 +794,9 @@ class CentrifugeSession:
         assert self.credentials is not None
         if not request.token:
             raise Disconnect(codes.BAD_PROTOCOL)
+        if self.console:
+            self._refresh_console(command_id, request.token)
+            return
         try:
             credentials = self.verifier.verify_connection(request.token)
         except TokenError as exc:
@@ -759,6 +814,16 @@ class CentrifugeSession:
             self._send(codec.encode_refresh_result(command_id, expires=True, ttl=ttl))
         else:
             self._send(codec.encode_refresh_result(command_id, expires=False, ttl=0))
+
+    def _refresh_console(self, command_id: int, token: str) -> None:
+        expires_at = console_credential.verify(token, self.node.settings.admin_api_key)
+        if not expires_at:
+            raise Disconnect(codes.INVALID_TOKEN)
+        if expires_at <= time.time():
+            raise Disconnect(codes.CONNECTION_EXPIRED)
+        self.expires_at = float(expires_at)
+        ttl = max(1, int(self.expires_at - time.time()))
+        self._send(codec.encode_refresh_result(command_id, expires=True, ttl=ttl))
 
     def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
         assert self.credentials is not None
@@ -836,10 +901,6 @@ CONSOLE_USER = "dex-shim-console"
 def _is_closed(session: CentrifugeSession) -> bool:
     # A function, so a state check after an await is not narrowed away by one before it.
     return session.state is State.CLOSED
-
-
-def is_admin_key(token: str, admin_key: str) -> bool:
-    return bool(admin_key) and hmac.compare_digest(token.encode(), admin_key.encode())
 
 
 def _channel_claim(token: str) -> str:

@@ -3,7 +3,8 @@
 The page asks for the admin key, keeps it in the tab's sessionStorage and sends it as
 X-Admin-Key; the static files themselves hold no secrets and are served to anyone.
 Cutover changes go through the existing admin API (/api/v1/admin/cutover); the live
-tail connects to /connection/websocket with the admin key as its token.
+tail connects to /connection/websocket with a short-lived console credential that
+POST /console/api/token trades for the admin key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import orjson
 from quart import Blueprint, Response, request
 
+from shim import console_credential
 from shim.console.overview import overview
 from shim.runtime import Runtime
 
@@ -60,6 +62,18 @@ def console_blueprint(runtime: Runtime) -> Blueprint:
         if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
             return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
         return json_response(await overview(runtime))
+
+    @blueprint.post("/api/token")
+    async def console_token() -> Response:
+        """A short-lived credential for the live tail's WebSocket (see
+        shim.console_credential); the admin key itself is no WebSocket login."""
+        key = request.headers.get("X-Admin-Key", "")
+        if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
+        token, expires_at = console_credential.mint(
+            admin_key, runtime.settings.console_token_ttl_seconds
+        )
+        return json_response({"token": token, "expires_at": expires_at})
 
     @blueprint.after_request
     async def secure(response: Response) -> Response:

@@ -124,8 +124,8 @@ async def test_checkconfig_says_whether_secrets_are_set_but_never_prints_them(
     tmp_path: Path,
 ) -> None:
     secrets = {
-        "DEX_SHIM_API_KEY": "checkconfig-api-key-0123456789",
-        "DEX_SHIM_ADMIN_API_KEY": "checkconfig-admin-key-0123456789",
+        "DEX_SHIM_API_KEY": "checkconfig-api-key-0123456789-abcdefghijkl",
+        "DEX_SHIM_ADMIN_API_KEY": "checkconfig-admin-key-0123456789-abcdefghijkl",
         "DEX_SHIM_TOKEN_ALGORITHM": "HS256",
         "DEX_SHIM_TOKEN_KEY": "checkconfig-hs256-secret-0123456789",
         "DEX_SHIM_REDIS_URL": "redis://:checkconfig-redis-pass@127.0.0.1:6390/0",

@@ -29,8 +29,8 @@ async def test_sigterm_closes_clients_cleanly_after_flushing(tmp_path: Path) -> 
         PYTHONPATH=str(REPO),
         DEX_SHIM_PORT="0",
         DEX_SHIM_TOKEN_KEY=public,
-        DEX_SHIM_API_KEY="shutdown-test-api-key",
-        DEX_SHIM_ADMIN_API_KEY="shutdown-test-admin-key",
+        DEX_SHIM_API_KEY="shutdown-test-api-key-0123456789-abcdef",
+        DEX_SHIM_ADMIN_API_KEY="shutdown-test-admin-key-0123456789-abcdef",
     )
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
@@ -68,7 +68,7 @@ async def test_sigterm_closes_clients_cleanly_after_flushing(tmp_path: Path) -> 
             response = await http.post(
                 f"http://127.0.0.1:{port}/api/v1/broadcast",
                 content=orjson.dumps(burst),
-                headers={"X-API-Key": "shutdown-test-api-key"},
+                headers={"X-API-Key": env["DEX_SHIM_API_KEY"]},
             )
         assert response.json()["accepted"] == 300
         server.send_signal(signal.SIGTERM)

@@ -253,9 +253,17 @@ function socketUrl() {
 
 function client() {
   if (!state.centrifuge) {
-    // The admin key is the connect token: the server treats it as the console's
-    // connection, which may subscribe to any channel.
-    state.centrifuge = new globalThis.Centrifuge(socketUrl(), { token: state.key, name: 'dex-shim-console' });
+    // The admin key is no WebSocket login: it buys a short-lived console credential,
+    // fetched again by the SDK whenever the connection nears its expiry.
+    const getToken = async () => {
+      try {
+        return (await api('/console/api/token', { method: 'POST' })).token;
+      } catch (error) {
+        if (error instanceof Unauthorized) throw new globalThis.Centrifuge.UnauthorizedError();
+        throw error;
+      }
+    };
+    state.centrifuge = new globalThis.Centrifuge(socketUrl(), { getToken, name: 'dex-shim-console' });
     state.centrifuge.on('disconnected', (ctx) => setTailStatus(`socket closed: ${ctx.reason} (${ctx.code})`));
     state.centrifuge.on('error', (ctx) => setTailStatus(`socket error: ${ctx.error.message}`));
     state.centrifuge.connect();

@@ -1,0 +1,117 @@
+"""Rate limits as pure state machines over an injected clock: a token bucket per
+connection (commands) and a bounded table of buckets per channel (publications).
+
+No I/O here: the sessions, the ingest path and the server API ask and act on the
+answer (Centrifugo's codes: error 111 "too many requests", disconnect 3013).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    # Over the limit: refuse this one (error 111 / a dropped legacy frame).
+    REFUSE = "refuse"
+    # Still sending after as many refusals as the burst: disconnect (3013).
+    DISCONNECT = "disconnect"
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up. Each command takes one; a
+    command finding the bucket empty is refused but still counted as debt, so a
+    client that keeps sending into an empty bucket reaches -burst and is dropped,
+    while one that only overshoots briefly pays the debt back by waiting."""
+
+    __slots__ = ("_at", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._at = now
+
+    def take(self, now: float) -> Verdict:
+        elapsed = now - self._at
+        self._at = now
+        if elapsed > 0:
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return Verdict.ALLOW
+        if self._tokens >= -self.burst:
+            return Verdict.REFUSE
+        return Verdict.DISCONNECT
+
+
+class ChannelRates:
+    """Publications per second per channel, one bucket per channel that published
+    lately. A bucket that has refilled completely is the same as no bucket, so
+    buckets idle for longer than `burst / rate` seconds are dropped (the oldest
+    first, a few per call) and the table never holds more than `max_channels`."""
+
+    __slots__ = ("_buckets", "_refill_seconds", "burst", "exempt", "max_channels", "rate")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        exempt: Iterable[str] = (),
+        max_channels: int = 100_000,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.exempt = frozenset(exempt)
+        self.max_channels = max_channels
+        self._refill_seconds = self.burst / rate if rate > 0 else 0.0
+        # channel -> (tokens, last update), ordered by last update (oldest first).
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, channels: Iterable[str], now: float) -> str:
+        """Take one token from every channel's bucket, or none: "" when allowed, else
+        the first channel over its limit (nothing is taken then)."""
+        if self.rate <= 0:
+            return ""
+        wanted = [c for c in dict.fromkeys(channels) if c not in self.exempt]
+        levels = []
+        for channel in wanted:
+            tokens = self._level(channel, now)
+            if tokens < 1.0:
+                return channel
+            levels.append(tokens)
+        for channel, tokens in zip(wanted, levels, strict=True):
+            self._buckets.pop(channel, None)
+            self._buckets[channel] = (tokens - 1.0, now)
+        self._prune(now)
+        return ""
+
+    def _level(self, channel: str, now: float) -> float:
+        entry = self._buckets.get(channel)
+        if entry is None:
+            return float(self.burst)
+        tokens, at = entry
+        return min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+
+    def _prune(self, now: float) -> None:
+        buckets = self._buckets
+        while len(buckets) > self.max_channels:
+            buckets.popitem(last=False)
+        # A few idle ones per call keep pace with the new buckets of one ingest item.
+        for _ in range(4):
+            if not buckets:
+                return
+            channel, (_tokens, at) = next(iter(buckets.items()))
+            if now - at < self._refill_seconds:
+                return
+            del buckets[channel]
