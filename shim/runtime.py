@@ -268,7 +268,7 @@ def _engine(settings: Settings) -> tuple[Broker, PresenceManager]:
                 presence_ttl_seconds=settings.presence_ttl_seconds,
             ),
         )
-    return MemoryBroker(), MemoryPresenceManager()
+    return MemoryBroker(max_streams=settings.memory_max_streams), MemoryPresenceManager()
 
 
 def _redis_client(settings: Settings) -> Redis:

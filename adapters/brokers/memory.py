@@ -2,8 +2,17 @@
 
 Publish never awaits, so offsets are assigned atomically in call order and the
 handler hears publications of one channel in offset order. Memory stays bounded:
-a channel keeps at most `history_size` publications, and a stream whose meta TTL
-passed is dropped when touched or by a small sweep run on every publish.
+a stream exists only once something was published to its channel (subscribing to
+or reading a fresh channel costs nothing), a channel keeps at most `history_size`
+publications, a stream whose meta TTL passed is dropped when touched or by a small
+sweep run on every publish, and at most `max_streams` streams are kept (the least
+recently published goes first).
+
+A channel without a stream reads as offset 0 in the broker's current "blank" epoch.
+Its first publish makes a stream with an epoch of its own, remembering the blank
+epoch it was born from, so a subscriber positioned on the blank epoch can still
+recover from it. Dropping a stream born from the current blank epoch starts a new
+one: a position in an old blank epoch can then never be taken for a later stream.
 """
 
 from __future__ import annotations
@@ -27,10 +36,9 @@ from shim.broker import (
     UnrecoverablePosition,
 )
 
-# Streams examined from the oldest end whenever a stream may be created (publish, and a
-# read of an unknown channel); each creates at most one, so dropping up to two keeps pace.
+# Streams examined from the oldest end on every publish; each creates at most one, so
+# dropping up to two keeps pace.
 _SWEEP_BATCH = 2
-_DEFAULT_OPTIONS = PublishOptions()
 
 
 def new_epoch() -> str:
@@ -49,6 +57,8 @@ class _Entry:
 class _Stream:
     epoch: str
     meta_expires_at: float
+    # The broker's blank epoch when the stream was made: positions taken before it.
+    born: str = ""
     top: int = 0
     # Made on the first publish: most streams (e.g. every user's personal channel,
     # looked at by its subscribe) never hold anything, and an empty deque is ~0.7 KiB.
@@ -58,8 +68,13 @@ class _Stream:
 class MemoryBroker:
     """Broker for one node. `clock` is monotonic seconds, injectable for tests."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_streams: int = 100_000
+    ) -> None:
         self._clock = clock
+        self.max_streams = max_streams
+        # The epoch channels without a stream read in (see the module docstring).
+        self._blank = new_epoch()
         self._handler: BrokerEventHandler | None = None
         self._closed = False
         self._subscribed: set[str] = set()
@@ -88,9 +103,15 @@ class MemoryBroker:
             self._deliver(channel, pub, "")
             return StreamPosition(0, "")
         stream = self._streams.pop(channel, None)
-        if stream is None or stream.meta_expires_at <= now:
-            stream = _Stream(epoch=new_epoch(), meta_expires_at=0.0)
+        if stream is not None and stream.meta_expires_at <= now:
+            self._dropped(stream)
+            stream = None
+        if stream is None:
+            stream = _Stream(epoch=new_epoch(), meta_expires_at=0.0, born=self._blank)
         self._streams[channel] = stream
+        while len(self._streams) > self.max_streams:
+            _channel, oldest = self._streams.popitem(last=False)
+            self._dropped(oldest)
         stream.top += 1
         stream.meta_expires_at = now + options.history_meta_ttl_seconds
         pub = replace(pub, offset=stream.top)
@@ -144,15 +165,24 @@ class MemoryBroker:
         self._check_open()
         now = self._clock()
         stream = self._streams.get(channel)
-        if stream is None or stream.meta_expires_at <= now:
-            # Fix the epoch now, so a subscriber who saw the empty stream can recover later.
-            self._sweep(now)
-            meta_ttl = (options or _DEFAULT_OPTIONS).history_meta_ttl_seconds
-            stream = _Stream(epoch=new_epoch(), meta_expires_at=now + meta_ttl)
-            self._streams.pop(channel, None)
-            self._streams[channel] = stream
+        if stream is not None and stream.meta_expires_at <= now:
+            del self._streams[channel]
+            self._dropped(stream)
+            stream = None
+        if stream is None:
+            # Nothing is made for a read: the channel is at 0 in the blank epoch.
+            if since is not None and since.offset and since.epoch != self._blank:
+                raise UnrecoverablePosition(channel)
+            return HistoryResult([], StreamPosition(0, self._blank))
         position = StreamPosition(stream.top, stream.epoch)
-        if since is not None and since.epoch and since.epoch != stream.epoch:
+        if (
+            since is not None
+            and since.epoch
+            and since.epoch not in (stream.epoch, stream.born)
+            and since.offset
+        ):
+            # (At offset 0 nothing was seen yet, so any epoch is a position before the
+            # first publication.)
             raise UnrecoverablePosition(channel)
         if limit == 0:
             return HistoryResult([], position)
@@ -168,7 +198,19 @@ class MemoryBroker:
 
     async def remove_history(self, channel: str) -> None:
         self._check_open()
-        self._streams.pop(channel, None)
+        stream = self._streams.pop(channel, None)
+        if stream is not None:
+            self._dropped(stream)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def _dropped(self, stream: _Stream) -> None:
+        if stream.born == self._blank:
+            # Its channel reads as blank again: a position it gave out under the blank
+            # epoch must not be taken for a later stream of the same channel.
+            self._blank = new_epoch()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -183,6 +225,7 @@ class MemoryBroker:
             if stream.meta_expires_at > now:
                 return
             del self._streams[channel]
+            self._dropped(stream)
 
 
 def _drop_expired_front(entries: deque[_Entry], now: float) -> None:

@@ -147,10 +147,15 @@ class Subscription:
             return
         if self.positioned and pub.offset:
             if epoch != self.epoch or pub.offset != self.offset + 1:
-                if epoch == self.epoch and pub.offset <= self.offset:
+                if self.offset == 0 and pub.offset == 1:
+                    # The stream's first publication: an engine makes the stream (and
+                    # its epoch) on the first publish, after we read it empty.
+                    self.epoch = epoch
+                elif epoch == self.epoch and pub.offset <= self.offset:
                     return  # already delivered (recovery overlap)
-                self.session.lost_position(self)
-                return
+                else:
+                    self.session.lost_position(self)
+                    return
             self.offset = pub.offset
         session = self.session
         if not session.outbox.push(push) and session.state is not State.CLOSED:

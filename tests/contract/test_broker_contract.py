@@ -206,7 +206,7 @@ async def test_publish_without_history_delivers_at_offset_zero(
     assert result.position.offset == 0
 
 
-async def test_reading_an_unknown_channel_fixes_its_epoch(
+async def test_a_reader_of_an_unknown_channel_recovers_its_first_publications(
     engine: EngineUnderTest, channel: str
 ) -> None:
     first = await engine.broker.history(channel, limit=-1, options=KEEP_10)
@@ -217,22 +217,27 @@ async def test_reading_an_unknown_channel_fixes_its_epoch(
     assert first.position.epoch != ""
     assert again.position == first.position
 
-    position = await engine.broker.publish(channel, pub(1), KEEP_10)
-    # The subscriber who saw the empty stream recovers the first publication.
+    await publish_many(engine, channel, 2)
+    # The subscriber who saw the empty stream recovers everything published since.
     recovered = await engine.broker.history(channel, since=first.position, limit=-1)
 
-    assert position == StreamPosition(1, first.position.epoch)
-    assert offsets(recovered.publications) == [1]
+    assert offsets(recovered.publications) == [1, 2]
+    assert recovered.position.offset == 2
+    # Having followed those live (offset 2, the epoch it was told), it is up to date.
+    caught_up = StreamPosition(2, first.position.epoch)
+    assert (await engine.broker.history(channel, since=caught_up, limit=-1)).publications == []
 
 
-async def test_reading_without_options_also_fixes_the_epoch(
+async def test_reading_without_options_also_positions_the_reader(
     engine: EngineUnderTest, channel: str
 ) -> None:
     seen = await engine.broker.history(channel)
 
     position = await engine.broker.publish(channel, pub(1), KEEP_10)
+    recovered = await engine.broker.history(channel, since=seen.position, limit=-1)
 
-    assert position == StreamPosition(1, seen.position.epoch)
+    assert position.offset == 1
+    assert offsets(recovered.publications) == [1]
 
 
 async def test_remove_history_starts_a_new_epoch(engine: EngineUnderTest, channel: str) -> None:
@@ -245,7 +250,7 @@ async def test_remove_history_starts_a_new_epoch(engine: EngineUnderTest, channe
     assert emptied.publications == []
     assert emptied.position.offset == 0
     assert emptied.position.epoch not in ("", old.epoch)
-    assert position == StreamPosition(1, emptied.position.epoch)
+    assert position.offset == 1 and position.epoch not in ("", old.epoch)
     with pytest.raises(UnrecoverablePosition):
         await engine.broker.history(channel, since=old, limit=-1)
 
@@ -340,17 +345,21 @@ async def test_meta_lives_on_after_publications_expire_until_its_own_ttl(
 
 
 @pytest.mark.expiry
-async def test_epoch_fixed_by_a_read_expires_after_meta_ttl(
+async def test_a_position_from_before_an_expired_stream_is_unrecoverable(
     engine: EngineUnderTest, channel: str, advance_time: AdvanceTime
 ) -> None:
     options = PublishOptions(history_size=10, history_ttl_seconds=1.0, history_meta_ttl_seconds=2.0)
     first = await engine.broker.history(channel, options=options)
+    await engine.broker.publish(channel, pub(1), options)
+    followed = StreamPosition(1, first.position.epoch)
 
     await advance_time(2.5)
     second = await engine.broker.history(channel, options=options)
+    await engine.broker.publish(channel, pub(2), options)
 
     assert second.position.offset == 0
-    assert second.position.epoch not in ("", first.position.epoch)
+    with pytest.raises(UnrecoverablePosition):
+        await engine.broker.history(channel, since=followed, limit=-1)
 
 
 async def test_delivery_only_while_subscribed(

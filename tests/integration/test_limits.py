@@ -467,3 +467,36 @@ async def test_metrics_can_move_to_an_internal_listener(signing_keys: tuple[str,
 async def test_metrics_stay_on_the_main_port_by_default(server: RunningServer) -> None:
     scrape = await server.http.get("/metrics")
     assert scrape.status_code == 200 and "dex_shim_node_num_clients" in scrape.text
+
+
+# --- bounded state --------------------------------------------------------------------------
+
+
+async def test_subscribing_to_fresh_channels_leaves_no_stream_behind(
+    signing_keys: tuple[str, str],
+) -> None:
+    from adapters.brokers.memory import MemoryBroker
+
+    async with (
+        run_server(signing_keys, client_command_rate_limit=0) as server,
+        connected(server, "ann") as ann,
+    ):
+        broker = server.runtime.broker
+        assert isinstance(broker, MemoryBroker)
+        for n in range(300):
+            channel = f"task:fresh-{n}"
+            assert "subscribe" in await ann.call("subscribe", {"channel": channel})
+            assert "unsubscribe" in await ann.call("unsubscribe", {"channel": channel})
+        # The connection's own personal channel was read, not published to, either.
+        assert broker.stream_count == 0
+        # A subscriber positioned on a fresh channel takes its first publications live.
+        subscribed = (await ann.call("subscribe", {"channel": "task:first"}))["subscribe"]
+        assert subscribed["positioned"] and subscribed.get("offset", 0) == 0
+        for seq in (1, 2):
+            assert (await server.broadcast(task_event("first", seq))).status_code == 200
+        pubs = [await ann.push("task:first") for _ in range(2)]
+        assert [(p["data"]["seq"], p["offset"]) for p in pubs] == [(1, 1), (2, 2)]
+        await ann.stays_open(0.2)  # no unsubscribe push (insufficient state), no close
+        assert not [m for m in ann.skipped if "unsubscribe" in m.get("push", {})]
+        # Published to: task:first and the global channel.
+        assert broker.stream_count == 2
