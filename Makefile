@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest clean chromium bench bench-quick bench-deps
+.PHONY: run test lint typecheck pytest clean chromium curl bench bench-quick bench-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ typecheck: $(VENV)/.test-installed
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-pytest: $(VENV)/.test-installed tests/js/node_modules/.package-lock.json chromium
+# The unidirectional transports' tests read them with plain curl.
+curl:
+	@command -v curl >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq curl >/dev/null)
+
+pytest: $(VENV)/.test-installed tests/js/node_modules/.package-lock.json chromium curl
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

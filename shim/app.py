@@ -22,6 +22,7 @@ from shim.broker import BrokerUnavailable
 from shim.console import console_blueprint
 from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend, reject_http
+from shim.fallback.endpoints import FallbackEndpoints
 from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
 from shim.server_api import server_api_blueprint
@@ -46,7 +47,8 @@ class ShimApp:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.quart = _build_quart(runtime)
+        self.fallback = FallbackEndpoints(runtime)
+        self.quart = _build_quart(runtime, self.fallback)
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "websocket":
@@ -62,9 +64,18 @@ class ShimApp:
             if scope["path"] == LEGACY_PATH:
                 await serve_legacy(self.runtime, scope, receive, send)
                 return
-        elif scope["type"] == "http" and ambiguous_length(scope["headers"]):
-            await refuse_ambiguous_length(send)
-            return
+            uni = self.fallback.websocket_route(scope["path"])
+            if uni is not None:
+                await uni(scope, receive, send)
+                return
+        elif scope["type"] == "http":
+            if ambiguous_length(scope["headers"]):
+                await refuse_ambiguous_length(send)
+                return
+            streaming = self.fallback.http_route(scope["path"])
+            if streaming is not None:
+                await streaming(scope, receive, send)
+                return
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
 
@@ -93,7 +104,7 @@ async def refuse_ambiguous_length(send: ASGISend) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _build_quart(runtime: Runtime) -> Quart:
+def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
     app = Quart("dex-shim")
     settings = runtime.settings
     app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes
@@ -190,6 +201,16 @@ def _build_quart(runtime: Runtime) -> Quart:
                 "user": user,
                 "protocol": protocol.value,
                 "url": CENTRIFUGE_PATH if protocol is Protocol.CHANNELS else LEGACY_PATH,
+                # For centrifuge-js's transport list: WebSocket first, then the
+                # fallbacks this node serves (commands of those go to /emulation).
+                "transports": (
+                    [
+                        {"transport": "websocket", "endpoint": CENTRIFUGE_PATH},
+                        *fallback.transports(),
+                    ]
+                    if protocol is Protocol.CHANNELS
+                    else []
+                ),
                 "mode": cutover.mode.value,
                 "cutover_version": cutover.version,
             }

@@ -178,6 +178,36 @@ class Settings:
     # Accept clients whose token has no user id (anonymous); off: 3507 / 401.
     client_anonymous: bool = False
 
+    # --- fallback transports (Centrifugo's names; see README "Fallback transports") ---
+    # HTTP-streaming with bidirectional emulation (/connection/http_stream; commands
+    # come back through POST /emulation). On: centrifuge-js falls back to it by itself
+    # where WebSocket is blocked, and it costs nothing until used.
+    http_stream_enabled: bool = True
+    # Largest initial request (the connect command) of an HTTP-streaming client, in bytes.
+    http_stream_max_request_body_size: int = 65536
+    # SSE (EventSource) with bidirectional emulation (/connection/sse, connect command in
+    # the `cf_connect` URL parameter).
+    sse_enabled: bool = True
+    # Largest initial POST body of an SSE client, in bytes (browsers connect with GET).
+    sse_max_request_body_size: int = 65536
+    # Largest POST /emulation body (one batch of an emulated client's commands), in bytes.
+    emulation_max_request_body_size: int = 65536
+    # Unidirectional WebSocket (/connection/uni_websocket): pushes only, for clients
+    # without an SDK. Off: nothing in Dex uses it; turn on for such integrations.
+    uni_websocket_enabled: bool = False
+    # Largest message a unidirectional WebSocket client may send (its connect request), in bytes.
+    uni_websocket_message_size_limit: int = 65536
+    # Unidirectional HTTP-streaming (/connection/uni_http_stream, connect request as the
+    # POST body): pushes only. Off by default, as uni_websocket.
+    uni_http_stream_enabled: bool = False
+    # Largest connect request body of a unidirectional HTTP-streaming client, in bytes.
+    uni_http_stream_max_request_body_size: int = 65536
+    # Unidirectional SSE (/connection/uni_sse, connect request in `cf_connect` or the
+    # POST body): pushes only. Off by default, as uni_websocket.
+    uni_sse_enabled: bool = False
+    # Largest connect request body of a unidirectional SSE client (POST), in bytes.
+    uni_sse_max_request_body_size: int = 65536
+
     # --- authentication -----------------------------------------------------
     # Signature algorithm of client JWTs: EdDSA (what Dex issues), HS256, RS256 or ES256.
     token_algorithm: str = "EdDSA"

@@ -15,8 +15,10 @@
    or pong messages. A connection whose scope carries a `Liveness` under
    LIVENESS_EXTENSION before it is accepted gets pings at its interval, and every
    pong it answers is recorded there for the app to read.
+5. The TCP transport of an HTTP request (see HTTP_TRANSPORT_EXTENSION), so the
+   fallback transports' streaming responses can drop a stalled peer.
 
-Both are process-wide (one node per process) and checked against the hypercorn
+All are process-wide (one node per process) and checked against the hypercorn
 version they were written for.
 """
 
@@ -44,6 +46,10 @@ DIRECT_WRITE_EXTENSION = "dex.direct_write"
 # message the app puts in it to wake its own parked reader.
 RECEIVE_QUEUE_EXTENSION = "dex.receive_queue"
 CLOSE_REQUESTED: dict[str, Any] = {"type": "dex.close_requested"}
+# The scope extension of an HTTP request holding a callable that returns its TCP
+# transport (None over HTTP/2), so a streaming response to a peer that stopped
+# reading can be dropped: closing would wait for the unsent bytes forever.
+HTTP_TRANSPORT_EXTENSION = "dex.http_transport"
 
 _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 
@@ -247,6 +253,21 @@ class _PingingWSStream(ws_stream.WSStream):
             self._arm_ping(liveness)
 
 
+def _http_transport_of(send: Any) -> asyncio.Transport | None:
+    """hypercorn 0.18 wiring for HTTP/1.1: the app's send is HTTPStream.app_send, whose
+    `send` is H11Protocol.stream_send, whose `send` is TCPServer.protocol_send."""
+    stream = getattr(send, "__self__", None)
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    if not isinstance(protocol, h11.H11Protocol):
+        return None  # HTTP/2: the connection is shared by other requests
+    server = getattr(getattr(protocol, "send", None), "__self__", None)
+    writer = getattr(server, "writer", None)
+    if not isinstance(writer, asyncio.StreamWriter):
+        return None
+    transport = writer.transport
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
 async def _spawn_app_with_lean_queue(
     self: task_group.TaskGroup, app: Any, config: Any, scope: Any, send: Any
 ) -> Any:
@@ -256,6 +277,8 @@ async def _spawn_app_with_lean_queue(
     extensions = scope.get("extensions")
     if isinstance(extensions, dict):
         extensions[RECEIVE_QUEUE_EXTENSION] = queue
+        if scope.get("type") == "http":
+            extensions[HTTP_TRANSPORT_EXTENSION] = functools.partial(_http_transport_of, send)
     loop = self._loop
 
     def call_soon(func: Any, *args: Any) -> Any:

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
@@ -20,6 +20,7 @@ from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings, origin_patterns
 from shim.cutover import CutoverState, Mode
+from shim.fallback.emulation import EmulationHub
 from shim.ingest import Ingestor
 from shim.metrics import Metrics
 from shim.node import Node
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from adapters.ingest.redis_stream import StreamConsumer
     from adapters.redis_control import RedisControl
-    from shim.edge import SocketPump
+    from adapters.redis_emulation import RedisEmulationRelay
 
 log = logging.getLogger("shim.runtime")
 
@@ -125,10 +126,14 @@ class Runtime:
         self.control: RedisControl | None = None
         # Applies a server API action forwarded by another node (set by the server API).
         self.command_handler: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
-        # WebSocket connections still running, and whether the node is stopping.
-        self.open_sockets: set[SocketPump] = set()
+        # Client connections still running (WebSocket and streaming HTTP), and whether
+        # the node is stopping.
+        self.open_sockets: set[OpenConnection] = set()
         self.shutting_down = False
         self.stream_consumer: StreamConsumer | None = None
+        # Emulated (HTTP-streaming, SSE) clients' sessions, for POST /emulation.
+        self.emulation = EmulationHub(self.node.name)
+        self.emulation_relay: RedisEmulationRelay | None = None
         self.started = False
 
     def apply_cutover(self, state: CutoverState) -> None:
@@ -178,6 +183,16 @@ class Runtime:
             )
             self.control.on_command = self.command_handler
             await self.control.start()
+            from adapters.redis_emulation import RedisEmulationRelay
+
+            self.emulation_relay = RedisEmulationRelay(
+                _redis_client(settings),
+                prefix=settings.redis_prefix,
+                node_name=self.node.name,
+                on_commands=self.emulation.on_relayed,
+            )
+            await self.emulation_relay.start()
+            self.emulation.relay = self.emulation_relay
         if settings.ingest_stream_key:
             from adapters.ingest.redis_stream import StreamConsumer, StreamOptions
 
@@ -244,11 +259,20 @@ class Runtime:
                 await self.stream_consumer.redis.aclose()
             if self.control is not None:
                 await self.control.close()
+            if self.emulation_relay is not None:
+                self.emulation.relay = None
+                await self.emulation_relay.close()
             close_presence = getattr(self.presence, "close", None)
             if close_presence is not None:
                 await close_presence()
             await self.authorizer.aclose()
             self.started = False
+
+
+class OpenConnection(Protocol):
+    """A client connection the shutdown waits for, and drops past the grace period."""
+
+    def abort(self) -> None: ...
 
 
 def _user_list(text: str) -> frozenset[str]:

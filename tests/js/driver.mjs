@@ -2,7 +2,10 @@
 //
 // Protocol: one JSON object per line on stdin (commands) and stdout (answers and events).
 //   startup options: argv[2] = JSON {url, token, name?, minReconnectDelay?, maxReconnectDelay?,
-//                    timeout?, maxServerPingDelay?, data?, debug?, getToken? (default true)}
+//                    timeout?, maxServerPingDelay?, data?, debug?, getToken? (default true),
+//                    transports? ([{transport, endpoint}] instead of url: the SDK's fallback list),
+//                    emulationEndpoint?, websocket? (false: no WebSocket implementation at all,
+//                    as where the network or the runtime has none)}
 //   command: {seq, cmd, ...params}
 //   answer:  {seq, ok: true, result} | {seq, ok: false, error: {code, message}}
 //   event:   {event: "<name>", ...context}
@@ -101,16 +104,22 @@ async function getConnectionToken() {
   return currentToken;
 }
 
-const clientOptions = { websocket: WebSocket, token: options.token ?? '' };
+const clientOptions = { token: options.token ?? '' };
+// Node 20 has no WebSocket of its own: without the `ws` package the SDK finds none.
+if (options.websocket !== false) clientOptions.websocket = WebSocket;
+if ((options.transports ?? []).some((t) => t.transport === 'sse')) {
+  // Node has no EventSource either; the SDK takes one as an option, as fetch.
+  clientOptions.eventsource = (await import('eventsource')).EventSource;
+}
 for (const key of [
   'name', 'minReconnectDelay', 'maxReconnectDelay', 'timeout', 'maxServerPingDelay', 'data',
-  'debug', 'version',
+  'debug', 'version', 'emulationEndpoint',
 ]) {
   if (options[key] !== undefined && options[key] !== null) clientOptions[key] = options[key];
 }
 if (options.getToken !== false) clientOptions.getToken = getConnectionToken;
 
-const client = new Centrifuge(options.url, clientOptions);
+const client = new Centrifuge(options.transports ?? options.url, clientOptions);
 
 client.on('connecting', (ctx) => emit('connecting', ctx, codeReasonDefaults));
 client.on('connected', (ctx) => emit('connected', ctx, { client: null, transport: null, data: null }));

@@ -1,0 +1,472 @@
+"""The fallback transports' endpoints, served straight from ASGI like the WebSocket
+paths (no framework on the per-message path).
+
+Bidirectional emulation, as centrifuge-js speaks it:
+- POST /connection/http_stream: the body holds the connect command; the response
+  streams replies and pushes as newline-delimited JSON.
+- GET /connection/sse?cf_connect=<connect command> (or POST with it as the body):
+  the response is an EventSource stream, one event per message.
+- POST /emulation {"session", "node", "data"}: the client's further commands
+  (subscribe, RPC, pongs, ...), for the session named, on whichever node holds it.
+The connect reply tells the client its `session` and `node`; a close sends a
+disconnect push before the response ends (a stream has no close code).
+
+Unidirectional, for clients without an SDK: a ConnectRequest object (token, ...)
+in the POST body or the `cf_connect` parameter, then pushes only: the connect
+push, publications of the token's `channels` and the personal channel (server-side
+subscriptions), subscribe/unsubscribe pushes from the server API, `{}` pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shim.centrifuge import codes
+from shim.centrifuge.session import CentrifugeSession
+from shim.edge import ASGIReceive, ASGISend, SocketPump
+from shim.fallback import framing
+from shim.fallback.emulation import EmulatedConnection
+from shim.fallback.framing import RequestError
+from shim.fallback.outboxes import EmulationOutbox, UniOutbox
+from shim.fallback.stream import FinalMessage, Frame, StreamPump
+from shim.outbox import Outbox
+from shim.runtime import Runtime
+from shim.ws_endpoints import _forget_request_headers, _offer_direct_write, _receive_queue
+
+HTTP_STREAM_PATH = "/connection/http_stream"
+SSE_PATH = "/connection/sse"
+EMULATION_PATH = "/emulation"
+UNI_WEBSOCKET_PATH = "/connection/uni_websocket"
+UNI_HTTP_STREAM_PATH = "/connection/uni_http_stream"
+UNI_SSE_PATH = "/connection/uni_sse"
+
+NDJSON = b"application/x-ndjson"
+EVENT_STREAM = b"text/event-stream; charset=utf-8"
+JSON = b"application/json"
+
+Handler = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
+
+
+class UnidirectionalSession(CentrifugeSession):
+    """A session whose client never answers: pings keep proxies from timing the
+    stream out, and no pong is expected back."""
+
+    __slots__ = ()
+
+    def tick(self, now: float, wall: float) -> None:
+        super().tick(now, wall)
+        self.pong_deadline = 0.0
+
+
+class FallbackEndpoints:
+    """Which fallback paths this node serves (by settings), and serving them."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        settings = runtime.settings
+        routes: dict[str, Handler] = {}
+        if settings.http_stream_enabled:
+            routes[HTTP_STREAM_PATH] = self.http_stream
+        if settings.sse_enabled:
+            routes[SSE_PATH] = self.sse
+        if settings.http_stream_enabled or settings.sse_enabled:
+            routes[EMULATION_PATH] = self.emulation
+        if settings.uni_http_stream_enabled:
+            routes[UNI_HTTP_STREAM_PATH] = self.uni_http_stream
+        if settings.uni_sse_enabled:
+            routes[UNI_SSE_PATH] = self.uni_sse
+        self._http = routes
+        self._websocket: dict[str, Handler] = {}
+        if settings.uni_websocket_enabled:
+            self._websocket[UNI_WEBSOCKET_PATH] = self.uni_websocket
+
+    def http_route(self, path: str) -> Handler | None:
+        return self._http.get(path)
+
+    def websocket_route(self, path: str) -> Handler | None:
+        return self._websocket.get(path)
+
+    def transports(self) -> list[dict[str, str]]:
+        """The bidirectional transports a centrifuge-js client may try after WebSocket,
+        in Centrifugo's order of preference (for /api/v1/realtime/config)."""
+        found = []
+        if HTTP_STREAM_PATH in self._http:
+            found.append({"transport": "http_stream", "endpoint": HTTP_STREAM_PATH})
+        if SSE_PATH in self._http:
+            found.append({"transport": "sse", "endpoint": SSE_PATH})
+        return found
+
+    # -- bidirectional emulation -------------------------------------------------------
+
+    async def http_stream(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        settings = self.runtime.settings
+        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+            return
+        if _content_type(scope) == b"application/octet-stream":
+            await _reply(send, RequestError(415, "the protobuf protocol is not served here"))
+            return
+        try:
+            body = await _read_body(scope, receive, settings.http_stream_max_request_body_size)
+            commands = framing.commands_text(body)
+        except RequestError as exc:
+            await _reply(send, exc)
+            return
+        except _ClientGone:
+            return
+        await self._emulated(
+            scope, receive, send, commands, NDJSON, framing.http_stream_chunk, preamble=b""
+        )
+
+    async def sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        settings = self.runtime.settings
+        if await _preflight_or_wrong_method(scope, send, allowed=("GET", "POST")):
+            return
+        try:
+            if scope["method"] == "GET":
+                text = framing.query_param(scope.get("query_string", b""), framing.CONNECT_PARAM)
+                if not text:
+                    raise RequestError(400, "no connect command (cf_connect)")
+                commands = text
+            else:
+                body = await _read_body(scope, receive, settings.sse_max_request_body_size)
+                commands = framing.commands_text(body)
+        except RequestError as exc:
+            await _reply(send, exc)
+            return
+        except _ClientGone:
+            return
+        await self._emulated(
+            scope,
+            receive,
+            send,
+            commands,
+            EVENT_STREAM,
+            framing.sse_chunk,
+            preamble=framing.SSE_PREAMBLE,
+        )
+
+    async def _emulated(
+        self,
+        scope: dict[str, Any],
+        receive: ASGIReceive,
+        send: ASGISend,
+        commands: str,
+        content_type: bytes,
+        frame: Frame,
+        *,
+        preamble: bytes,
+    ) -> None:
+        runtime = self.runtime
+        final: FinalMessage = lambda code, reason: frame(framing.disconnect_push(code, reason))  # noqa: E731
+        pump = StreamPump(scope, send, frame, final)
+        session_id = str(uuid.uuid4())
+        outbox = EmulationOutbox(
+            runtime.settings.client_queue_max_size_bytes,
+            pump.send_frame,
+            flusher=runtime.node.flusher,
+            joined=True,
+            max_frame_bytes=runtime.settings.websocket_max_frame_bytes,
+            session_id=session_id,
+            node_name=runtime.node.name,
+        )
+        await self._serve_stream(
+            scope, receive, pump, outbox, commands, content_type, preamble, session_id=session_id
+        )
+
+    async def emulation(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+            return
+        try:
+            if _content_type(scope) == b"application/octet-stream":
+                raise RequestError(415, "the protobuf protocol is not served here")
+            body = await _read_body(
+                scope, receive, self.runtime.settings.emulation_max_request_body_size
+            )
+            await self.runtime.emulation.deliver(framing.emulation_request(body))
+        except RequestError as exc:
+            await _reply(send, exc)
+            return
+        except _ClientGone:
+            return
+        await _respond(send, 204, b"")
+
+    # -- unidirectional ----------------------------------------------------------------
+
+    async def uni_http_stream(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+            return
+        limit = self.runtime.settings.uni_http_stream_max_request_body_size
+        try:
+            command = framing.uni_connect_command(await _read_body(scope, receive, limit))
+        except RequestError as exc:
+            await _reply(send, exc)
+            return
+        except _ClientGone:
+            return
+        await self._unidirectional(
+            scope, receive, send, command, NDJSON, framing.http_stream_chunk, b""
+        )
+
+    async def uni_sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if await _preflight_or_wrong_method(scope, send, allowed=("GET", "POST")):
+            return
+        limit = self.runtime.settings.uni_sse_max_request_body_size
+        try:
+            if scope["method"] == "GET":
+                raw: bytes | str | None = framing.query_param(
+                    scope.get("query_string", b""), framing.CONNECT_PARAM
+                )
+            else:
+                raw = await _read_body(scope, receive, limit)
+            command = framing.uni_connect_command(raw)
+        except RequestError as exc:
+            await _reply(send, exc)
+            return
+        except _ClientGone:
+            return
+        await self._unidirectional(
+            scope, receive, send, command, EVENT_STREAM, framing.sse_chunk, framing.SSE_PREAMBLE
+        )
+
+    async def _unidirectional(
+        self,
+        scope: dict[str, Any],
+        receive: ASGIReceive,
+        send: ASGISend,
+        command: str,
+        content_type: bytes,
+        frame: Frame,
+        preamble: bytes,
+    ) -> None:
+        runtime = self.runtime
+        final: FinalMessage = lambda code, reason: frame(framing.uni_disconnect_push(code, reason))  # noqa: E731
+        pump = StreamPump(scope, send, frame, final)
+        outbox = UniOutbox(
+            runtime.settings.client_queue_max_size_bytes,
+            pump.send_frame,
+            flusher=runtime.node.flusher,
+            joined=True,
+            max_frame_bytes=runtime.settings.websocket_max_frame_bytes,
+            session_id=str(uuid.uuid4()),
+        )
+        await self._serve_stream(
+            scope, receive, pump, outbox, command, content_type, preamble, session_id=None
+        )
+
+    async def _serve_stream(
+        self,
+        scope: dict[str, Any],
+        receive: ASGIReceive,
+        pump: StreamPump,
+        outbox: Outbox,
+        commands: str,
+        content_type: bytes,
+        preamble: bytes,
+        *,
+        session_id: str | None,
+    ) -> None:
+        """Run one streaming client, bidirectional (`session_id` set: its commands
+        come through /emulation) or unidirectional."""
+        runtime = self.runtime
+        settings = runtime.settings
+        await pump.start(content_type, preamble)
+        _forget_request_headers(scope)
+        refusal = _refusal(runtime)
+        if refusal is not None:
+            # As on WebSocket: shutdown makes SDKs reconnect elsewhere, a `legacy`
+            # cutover turns them away for good.
+            await pump.end(refusal.code, refusal.reason)
+            return
+        session_class = CentrifugeSession if session_id is not None else UnidirectionalSession
+        session = session_class(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
+        if session_id is not None:
+            runtime.emulation.add(
+                session_id,
+                EmulatedConnection(session, 4 * settings.emulation_max_request_body_size),
+            )
+        runtime.open_sockets.add(pump)
+        try:
+            await session.handle_frame(commands)
+            if isinstance(outbox, UniOutbox) and outbox.connect_error:
+                session.disconnect(framing.uni_connect_disconnect(outbox.connect_error))
+            await pump.run(receive, outbox, flush_timeout=settings.websocket_write_timeout_seconds)
+        finally:
+            runtime.open_sockets.discard(pump)
+            if session_id is not None:
+                runtime.emulation.remove(session_id)
+            session.transport_closed()
+
+    async def uni_websocket(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        runtime = self.runtime
+        settings = runtime.settings
+        raw: str | bytes | None = framing.query_param(
+            scope.get("query_string", b""), framing.CONNECT_PARAM
+        )
+        direct = _offer_direct_write(scope)
+        await send({"type": "websocket.accept"})
+        _forget_request_headers(scope)
+        refusal = _refusal(runtime)
+        if refusal is not None:
+            await _ws_close(send, refusal.code, refusal.reason)
+            return
+        if raw is None:
+            # No cf_connect: the connect request is the client's first message.
+            message = await _first_ws_message(receive, settings.client_stale_close_delay_seconds)
+            if message is None:
+                await _ws_close(send, codes.STALE.code, codes.STALE.reason)
+                return
+            raw = message
+        try:
+            command = framing.uni_connect_command(raw)
+        except RequestError:
+            await _ws_close(send, codes.BAD_PROTOCOL.code, codes.BAD_PROTOCOL.reason)
+            return
+        pump = SocketPump(send, _receive_queue(scope), direct)
+        outbox = UniOutbox(
+            settings.client_queue_max_size_bytes,
+            pump.send_frame,
+            flusher=runtime.node.flusher,
+            direct=direct,
+            joined=False,  # one push per frame: what a client without an SDK expects
+            max_frame_bytes=settings.websocket_max_frame_bytes,
+            session_id=str(uuid.uuid4()),
+        )
+        session = UnidirectionalSession(
+            runtime.node, runtime.verifier, runtime.authorizer, pump, outbox
+        )
+        runtime.open_sockets.add(pump)
+        try:
+            await session.handle_frame(command)
+            if outbox.connect_error:
+                session.disconnect(framing.uni_connect_disconnect(outbox.connect_error))
+            await pump.run(
+                receive,
+                _ignore_frame,  # pushes only: what the client sends is read and dropped
+                outbox,
+                flush_timeout=settings.websocket_write_timeout_seconds,
+                read_limit_bytes=settings.uni_websocket_message_size_limit,
+                discard_on=frozenset({codes.SLOW.code}),
+            )
+        finally:
+            runtime.open_sockets.discard(pump)
+            session.transport_closed()
+
+
+def _refusal(runtime: Runtime) -> codes.DisconnectCode | None:
+    if runtime.shutting_down:
+        return codes.SHUTDOWN
+    if not runtime.cutover.channels_served:
+        return codes.CHANNELS_DISABLED
+    return None
+
+
+async def _ignore_frame(_frame: str | bytes) -> None:
+    return None
+
+
+async def _first_ws_message(receive: ASGIReceive, timeout: float) -> str | bytes | None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return None
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    return text if text is not None else (message.get("bytes") or b"")
+    return None
+
+
+async def _ws_close(send: ASGISend, code: int, reason: str) -> None:
+    await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+# -- plain HTTP helpers ------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The client left before its request was read."""
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return b""
+
+
+def _content_type(scope: dict[str, Any]) -> bytes:
+    return _header(scope, b"content-type").split(b";", 1)[0].strip().lower()
+
+
+async def _read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> bytes:
+    declared = _header(scope, b"content-length")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        if message["type"] != "http.request":
+            continue
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(
+    send: ASGISend, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    all_headers = [(b"content-length", str(len(body)).encode()), *(headers or [])]
+    if body:
+        all_headers.append((b"content-type", JSON))
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _reply(send: ASGISend, error: RequestError) -> None:
+    await _respond(send, error.status, error.body())
+
+
+async def _preflight_or_wrong_method(
+    scope: dict[str, Any], send: ASGISend, *, allowed: tuple[str, ...]
+) -> bool:
+    """Answer a CORS preflight or a method this endpoint does not take; True when answered."""
+    method = scope["method"]
+    if method == "OPTIONS":
+        methods = ", ".join((*allowed, "OPTIONS")).encode()
+        await _respond(
+            send,
+            204,
+            b"",
+            [(b"access-control-max-age", b"300"), (b"access-control-allow-methods", methods)],
+        )
+        return True
+    if method not in allowed:
+        await _respond(
+            send,
+            405,
+            RequestError(405, "method not allowed").body(),
+            [(b"allow", ", ".join(allowed).encode())],
+        )
+        return True
+    return False

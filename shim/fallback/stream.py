@@ -1,0 +1,140 @@
+"""The HTTP streaming edge: one long response per client (HTTP-streaming or SSE),
+written by the connection's outbox like a WebSocket.
+
+The request's task parks on `receive` until the client goes away (hypercorn keeps
+reading the socket after the request and reports EOF as `http.disconnect`) or the
+session asks for a close. A close sends what is queued within the write timeout,
+then the transport's last message (the disconnect push) and the end of the
+response; a slow client, or one whose writes do not finish in time, has its TCP
+connection dropped at once, so a stalled peer never holds a socket or a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shim.centrifuge import codes
+from shim.edge import ASGIReceive, ASGISend
+from shim.hypercorn_compat import (
+    CLOSE_REQUESTED,
+    HTTP_TRANSPORT_EXTENSION,
+    RECEIVE_QUEUE_EXTENSION,
+)
+from shim.lean import LeanQueue
+from shim.outbox import Outbox
+
+Frame = Callable[[bytes], bytes]
+FinalMessage = Callable[[int, str], bytes]
+
+STREAM_HEADERS = [
+    (b"cache-control", b"private, no-cache, no-store, must-revalidate, max-age=0"),
+    (b"pragma", b"no-cache"),
+    (b"expires", b"0"),
+    # nginx would otherwise buffer the stream.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class StreamPump:
+    """One streaming response: its writes (for the outbox), its close (for the
+    session) and its end."""
+
+    __slots__ = (
+        "_closing",
+        "_final",
+        "_frame",
+        "_queue",
+        "_send",
+        "_transport_of",
+        "close_code",
+        "close_reason",
+    )
+
+    def __init__(
+        self, scope: dict[str, Any], send: ASGISend, frame: Frame, final: FinalMessage
+    ) -> None:
+        self._send = send
+        self._frame = frame
+        self._final = final
+        extensions = scope.get("extensions") or {}
+        queue = extensions.get(RECEIVE_QUEUE_EXTENSION)
+        # hypercorn's receive queue (our hook), to wake the parked request task.
+        self._queue: LeanQueue[dict[str, Any]] | None = (
+            queue if isinstance(queue, LeanQueue) else None
+        )
+        self._transport_of: Callable[[], asyncio.Transport | None] | None = extensions.get(
+            HTTP_TRANSPORT_EXTENSION
+        )
+        self._closing = False
+        self.close_code = 0
+        self.close_reason = ""
+
+    # Transport (what sessions see).
+
+    def close(self, code: int, reason: str) -> None:
+        if not self._closing:
+            self._closing = True
+            self.close_code, self.close_reason = code, reason
+            if self._queue is not None:
+                self._queue.interrupt(CLOSE_REQUESTED)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, unsent bytes included."""
+        transport = self._transport_of() if self._transport_of is not None else None
+        if transport is not None:
+            transport.abort()
+
+    # Writes.
+
+    async def start(self, content_type: bytes, preamble: bytes = b"") -> None:
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), *STREAM_HEADERS],
+            }
+        )
+        if preamble:
+            await self.write(preamble)
+
+    async def write(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def send_frame(self, payload: bytes) -> None:
+        """The outbox's writer: one batch of joined messages, framed for the stream."""
+        await self.write(self._frame(payload))
+
+    async def end(self, code: int, reason: str) -> None:
+        await self._send(
+            {"type": "http.response.body", "body": self._final(code, reason), "more_body": False}
+        )
+
+    async def run(self, receive: ASGIReceive, outbox: Outbox, *, flush_timeout: float) -> None:
+        """Until the client leaves or a close is asked for; returns when done."""
+        try:
+            while not self._closing:
+                if (await receive())["type"] == "http.disconnect":
+                    return
+            if self.close_code == codes.SLOW.code:
+                self.abort()  # its queue is already dropped; nothing more is written
+                return
+            outbox.close(discard=False)
+            await outbox.flushed(flush_timeout)
+            if outbox.size or outbox.write_started:
+                self.abort()  # the queue did not go out in time
+                return
+            if not await _within(self.end(self.close_code, self.close_reason), flush_timeout):
+                self.abort()
+        finally:
+            outbox.close(discard=True)
+
+
+async def _within(awaitable: Awaitable[None], timeout: float) -> bool:
+    with contextlib.suppress(TimeoutError, Exception):
+        async with asyncio.timeout(timeout):
+            await awaitable
+            return True
+    return False
