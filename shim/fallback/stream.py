@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +27,9 @@ from shim.hypercorn_compat import (
 )
 from shim.lean import LeanQueue
 from shim.outbox import Outbox
+
+# SO_LINGER on, zero seconds: close() resets the connection (see SocketPump.abort).
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 Frame = Callable[[bytes], bytes]
 FinalMessage = Callable[[int, str], bytes]
@@ -82,10 +87,16 @@ class StreamPump:
                 self._queue.interrupt(CLOSE_REQUESTED)
 
     def abort(self) -> None:
-        """Drop the TCP connection at once, unsent bytes included."""
+        """Drop the TCP connection at once with a reset: our unsent bytes and the
+        kernel's go with it (a peer with a zero window would hold those for minutes)."""
         transport = self._transport_of() if self._transport_of is not None else None
-        if transport is not None:
-            transport.abort()
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
 
     # Writes.
 
