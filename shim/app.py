@@ -52,7 +52,8 @@ class ShimApp:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "websocket":
-            if scope["path"] in (CENTRIFUGE_PATH, LEGACY_PATH):
+            path = scope["path"]
+            if path in (CENTRIFUGE_PATH, LEGACY_PATH) or self.fallback.websocket_route(path):
                 refusal = upgrade_refusal(self.runtime, scope)
                 if refusal is not None:
                     if (await receive())["type"] == "websocket.connect":

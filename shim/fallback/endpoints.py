@@ -35,7 +35,13 @@ from shim.fallback.outboxes import EmulationOutbox, UniOutbox
 from shim.fallback.stream import FinalMessage, Frame, StreamPump
 from shim.outbox import Outbox
 from shim.runtime import Runtime
-from shim.ws_endpoints import _forget_request_headers, _offer_direct_write, _receive_queue
+from shim.ws_endpoints import (
+    _forget_request_headers,
+    _offer_direct_write,
+    _receive_queue,
+    origin_allowed,
+    upgrade_refusal,
+)
 
 HTTP_STREAM_PATH = "/connection/http_stream"
 SSE_PATH = "/connection/sse"
@@ -100,13 +106,48 @@ class FallbackEndpoints:
             found.append({"transport": "sse", "endpoint": SSE_PATH})
         return found
 
+    # -- who may come in -----------------------------------------------------------------
+
+    def _cors(self, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+        """CORS headers for a page of an allowed origin (as Centrifugo's middleware
+        adds them); none without allowed_origins, so browsers keep same-origin."""
+        patterns = self.runtime.origin_patterns
+        origin = _header(scope, b"origin")
+        if not patterns or not origin or not origin_allowed(origin.decode("latin-1"), patterns):
+            return []
+        headers = [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-credentials", b"true"),
+        ]
+        requested = _header(scope, b"access-control-request-headers")
+        if requested and requested != b"null":
+            headers.append((b"access-control-allow-headers", requested))
+        return headers
+
+    async def _refused(
+        self,
+        scope: dict[str, Any],
+        send: ASGISend,
+        *,
+        allowed: tuple[str, ...],
+        new_connection: bool,
+    ) -> bool:
+        """Answer what is not served: a foreign Origin (403, as for WebSocket), a new
+        stream past the node's connection limit (503), a CORS preflight, a method the
+        endpoint does not take. True when answered."""
+        refusal = upgrade_refusal(self.runtime, scope)
+        if refusal is not None and (new_connection or refusal[0] == 403):
+            await _respond(send, refusal[0], refusal[1])
+            return True
+        return await _preflight_or_wrong_method(scope, send, allowed, self._cors(scope))
+
     # -- bidirectional emulation -------------------------------------------------------
 
     async def http_stream(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> None:
         settings = self.runtime.settings
-        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+        if await self._refused(scope, send, allowed=("POST",), new_connection=True):
             return
         if _content_type(scope) == b"application/octet-stream":
             await _reply(send, RequestError(415, "the protobuf protocol is not served here"))
@@ -115,7 +156,7 @@ class FallbackEndpoints:
             body = await _read_body(scope, receive, settings.http_stream_max_request_body_size)
             commands = framing.commands_text(body)
         except RequestError as exc:
-            await _reply(send, exc)
+            await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
@@ -125,7 +166,7 @@ class FallbackEndpoints:
 
     async def sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         settings = self.runtime.settings
-        if await _preflight_or_wrong_method(scope, send, allowed=("GET", "POST")):
+        if await self._refused(scope, send, allowed=("GET", "POST"), new_connection=True):
             return
         try:
             if scope["method"] == "GET":
@@ -137,7 +178,7 @@ class FallbackEndpoints:
                 body = await _read_body(scope, receive, settings.sse_max_request_body_size)
                 commands = framing.commands_text(body)
         except RequestError as exc:
-            await _reply(send, exc)
+            await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
@@ -180,7 +221,7 @@ class FallbackEndpoints:
         )
 
     async def emulation(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+        if await self._refused(scope, send, allowed=("POST",), new_connection=False):
             return
         try:
             if _content_type(scope) == b"application/octet-stream":
@@ -190,24 +231,24 @@ class FallbackEndpoints:
             )
             await self.runtime.emulation.deliver(framing.emulation_request(body))
         except RequestError as exc:
-            await _reply(send, exc)
+            await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
-        await _respond(send, 204, b"")
+        await _respond(send, 204, b"", self._cors(scope))
 
     # -- unidirectional ----------------------------------------------------------------
 
     async def uni_http_stream(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> None:
-        if await _preflight_or_wrong_method(scope, send, allowed=("POST",)):
+        if await self._refused(scope, send, allowed=("POST",), new_connection=True):
             return
         limit = self.runtime.settings.uni_http_stream_max_request_body_size
         try:
             command = framing.uni_connect_command(await _read_body(scope, receive, limit))
         except RequestError as exc:
-            await _reply(send, exc)
+            await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
@@ -216,7 +257,7 @@ class FallbackEndpoints:
         )
 
     async def uni_sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        if await _preflight_or_wrong_method(scope, send, allowed=("GET", "POST")):
+        if await self._refused(scope, send, allowed=("GET", "POST"), new_connection=True):
             return
         limit = self.runtime.settings.uni_sse_max_request_body_size
         try:
@@ -228,7 +269,7 @@ class FallbackEndpoints:
                 raw = await _read_body(scope, receive, limit)
             command = framing.uni_connect_command(raw)
         except RequestError as exc:
-            await _reply(send, exc)
+            await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
@@ -277,7 +318,7 @@ class FallbackEndpoints:
         come through /emulation) or unidirectional."""
         runtime = self.runtime
         settings = runtime.settings
-        await pump.start(content_type, preamble)
+        await pump.start(content_type, preamble, self._cors(scope))
         _forget_request_headers(scope)
         refusal = _refusal(runtime)
         if refusal is not None:
@@ -443,23 +484,27 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _reply(send: ASGISend, error: RequestError) -> None:
-    await _respond(send, error.status, error.body())
+async def _reply(
+    send: ASGISend, error: RequestError, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _respond(send, error.status, error.body(), headers)
 
 
 async def _preflight_or_wrong_method(
-    scope: dict[str, Any], send: ASGISend, *, allowed: tuple[str, ...]
+    scope: dict[str, Any],
+    send: ASGISend,
+    allowed: tuple[str, ...],
+    cors: list[tuple[bytes, bytes]],
 ) -> bool:
     """Answer a CORS preflight or a method this endpoint does not take; True when answered."""
     method = scope["method"]
     if method == "OPTIONS":
         methods = ", ".join((*allowed, "OPTIONS")).encode()
-        await _respond(
-            send,
-            204,
-            b"",
-            [(b"access-control-max-age", b"300"), (b"access-control-allow-methods", methods)],
-        )
+        preflight = [
+            (b"access-control-max-age", b"300"),
+            (b"access-control-allow-methods", methods),
+        ]
+        await _respond(send, 204, b"", [*preflight, *cors])
         return True
     if method not in allowed:
         await _respond(

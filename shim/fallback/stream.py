@@ -100,12 +100,14 @@ class StreamPump:
 
     # Writes.
 
-    async def start(self, content_type: bytes, preamble: bytes = b"") -> None:
+    async def start(
+        self, content_type: bytes, preamble: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         await self._send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", content_type), *STREAM_HEADERS],
+                "headers": [(b"content-type", content_type), *STREAM_HEADERS, *headers],
             }
         )
         if preamble:

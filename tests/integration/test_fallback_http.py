@@ -331,3 +331,46 @@ async def _peer_closed(sock: socket.socket) -> bool:
                     return True
             except ConnectionResetError:
                 return True
+
+
+async def test_allowed_origins_and_the_connection_limit_apply(
+    signing_keys: tuple[str, str],
+) -> None:
+    async with run_server(
+        signing_keys, allowed_origins="https://dex.example", client_connection_limit=1, **UNI
+    ) as server:
+        http = server.http
+        connect = orjson.dumps({"id": 1, "connect": {"token": server.token("ivy")}})
+        foreign = {"Origin": "https://evil.example"}
+        for path in (HTTP_STREAM_PATH, UNI_HTTP_STREAM_PATH):
+            assert (await http.post(path, content=connect, headers=foreign)).status_code == 403
+        refused = await http.post(EMULATION_PATH, json={"session": "s"}, headers=foreign)
+        assert refused.status_code == 403
+        with pytest.raises(Exception):  # noqa: B017 - the upgrade is answered 403
+            await ws_connect(
+                f"ws://127.0.0.1:{server.port}{UNI_WEBSOCKET_PATH}", origin="https://evil.example"
+            )
+
+        own = {"Origin": "https://dex.example"}
+        preflight = await http.options(
+            EMULATION_PATH, headers={**own, "Access-Control-Request-Headers": "content-type"}
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == "https://dex.example"
+        assert preflight.headers["access-control-allow-headers"] == "content-type"
+        async with http.stream("POST", HTTP_STREAM_PATH, content=connect, headers=own) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["access-control-allow-origin"] == "https://dex.example"
+            assert stream.headers["access-control-allow-credentials"] == "true"
+            lines = stream.aiter_lines()  # kept: a dropped iterator closes the response
+            reply = orjson.loads(await anext(lines))["connect"]
+            # The node holds its one connection: another stream is turned away...
+            second = await http.post(HTTP_STREAM_PATH, content=connect, headers=own)
+            assert second.status_code == 503
+            # ...while the open one's commands still come in.
+            command = '{"id":2,"rpc":{"method":"ping"}}'
+            emulation = {"session": reply["session"], "node": reply["node"], "data": command}
+            posted = await http.post(EMULATION_PATH, json=emulation, headers=own)
+            assert posted.status_code == 204, (posted.text, reply)
+            assert posted.headers["access-control-allow-origin"] == "https://dex.example"
+            assert orjson.loads(await anext(lines)) == {"id": 2, "rpc": {"data": {"pong": True}}}
