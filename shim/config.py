@@ -143,6 +143,9 @@ class Settings:
     # Redis engine. Empty (the default): no Redis, unless engine = "redis" or
     # ingest_stream_key asks for it, which then use redis://127.0.0.1:6379/0.
     redis_url: str = ""
+    # redis_url names seed nodes of one Redis Cluster (instead of independent shards):
+    # commands follow the cluster's slots, pub/sub is sharded (SSUBSCRIBE) on Redis 7+.
+    redis_cluster: bool = False
     # Prefix of every Redis key and pub/sub channel of this deployment.
     redis_prefix: str = "dex"
     # Seconds a presence entry lives unless its node refreshes it (a dead node's

@@ -176,7 +176,10 @@ class Runtime:
 
             self.control = RedisControl(
                 _redis_client(settings),
-                prefix=settings.redis_prefix,
+                # On a cluster the control keys share one slot (MGET of node counts).
+                prefix=f"{{{settings.redis_prefix}}}"
+                if settings.redis_cluster
+                else settings.redis_prefix,
                 node_name=self.node.name,
                 on_cutover=self.apply_cutover,
                 counts=self.connection_counts,
@@ -285,21 +288,28 @@ def _engine(settings: Settings) -> tuple[Broker, PresenceManager]:
 
         urls = parse_urls(settings.redis_url)
         return (
-            RedisBroker(urls, prefix=settings.redis_prefix),
+            RedisBroker(urls, prefix=settings.redis_prefix, cluster=settings.redis_cluster),
             RedisPresenceManager(
                 urls,
                 prefix=settings.redis_prefix,
                 presence_ttl_seconds=settings.presence_ttl_seconds,
+                cluster=settings.redis_cluster,
             ),
         )
     return MemoryBroker(max_streams=settings.memory_max_streams), MemoryPresenceManager()
 
 
 def _redis_client(settings: Settings) -> Redis:
-    """A client on the first Redis address (control state and the ingest stream)."""
+    """A client on the first Redis address (control state and the ingest stream), or
+    on the whole Redis Cluster."""
     from redis.asyncio import Redis
 
     from adapters.brokers.redis import parse_urls
+
+    if settings.redis_cluster:
+        from adapters.brokers.redis.cluster import control_client
+
+        return control_client(parse_urls(settings.redis_url))
 
     return Redis.from_url(
         parse_urls(settings.redis_url)[0],

@@ -2,7 +2,8 @@
 
 A factory is an async context manager yielding an `EngineUnderTest`. Tests use only
 the Broker/PresenceManager protocol methods, the recording handler and
-`advance_time`, so a Redis factory can join ENGINE_FACTORIES unchanged. Channel
+`advance_time`, so a Redis factory can join ENGINE_FACTORIES unchanged; the Redis
+Cluster engine shares one cluster per session (`redis_cluster`). Channel
 names come from the `channel` fixtures so engines with shared storage see fresh channels.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import pytest
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from adapters.brokers.redis import RedisBroker, RedisPresenceManager
 from shim.broker import Broker, ClientInfo, PresenceManager, Publication
+from tests.redis_cluster import RedisClusterProcesses
 from tests.redis_server import RedisServer
 
 # How long an engine that delivers through a network may take to deliver.
@@ -123,10 +125,34 @@ async def redis_engine() -> AsyncIterator[EngineUnderTest]:
             await presence.close()
 
 
+@asynccontextmanager
+async def redis_cluster_engine(cluster: RedisClusterProcesses) -> AsyncIterator[EngineUnderTest]:
+    """The session's three-master Redis Cluster, a fresh key prefix per test; sharded
+    pub/sub (the servers are Redis 7)."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    broker = RedisBroker(cluster.seed_urls, prefix=prefix, cluster=True)
+    presence = RedisPresenceManager(cluster.seed_urls, prefix=prefix, cluster=True)
+    handler = RecordingHandler()
+    await broker.start(handler)
+    try:
+        yield EngineUnderTest(
+            broker=broker,
+            presence=presence,
+            handler=handler,
+            advance_time=asyncio.sleep,
+            synchronous_delivery=False,
+        )
+    finally:
+        await broker.close()
+        await presence.close()
+
+
 ENGINE_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[EngineUnderTest]]] = {
     "memory": memory_engine,
     "redis": redis_engine,
 }
+# Engines on a Redis Cluster the session starts once (six redis-servers take seconds).
+CLUSTER_ENGINE = "redis-cluster"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,9 +161,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture(params=list(ENGINE_FACTORIES))
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    with RedisClusterProcesses() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=[*ENGINE_FACTORIES, CLUSTER_ENGINE])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[EngineUnderTest]:
-    async with ENGINE_FACTORIES[request.param]() as under_test:
+    if request.param == CLUSTER_ENGINE:
+        factory = redis_cluster_engine(request.getfixturevalue("redis_cluster"))
+    else:
+        factory = ENGINE_FACTORIES[request.param]()
+    async with factory as under_test:
         yield under_test
 
 

@@ -16,7 +16,14 @@ from typing import Any
 
 from adapters.brokers.memory import new_epoch
 from adapters.brokers.redis import scripts, wire
-from adapters.brokers.redis.keys import channel_keys, check_prefix, pubsub_prefix
+from adapters.brokers.redis.cluster import ClusterListeners, ClusterShards
+from adapters.brokers.redis.keys import (
+    ChannelKeys,
+    channel_keys,
+    channel_of_sharded,
+    check_prefix,
+    pubsub_prefix,
+)
 from adapters.brokers.redis.listener import ShardListener
 from adapters.brokers.redis.shards import Shards, Timeouts, make_pool
 from shim.broker import (
@@ -35,7 +42,9 @@ log = logging.getLogger("adapters.brokers.redis")
 _DEFAULT_OPTIONS = PublishOptions()
 
 
-def _publish_args(pubsub: str | bytes, body: bytes, options: PublishOptions) -> tuple[object, ...]:
+def _publish_args(
+    pubsub: str | bytes, body: bytes, options: PublishOptions, command: str
+) -> tuple[object, ...]:
     """ARGV of the publish script (see scripts.PUBLISH)."""
     return (
         pubsub,
@@ -44,6 +53,7 @@ def _publish_args(pubsub: str | bytes, body: bytes, options: PublishOptions) -> 
         _ms(options.history_ttl_seconds),
         _ms(options.history_meta_ttl_seconds),
         new_epoch(),
+        command,
     )
 
 
@@ -67,34 +77,58 @@ class RedisBroker:
         ping_interval_seconds: float = 5.0,
         reconnect_max_delay_seconds: float = 2.0,
         max_connections_per_shard: int = 32,
+        cluster: bool = False,
+        sharded_pubsub: bool | None = None,
     ) -> None:
         """`urls`: redis:// URLs (or one comma-separated string), the same list in the
-        same order on every node. `ping_interval_seconds`: an idle pub/sub connection
+        same order on every node; with `cluster`, seed nodes of one Redis Cluster
+        (cluster.py). `sharded_pubsub`: on a cluster, SPUBLISH/SSUBSCRIBE (None: when
+        the server has them, Redis >= 7). `ping_interval_seconds`: an idle pub/sub connection
         is pinged after this long, and dropped when a second interval passes unanswered.
         `max_connections_per_shard`: command connections; more concurrent calls wait.
         """
         self._prefix = check_prefix(prefix)
         self._pubsub_prefix = pubsub_prefix(prefix)
         timeouts = Timeouts(socket_timeout_seconds, connect_timeout_seconds)
-        self._shards = Shards(urls, timeouts, max_connections_per_shard)
-        self._listeners = [
+        self._cluster: ClusterShards | None = None
+        self._cluster_listeners: ClusterListeners | None = None
+        self._sharded_choice = sharded_pubsub
+        self._ping_interval = ping_interval_seconds
+        self._max_delay = reconnect_max_delay_seconds
+        # SPUBLISH/SSUBSCRIBE and tagged pub/sub names (decided at start on a cluster).
+        self._sharded = False
+        self._publish_command = "PUBLISH"
+        if cluster:
+            self._cluster = ClusterShards(urls, timeouts, max_connections_per_shard)
+            self._shards: Shards = self._cluster
+            self._listeners: list[ShardListener] = []
+        else:
+            self._shards = Shards(urls, timeouts, max_connections_per_shard)
+            self._listeners = self._shard_listeners(timeouts)
+        self._handler: BrokerEventHandler | None = None
+        self._subscribed: set[str] = set()
+        self._closed = False
+
+    def _shard_listeners(self, timeouts: Timeouts) -> list[ShardListener]:
+        return [
             ShardListener(
                 make_pool(url, timeouts),
                 self._on_message,
                 name=f"redis-pubsub-{index}",
                 confirm_timeout_seconds=timeouts.deadline,
-                ping_interval_seconds=ping_interval_seconds,
-                max_delay_seconds=reconnect_max_delay_seconds,
+                ping_interval_seconds=self._ping_interval,
+                max_delay_seconds=self._max_delay,
             )
             for index, url in enumerate(self._shards.urls)
         ]
-        self._handler: BrokerEventHandler | None = None
-        self._subscribed: set[str] = set()
-        self._closed = False
 
     @property
     def healthy(self) -> bool:
         """Every shard's pub/sub connection is up and subscribed (for readiness)."""
+        if self._cluster_listeners is not None:
+            return not self._closed and self._cluster_listeners.healthy
+        if self._cluster is not None:
+            return False  # not started
         return not self._closed and all(listener.healthy for listener in self._listeners)
 
     async def ping(self) -> bool:
@@ -106,8 +140,24 @@ class RedisBroker:
 
     async def start(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
+        if self._cluster is not None:
+            sharded = self._sharded_choice
+            if sharded is None:
+                sharded = await self._cluster.supports_sharded_pubsub()
+            self._sharded = sharded
+            self._publish_command = "SPUBLISH" if sharded else "PUBLISH"
+            self._cluster_listeners = ClusterListeners(
+                self._cluster,
+                self._on_message,
+                sharded=sharded,
+                ping_interval_seconds=self._ping_interval,
+                max_delay_seconds=self._max_delay,
+            )
         for listener in self._listeners:
             listener.start()
+
+    def _keys(self, channel: str) -> ChannelKeys:
+        return channel_keys(self._prefix, channel, sharded_pubsub=self._sharded)
 
     async def close(self) -> None:
         if self._closed:
@@ -117,23 +167,27 @@ class RedisBroker:
         self._subscribed.clear()
         for listener in self._listeners:
             await listener.close()
+        if self._cluster_listeners is not None:
+            await self._cluster_listeners.close()
         await self._shards.close()
 
     async def publish(
         self, channel: str, pub: Publication, options: PublishOptions
     ) -> StreamPosition:
         self._check_open()
-        keys = channel_keys(self._prefix, channel)
+        keys = self._keys(channel)
         client = self._shards.client(channel)
         body = wire.encode_body(pub)
         if options.history_size <= 0 or options.history_ttl_seconds <= 0:
-            await self._shards.call(client, "PUBLISH", keys.pubsub, wire.publication_message(body))
+            await self._shards.call(
+                client, self._publish_command, keys.pubsub, wire.publication_message(body)
+            )
             return StreamPosition(0, "")
         reply = await self._shards.run(
             client,
             scripts.PUBLISH,
             (keys.meta, keys.history),
-            *_publish_args(keys.pubsub, body, options),
+            *_publish_args(keys.pubsub, body, options, self._publish_command),
         )
         return _position(reply)
 
@@ -167,12 +221,13 @@ class RedisBroker:
         commands: list[tuple[object, ...]] = []
         for index in indexes:
             channel, pub, options = items[index]
-            keys = channel_keys(self._prefix, channel)
+            keys = self._keys(channel)
             body = wire.encode_body(pub)
             if options.history_size <= 0 or options.history_ttl_seconds <= 0:
-                commands.append(("PUBLISH", keys.pubsub, wire.publication_message(body)))
+                message = wire.publication_message(body)
+                commands.append((self._publish_command, keys.pubsub, message))
             else:
-                args = _publish_args(keys.pubsub, body, options)
+                args = _publish_args(keys.pubsub, body, options, self._publish_command)
                 commands.append(("EVALSHA", scripts.PUBLISH.sha, 2, keys.meta, keys.history, *args))
         try:
             replies = await self._shards.pipeline(
@@ -185,7 +240,7 @@ class RedisBroker:
         for index, command, reply in zip(indexes, commands, replies, strict=True):
             if isinstance(reply, Exception):
                 results[index] = BrokerUnavailable(f"redis: {reply}")
-            elif command[0] == "PUBLISH":
+            elif command[0] == self._publish_command:
                 results[index] = StreamPosition(0, "")
             else:
                 results[index] = _position(reply)
@@ -198,15 +253,20 @@ class RedisBroker:
 
     async def _publish_presence(self, channel: str, join: bool, info: ClientInfo) -> None:
         self._check_open()
-        keys = channel_keys(self._prefix, channel)
+        keys = self._keys(channel)
         message = wire.presence_message(join, info)
-        await self._shards.call(self._shards.client(channel), "PUBLISH", keys.pubsub, message)
+        await self._shards.call(
+            self._shards.client(channel), self._publish_command, keys.pubsub, message
+        )
 
     async def subscribe(self, channel: str) -> None:
         self._check_open()
         self._subscribed.add(channel)
         try:
-            await self._listener(channel).subscribe(channel_keys(self._prefix, channel).pubsub)
+            if self._cluster_listeners is not None:
+                await self._cluster_listeners.subscribe(self._keys(channel).pubsub)
+            else:
+                await self._listener(channel).subscribe(self._keys(channel).pubsub)
         except BaseException:
             self._subscribed.discard(channel)
             raise
@@ -214,8 +274,12 @@ class RedisBroker:
     async def unsubscribe(self, channel: str) -> None:
         # Messages already on their way are dropped by the local check in _on_message.
         self._subscribed.discard(channel)
-        if not self._closed:
-            await self._listener(channel).unsubscribe(channel_keys(self._prefix, channel).pubsub)
+        if self._closed:
+            return
+        if self._cluster_listeners is not None:
+            await self._cluster_listeners.unsubscribe(self._keys(channel).pubsub)
+        else:
+            await self._listener(channel).unsubscribe(self._keys(channel).pubsub)
 
     async def history(
         self,
@@ -227,7 +291,7 @@ class RedisBroker:
         options: PublishOptions | None = None,
     ) -> HistoryResult:
         self._check_open()
-        keys = channel_keys(self._prefix, channel)
+        keys = self._keys(channel)
         meta_ttl = (options or _DEFAULT_OPTIONS).history_meta_ttl_seconds
         reply = await self._shards.run(
             self._shards.client(channel),
@@ -247,7 +311,7 @@ class RedisBroker:
 
     async def remove_history(self, channel: str) -> None:
         self._check_open()
-        keys = channel_keys(self._prefix, channel)
+        keys = self._keys(channel)
         await self._shards.call(self._shards.client(channel), "DEL", keys.meta, keys.history)
 
     def _listener(self, channel: str) -> ShardListener:
@@ -261,8 +325,9 @@ class RedisBroker:
         handler = self._handler
         if handler is None or not name.startswith(self._pubsub_prefix):
             return
-        channel = name[len(self._pubsub_prefix) :].decode()
-        if channel not in self._subscribed:
+        suffix = name[len(self._pubsub_prefix) :]
+        channel = channel_of_sharded(suffix) if self._sharded else suffix.decode()
+        if channel is None or channel not in self._subscribed:
             return
         message = wire.decode_message(payload)
         if isinstance(message, wire.PresenceMessage):

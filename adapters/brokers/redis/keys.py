@@ -67,16 +67,32 @@ class ChannelKeys:
     pubsub: bytes
 
 
-def channel_keys(prefix: str, channel: str) -> ChannelKeys:
-    base = f"{prefix}:{{{_tag(channel)}}}"
+def channel_keys(prefix: str, channel: str, *, sharded_pubsub: bool = False) -> ChannelKeys:
+    """`sharded_pubsub`: the pub/sub name carries the channel's hash tag too, so it
+    lives in the slot of the keys (Redis Cluster's SPUBLISH from the publish script
+    and SSUBSCRIBE on the slot's master need that)."""
+    tag = _tag(channel)
+    base = f"{prefix}:{{{tag}}}"
+    if sharded_pubsub:
+        pubsub = pubsub_prefix(prefix) + f"{{{tag}}}".encode()
+    else:
+        pubsub = pubsub_prefix(prefix) + channel.encode()
     return ChannelKeys(
         meta=f"{base}:meta",
         history=f"{base}:hist",
         presence=f"{base}:pres",
         presence_expiry=f"{base}:pexp",
         presence_users=f"{base}:puser",
-        pubsub=pubsub_prefix(prefix) + channel.encode(),
+        pubsub=pubsub,
     )
+
+
+def channel_of_sharded(suffix: bytes) -> str | None:
+    """The channel of a sharded pub/sub name's suffix ("{<tag>}"), or None."""
+    if len(suffix) < 2 or suffix[:1] != b"{" or suffix[-1:] != b"}":
+        return None
+    text = suffix[1:-1].decode()
+    return text.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
 
 
 def pubsub_prefix(prefix: str) -> bytes:

@@ -5,6 +5,11 @@ handing each message to a plain callback on the event loop. Any error (Redis kil
 restarted, unanswered PING) drops the connection; the task reconnects with jittered
 exponential backoff and subscribes again. Publications made in between are not
 replayed: subscribers see the gap by offset and recover from history.
+
+Sharded mode (Redis Cluster): SSUBSCRIBE, one name per command (a command's names
+must share a slot), `on_lost` when the connection fails and `on_moved` when the
+server drops a subscription because its slot moved, so the cluster router can
+look the owner up again (see cluster.py).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class ShardListener:
         confirm_timeout_seconds: float,
         ping_interval_seconds: float,
         max_delay_seconds: float,
+        sharded: bool = False,
+        on_lost: Callable[[], None] | None = None,
+        on_moved: Callable[[bytes], None] | None = None,
     ) -> None:
         # Only its settings are used: each (re)connect makes one fresh connection.
         self._pool = pool
@@ -46,6 +54,13 @@ class ShardListener:
         self._confirm_timeout = confirm_timeout_seconds
         self._ping_interval = ping_interval_seconds
         self._max_delay = max_delay_seconds
+        self._sharded = sharded
+        self._subscribe = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
+        self._unsubscribe = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._on_lost = on_lost
+        self._on_moved = on_moved
         # Pub/sub names this node wants; (re)subscribed on every connect.
         self._wanted: set[bytes] = set()
         # Waiters for SUBSCRIBE confirmations, in the order the commands were sent.
@@ -78,7 +93,7 @@ class ShardListener:
         waiters.append(waiter)
         try:
             # Not connected: the task subscribes everything wanted once it is.
-            await self._send("SUBSCRIBE", name)
+            await self._send(self._subscribe, name)
             async with asyncio.timeout(self._confirm_timeout):
                 await waiter
         except TimeoutError:
@@ -92,7 +107,16 @@ class ShardListener:
 
     async def unsubscribe(self, name: bytes) -> None:
         self._wanted.discard(name)
-        await self._send("UNSUBSCRIBE", name)
+        await self._send(self._unsubscribe, name)
+
+    async def want(self, name: bytes) -> None:
+        """Subscribe without waiting for the confirmation (a channel moved here)."""
+        self._wanted.add(name)
+        await self._send(self._subscribe, name)
+
+    @property
+    def wanted(self) -> frozenset[bytes]:
+        return frozenset(self._wanted)
 
     async def _send(self, *args: bytes | str) -> None:
         conn = self._conn
@@ -115,8 +139,11 @@ class ShardListener:
                 await connect()
                 self._conn = conn
                 # Taken after _conn is set: a later subscribe() sends its own SUBSCRIBE.
-                if self._wanted:
-                    await conn.send_command("SUBSCRIBE", *self._wanted, check_health=False)
+                if self._wanted and self._sharded:
+                    for name in list(self._wanted):
+                        await conn.send_command(self._subscribe, name, check_health=False)
+                elif self._wanted:
+                    await conn.send_command(self._subscribe, *self._wanted, check_health=False)
                 # Its PONG follows every confirmation: then the node is fully subscribed.
                 await conn.send_command("PING", check_health=False)
                 await self._read(conn)
@@ -124,6 +151,8 @@ class ShardListener:
                 if self.healthy:
                     log.warning("pub/sub connection lost: %s", error, extra={"shard": self._name})
                 delay = _FIRST_DELAY_SECONDS if self.healthy else min(delay * 2, self._max_delay)
+                if self._on_lost is not None:
+                    self._on_lost()
             finally:
                 self.healthy = False
                 self._conn = None
@@ -143,10 +172,15 @@ class ShardListener:
             ping_outstanding = False
             if isinstance(response, list) and len(response) == 3:
                 kind, name, payload = response
-                if kind == b"message":
+                if kind == self._message_kind:
                     self._dispatch(name, payload)
-                elif kind == b"subscribe":
+                elif kind == self._confirm_kind:
                     self._confirm(name)
+                elif kind == b"sunsubscribe" and name in self._wanted:
+                    # Not asked for: the slot moved to another master.
+                    self._wanted.discard(name)
+                    if self._on_moved is not None:
+                        self._on_moved(name)
             elif response == b"PONG" or (isinstance(response, list) and response[0] == b"pong"):
                 self.healthy = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from adapters.brokers.redis import scripts, wire
+from adapters.brokers.redis.cluster import ClusterShards
 from adapters.brokers.redis.keys import channel_keys, check_prefix
 from adapters.brokers.redis.shards import Shards, Timeouts
 from shim.broker import ClientInfo, PresenceStats
@@ -25,15 +26,20 @@ class RedisPresenceManager:
         socket_timeout_seconds: float = 3.0,
         connect_timeout_seconds: float = 2.0,
         max_connections_per_shard: int = 16,
+        cluster: bool = False,
     ) -> None:
-        """`urls` and `prefix` as given to RedisBroker, so a channel's presence lives on
-        the shard of its history."""
+        """`urls`, `prefix` and `cluster` as given to RedisBroker, so a channel's
+        presence lives on the shard (or in the cluster slot) of its history."""
         if presence_ttl_seconds <= 0:
             raise ValueError("presence_ttl_seconds must be positive")
         self._prefix = check_prefix(prefix)
         self._ttl_ms = max(1, round(presence_ttl_seconds * 1000))
         timeouts = Timeouts(socket_timeout_seconds, connect_timeout_seconds)
-        self._shards = Shards(urls, timeouts, max_connections_per_shard)
+        self._shards = (
+            ClusterShards(urls, timeouts, max_connections_per_shard)
+            if cluster
+            else Shards(urls, timeouts, max_connections_per_shard)
+        )
 
     async def close(self) -> None:
         await self._shards.close()

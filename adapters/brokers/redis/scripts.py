@@ -25,7 +25,8 @@ class Script:
 
 
 # KEYS: meta, history. ARGV: pubsub name, body, history size, history ttl ms,
-# meta ttl ms (<= 0: no expiry), epoch to use if the stream is new.
+# meta ttl ms (<= 0: no expiry), epoch to use if the stream is new, and optionally
+# the publish command (SPUBLISH on a Redis Cluster with sharded pub/sub; PUBLISH).
 # Returns {offset, epoch}. Entry: "<expires_at_ms>:<offset>:<body>";
 # message: "p<offset>:<epoch>\n<body>" (see wire.py).
 PUBLISH = Script(
@@ -56,7 +57,7 @@ while true do
   redis.call('LPOP', history)
 end
 if redis.call('PTTL', history) < ttl then redis.call('PEXPIRE', history, ttl) end
-redis.call('PUBLISH', ARGV[1], string.format('p%d:', offset) .. epoch .. '\\n' .. ARGV[2])
+redis.call(ARGV[7] or 'PUBLISH', ARGV[1], string.format('p%d:', offset) .. epoch .. '\\n' .. ARGV[2])
 return {offset, epoch}
 """
 )

@@ -105,11 +105,14 @@ class Shards:
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in scripts:
-                await self.call(client, "SCRIPT", "LOAD", script.source)
+                await self.load_script(client, script)
             retried = await self._pipeline_once(client, [commands[i] for i in missing])
             for index, reply in zip(missing, retried, strict=True):
                 replies[index] = reply
         return replies
+
+    async def load_script(self, client: Redis, script: Script) -> None:
+        await self.call(client, "SCRIPT", "LOAD", script.source)
 
     async def _pipeline_once(self, client: Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         try:

@@ -1,0 +1,94 @@
+"""The Redis engine on a real Redis Cluster (three masters, three replicas, started
+by the test): real `dex-shim serve` nodes with `redis_cluster` on, the official
+Python SDK as the client, and a master failing over while the backend publishes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from adapters.brokers.redis.keys import channel_keys
+from tests.integration.test_multinode import (
+    Publisher,
+    connected_subscription,
+    delivered,
+    numbers,
+    shut,
+    silently_missing,
+)
+from tests.multinode import start_nodes
+from tests.redis_cluster import RedisClusterProcesses
+
+pytestmark = pytest.mark.redis
+
+CLUSTER = {"redis_cluster": "true"}
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisClusterProcesses]:
+    with RedisClusterProcesses() as processes:
+        yield processes
+
+
+async def test_nodes_on_a_cluster_deliver_through_sharded_pubsub(
+    cluster: RedisClusterProcesses,
+) -> None:
+    async with start_nodes(2, cluster.seed_urls, settings=CLUSTER) as (a, b):
+        client, events = await connected_subscription(a.ws_url, a.token("alice"), "task:sharded")
+        try:
+            response = await b.broadcast(
+                {"type": "task.updated", "payload": {"task_id": "sharded", "n": 1}}
+            )
+            assert response.status_code == 200, response.text
+            await delivered(events, 1)
+            # Node A holds a sharded subscription on the master of the channel's slot,
+            # and no classic one anywhere.
+            name = channel_keys("dex", "task:sharded", sharded_pubsub=True).pubsub.decode()
+            owner = cluster.master_of_key(name)
+            assert cluster.cli(owner, "PUBSUB", "SHARDNUMSUB", name).split() == [name, "1"]
+            for port in cluster.masters():
+                assert cluster.cli(port, "PUBSUB", "CHANNELS", "dex:pub:*").strip() == ""
+            # History lives in the cluster too.
+            history = await client.get_subscription("task:sharded").history(limit=10)
+            assert [p.data["n"] for p in history.publications] == [1]
+        finally:
+            await shut(client)
+
+
+async def test_subscribers_recover_across_a_master_failover_during_publishing(
+    cluster: RedisClusterProcesses,
+) -> None:
+    async with start_nodes(2, cluster.seed_urls, settings=CLUSTER) as (a, b):
+        client, events = await connected_subscription(a.ws_url, a.token("watcher"), "task:fo")
+        publisher = Publisher(b, "fo", interval=0.02)
+        try:
+            publisher.start()
+            await publisher.wait_for(15)
+            master = cluster.master_of_key(channel_keys("dex", "task:fo").meta)
+            promoted = await asyncio.to_thread(cluster.failover, master)
+            await asyncio.to_thread(cluster.wait_ok)
+            assert cluster.master_of_key(channel_keys("dex", "task:fo").meta) == promoted
+            failed_over_at = len(publisher.outcomes)
+            # Publishing goes on through the new master, and node A hears it there.
+            await publisher.wait_for(20, timeout=20)
+            await delivered(events, failed_over_at + 10, timeout=20)
+            # Node A's subscription followed the slot to the promoted master.
+            name = channel_keys("dex", "task:fo", sharded_pubsub=True).pubsub.decode()
+            assert cluster.cli(promoted, "PUBSUB", "SHARDNUMSUB", name).split() == [name, "1"]
+            assert cluster.cli(master, "PUBSUB", "SHARDNUMSUB", name).split() == [name, "0"]
+            await publisher.stop()
+            await delivered(events, publisher.acked[-1], timeout=20)
+        finally:
+            await publisher.stop()
+            await shut(client)
+
+    for outcome in publisher.refused:  # a refusal accepted nothing, and says so
+        assert outcome.status == 503, outcome
+        assert outcome.body["accepted"] == 0, outcome
+    got = numbers(events)
+    assert got == sorted(set(got)), "duplicates or disorder"
+    # A planned failover loses nothing: every acknowledged publication arrived.
+    assert silently_missing(events, publisher.acked) == []
+    assert set(publisher.acked) <= set(got)
