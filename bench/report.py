@@ -18,6 +18,7 @@ LABELS = {
     "centrifuge": "Go Centrifuge 0.15 (the anchor, protocol v1)",
     "channel": "shim, channel protocol",
     "legacy": "shim, legacy protocol",
+    "delay10": "shim, channel protocol, client_write_delay 10 ms",
     "redis1": "shim, 1 node over Redis (channel protocol)",
     "redis2": "shim, 2 nodes over Redis (channel protocol)",
     "workers2": "shim, serve --workers 2 over Redis (channel protocol)",

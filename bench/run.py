@@ -95,7 +95,7 @@ def loadgen_args(binary: Path, system: str, case: Case, plan: Plan, target: Runn
     sustained = case.sustained
     return [
         str(binary),
-        f"-system={'channel' if system.startswith(('redis', 'workers')) else system}",
+        f"-system={'channel' if system.startswith(('redis', 'workers', 'delay')) else system}",
         f"-sub-urls={','.join(target.sub_urls)}",
         f"-pub-url={target.pub_url}",
         f"-api-key={target.api_key}",

@@ -228,6 +228,16 @@ def _start(
             keys.api_key,
             [proc.pid],
         )
+    if system == "delay10":
+        extra = {"DEX_SHIM_CLIENT_WRITE_DELAY_SECONDS": "0.01"}
+        proc, port = _spawn(_shim_command(), _shim_env(keys, workdir, extra), log)
+        procs.append(proc)
+        return Running(
+            [f"ws://127.0.0.1:{port}/connection/websocket"],
+            f"http://127.0.0.1:{port}/api/v1/broadcast",
+            keys.api_key,
+            [proc.pid],
+        )
     if system == "workers2":
         redis, redis_port = _start_redis(workdir)
         procs.append(redis)

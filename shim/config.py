@@ -26,6 +26,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 MIN_KEY_BYTES = 32
 
 
+# Longest coalescing delay allowed: a bound on the latency it adds.
+MAX_WRITE_DELAY_SECONDS = 0.5
+
+
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the setting."""
 
@@ -164,6 +168,12 @@ class Settings:
     # Largest server frame built by joining queued messages, in bytes (the Python SDK
     # refuses frames over 1 MiB).
     websocket_max_frame_bytes: int = 512 * 1024
+    # Seconds the node waits, after the first message queued for idle sockets, before
+    # writing (Centrifugo's client_write_delay): publications arriving meanwhile leave
+    # in the same write (one frame for the channel protocol, several frames for the
+    # legacy one), trading that much latency for fewer syscalls under sustained load.
+    # 0 (the default): write in the same event-loop iteration. At most 0.5.
+    client_write_delay_seconds: float = 0.0
     # Negotiate permessage-deflate when the client offers it (costs memory and CPU per client).
     websocket_compression: bool = False
     # Seconds between server pings (Centrifuge app-level `{}`); 0 disables pings.
@@ -491,6 +501,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("presence_refresh_seconds: must be below presence_ttl_seconds")
     if settings.client_queue_max_size_bytes < 1024:
         raise ConfigError("client_queue_max_size_bytes: must be at least 1024")
+    if not 0 <= settings.client_write_delay_seconds <= MAX_WRITE_DELAY_SECONDS:
+        raise ConfigError(
+            f"client_write_delay_seconds: must be within 0..{MAX_WRITE_DELAY_SECONDS}"
+        )
     if settings.websocket_max_frame_bytes > 1024 * 1024:
         raise ConfigError("websocket_max_frame_bytes: must stay under 1 MiB for the Python SDK")
     for name in ("api_key", "admin_api_key"):

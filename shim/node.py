@@ -143,7 +143,7 @@ class Node:
         self._background: set[asyncio.Task[None]] = set()
         self.counters = NodeCounters()
         # Writes queued messages straight to idle sockets once per loop iteration.
-        self.flusher = Flusher()
+        self.flusher = Flusher(settings.client_write_delay_seconds)
         self.observer: Observer = _NoObserver()
         # Connections per user id on this node (client_user_connection_limit).
         self.user_connections: dict[str, int] = {}

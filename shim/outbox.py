@@ -29,14 +29,19 @@ class Flusher:
     socket has nothing pending gets its messages written straight away, as frames
     built from the shared bytes, with no task switch; the others get (or keep)
     their writer task. Everything queued in the same iteration (a burst) leaves in
-    one write."""
+    one write.
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    With a `delay` (client_write_delay_seconds) the flush runs that long after the
+    first message instead: single publications arriving at a sustained rate then
+    share writes too. One timer per node, none per connection."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_delay", "_dirty", "_loop", "_scheduled")
+
+    def __init__(self, delay: float = 0.0) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._delay = delay
 
     def mark(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
@@ -44,7 +49,10 @@ class Flusher:
             self._scheduled = True
             loop = self._loop or asyncio.get_running_loop()
             self._loop = loop
-            loop.call_soon(self._flush)
+            if self._delay > 0:
+                loop.call_later(self._delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False

@@ -3,6 +3,8 @@ hypercorn (compressed) when permessage-deflate was negotiated; clients see the s
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -45,3 +47,33 @@ async def test_frames_reach_the_client_either_way(
                 orjson.loads(line)["push"]["pub"]["data"]["n"] for line in frame.split("\n")
             ]
         assert received == [0, 1, 2]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4])
+async def test_a_write_delay_puts_paced_publications_in_one_frame(
+    signing_keys: tuple[str, str], delay: float
+) -> None:
+    """Three single-event POSTs 10 ms apart: with client_write_delay_seconds they reach
+    a channel-protocol client as one frame of three pushes; without it, as three."""
+    async with (
+        run_server(signing_keys, client_write_delay_seconds=delay) as server,
+        connect(server.ws_url, compression=None) as ws,
+    ):
+        await ws.send(orjson.dumps({"id": 1, "connect": {"token": server.token("w")}}).decode())
+        await ws.recv()
+        await ws.send(orjson.dumps({"id": 2, "subscribe": {"channel": "task:w"}}).decode())
+        await ws.recv()
+        for n in range(3):
+            response = await server.broadcast(
+                {"type": "task.updated", "payload": {"task_id": "w", "n": n}}
+            )
+            assert response.status_code == 200
+            await asyncio.sleep(0.01)
+        frames: list[list[int]] = []
+        while sum(map(len, frames)) < 3:
+            frame = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(frame, str)
+            frames.append(
+                [orjson.loads(line)["push"]["pub"]["data"]["n"] for line in frame.split("\n")]
+            )
+    assert frames == ([[0, 1, 2]] if delay else [[0], [1], [2]])

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 
-from shim.outbox import Outbox
+import pytest
+
+from shim.outbox import Flusher, Outbox
 
 
 async def _discard(_frame: bytes) -> None:
@@ -108,3 +110,63 @@ async def test_a_failed_socket_write_ends_the_queue() -> None:
     outbox.push(b"x")
     await asyncio.wait_for(outbox.flushed(timeout=1), 1)
     assert outbox.closed and outbox.size == 0
+
+
+class RecordingSocket:
+    """The direct-write side of an idle socket: every write() is one syscall's bytes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def idle(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """Payloads of the unmasked server text frames in `data` (short payloads only)."""
+    out = []
+    while data:
+        assert data[0] == 0x81 and data[1] < 126
+        size = data[1]
+        out.append(data[2 : 2 + size])
+        data = data[2 + size :]
+    return out
+
+
+async def _paced_pushes(outbox: Outbox, messages: list[bytes], gap: float) -> None:
+    for message in messages:
+        assert outbox.push(message)
+        await asyncio.sleep(gap)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+async def test_a_write_delay_sends_publications_of_the_window_in_one_write(joined: bool) -> None:
+    socket = RecordingSocket()
+    flusher = Flusher(delay=0.2)
+    outbox = Outbox(1 << 20, _never_send, flusher=flusher, direct=socket, joined=joined)  # type: ignore[arg-type]
+
+    await _paced_pushes(outbox, [b'{"n":1}', b'{"n":2}', b'{"n":3}'], gap=0.01)
+    assert socket.writes == []  # still inside the window
+    await asyncio.sleep(0.3)
+
+    assert len(socket.writes) == 1
+    if joined:  # the channel protocol: one frame, newline-separated replies
+        assert _frames(socket.writes[0]) == [b'{"n":1}\n{"n":2}\n{"n":3}']
+    else:  # the legacy protocol: one JSON object per frame, all frames in one write
+        assert _frames(socket.writes[0]) == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+
+
+async def test_without_a_write_delay_each_paced_publication_is_its_own_write() -> None:
+    socket = RecordingSocket()
+    outbox = Outbox(1 << 20, _never_send, flusher=Flusher(), direct=socket)  # type: ignore[arg-type]
+
+    await _paced_pushes(outbox, [b'{"n":1}', b'{"n":2}'], gap=0.01)
+
+    assert [_frames(w) for w in socket.writes] == [[b'{"n":1}'], [b'{"n":2}']]
+
+
+async def _never_send(_payload: bytes) -> None:
+    raise AssertionError("an idle socket is written directly, not through the writer")
