@@ -62,6 +62,8 @@ class NamespaceOptions:
     allow_history_for_subscriber: bool = True
     # Subscribers may call presence/presence_stats on the channel.
     allow_presence_for_subscriber: bool = True
+    # Delta formats a subscriber may ask for (`delta` in subscribe): only "fossil" exists.
+    allowed_delta_types: tuple[str, ...] = ()
 
     @property
     def history_enabled(self) -> bool:
@@ -387,6 +389,22 @@ def _coerce(name: str, type_name: str, raw: Any) -> Any:
         raise ConfigError(f"{name}: expected {type_name}, got {raw!r}") from exc
 
 
+# Namespace options holding a list of strings (TOML array, JSON array or "a,b").
+_LIST_OPTIONS = frozenset({"allowed_delta_types"})
+_DELTA_TYPES = frozenset({"fossil"})
+
+
+def _string_tuple(name: str, raw: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{name}: expected a list of strings, got {raw!r}")
+    values = tuple(i.strip() for i in items if i.strip())
+    unknown = set(values) - _DELTA_TYPES
+    if unknown:
+        raise ConfigError(f"{name}: unknown delta types {sorted(unknown)} (only 'fossil')")
+    return values
+
+
 def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
     if not isinstance(raw, Mapping):
         raise ConfigError("namespaces: expected a table of tables")
@@ -399,8 +417,10 @@ def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"namespaces.{name}: unknown keys {sorted(unknown)}")
-        values = {
-            key: _coerce(f"namespaces.{name}.{key}", hints[key].__name__, value)
+        values: dict[str, Any] = {
+            key: _string_tuple(f"namespaces.{name}.{key}", value)
+            if key in _LIST_OPTIONS
+            else _coerce(f"namespaces.{name}.{key}", hints[key].__name__, value)
             for key, value in options.items()
         }
         result[str(name)] = NamespaceOptions(**values)

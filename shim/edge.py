@@ -22,7 +22,7 @@ from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
 from shim.hypercorn_compat import CLOSE_REQUESTED, DirectWrite
 from shim.lean import LeanQueue
 from shim.outbox import Outbox
-from shim.wsframe import text_frame_header
+from shim.wsframe import binary_frame_header, text_frame_header
 
 log = logging.getLogger("shim.edge")
 
@@ -45,15 +45,19 @@ class SocketPump:
     """One connection's reads, in the task hypercorn runs the app in (no reader
     task of its own), and its close. Writes belong to the outbox."""
 
-    __slots__ = ("_closing", "_queue", "_send", "close_code", "close_reason", "direct")
+    __slots__ = ("_closing", "_queue", "_send", "binary", "close_code", "close_reason", "direct")
 
     def __init__(
         self,
         send: ASGISend,
         receive_queue: LeanQueue[dict[str, Any]],
         direct: DirectWrite | None = None,
+        *,
+        binary: bool = False,
     ) -> None:
         self._send = send
+        # Frames are binary (Centrifuge Protobuf) rather than text.
+        self.binary = binary
         # Filled in by hypercorn at accept when direct writes are possible.
         self.direct = direct or DirectWrite()
         # hypercorn's receive queue for this connection (our hook puts it in the
@@ -99,16 +103,20 @@ class SocketPump:
             self._queue.interrupt(CLOSE_REQUESTED)
 
     async def send_frame(self, payload: bytes) -> None:
-        """One text frame. Straight to the transport when hypercorn lets us (one
-        write, plus a drain only when the socket's buffer is full), else through
-        ASGI, which wants the text as str."""
+        """One text (or binary) frame. Straight to the transport when hypercorn lets
+        us (one write, plus a drain only when the socket's buffer is full), else
+        through ASGI, which wants text as str."""
         direct = self.direct
         if direct.usable():
-            direct.write(text_frame_header(len(payload)) + payload)
+            header = binary_frame_header if self.binary else text_frame_header
+            direct.write(header(len(payload)) + payload)
             writer = direct.writer
             assert writer is not None
             if writer.transport.get_write_buffer_size() > DIRECT_WRITE_HIGH_WATER:
                 await writer.drain()
+            return
+        if self.binary:
+            await self._send({"type": "websocket.send", "bytes": payload})
             return
         await self._send({"type": "websocket.send", "text": payload.decode()})
 

@@ -28,7 +28,7 @@ from shim.broker import (
     PublishOptions,
     StreamPosition,
 )
-from shim.centrifuge import codec
+from shim.centrifuge.fanout import PreparedControl, PreparedPublication
 from shim.config import NamespaceOptions, Settings
 from shim.limits import ChannelRates
 from shim.outbox import Flusher
@@ -40,10 +40,12 @@ class ChannelSubscriber(Protocol):
     """A Centrifuge client's subscription to one channel."""
 
     join_leave: bool
+    # Wants fossil deltas: the channel then remembers its last publication.
+    delta: bool
 
-    def deliver(self, pub: Publication, epoch: str, push: bytes) -> None: ...
+    def deliver(self, pub: Publication, epoch: str, prepared: PreparedPublication) -> None: ...
 
-    def deliver_control(self, push: bytes) -> None: ...
+    def deliver_control(self, control: PreparedControl) -> None: ...
 
 
 class LegacySubscriber(Protocol):
@@ -105,7 +107,7 @@ class _NoObserver:
 
 
 class _Channel:
-    __slots__ = ("legacy", "ready", "subscribers")
+    __slots__ = ("delta_subscribers", "last", "legacy", "ready", "subscribers")
 
     def __init__(self) -> None:
         # The broker subscribe, until it has succeeded (then None: a finished task
@@ -113,6 +115,10 @@ class _Channel:
         self.ready: asyncio.Task[None] | None = None
         self.subscribers: dict[ChannelSubscriber, None] = {}
         self.legacy: dict[LegacySubscriber, None] = {}
+        # The last publication, kept (as the next one's delta base) only while a
+        # subscriber wants deltas.
+        self.delta_subscribers = 0
+        self.last: Publication | None = None
 
     def empty(self) -> bool:
         return not self.subscribers and not self.legacy
@@ -230,6 +236,8 @@ class Node:
     async def attach(self, channel: str, subscriber: ChannelSubscriber) -> None:
         """Deliver `channel` to a Centrifuge subscription from now on."""
         entry = await self._acquire(channel)
+        if subscriber not in entry.subscribers and subscriber.delta:
+            entry.delta_subscribers += 1
         entry.subscribers[subscriber] = None
 
     async def attach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
@@ -259,7 +267,10 @@ class Node:
         """Stop delivering; the broker unsubscribe of an emptied channel runs in the background."""
         entry = self._channels.get(channel)
         if entry is not None:
-            entry.subscribers.pop(subscriber, None)
+            if entry.subscribers.pop(subscriber, False) is None and subscriber.delta:
+                entry.delta_subscribers -= 1
+                if not entry.delta_subscribers:
+                    entry.last = None
             self._release_if_empty(channel, entry)
 
     def detach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
@@ -335,10 +346,13 @@ class Node:
             return
         counters = self.counters
         if entry.subscribers:
-            push = codec.publication_push(channel, pub)
+            # Encoded lazily, once per wire and delta form, by the first subscriber needing it.
+            prepared = PreparedPublication(channel, pub, entry.last)
+            if entry.delta_subscribers:
+                entry.last = pub
             subscribers = list(entry.subscribers)
             for subscriber in subscribers:
-                subscriber.deliver(pub, epoch, push)
+                subscriber.deliver(pub, epoch, prepared)
             counters.publications["channels"] += 1
             counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is not None:
@@ -353,15 +367,15 @@ class Node:
             self.observer.publish_to_enqueue(max(0.0, time.time() - pub.time_ms / 1000))
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, codec.encode_join_push(channel, info).encode())
+        self._control(channel, PreparedControl(channel, info, join=True))
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, codec.encode_leave_push(channel, info).encode())
+        self._control(channel, PreparedControl(channel, info, join=False))
 
-    def _control(self, channel: str, push: bytes) -> None:
+    def _control(self, channel: str, control: PreparedControl) -> None:
         entry = self._channels.get(channel)
         if entry is None:
             return
         for subscriber in list(entry.subscribers):
             if subscriber.join_leave:
-                subscriber.deliver_control(push)
+                subscriber.deliver_control(control)

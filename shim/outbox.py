@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from shim.hypercorn_compat import DirectWrite
-from shim.wsframe import text_frame_header
+from shim.wsframe import binary_frame_header, text_frame_header
 
 
 class Flusher:
@@ -71,10 +71,12 @@ class Outbox:
         "_direct",
         "_dirty",
         "_flusher",
+        "_header",
         "_items",
         "_joined",
         "_max_frame",
         "_send",
+        "_separator",
         "_size",
         "_writer",
         "frames_sent",
@@ -89,6 +91,7 @@ class Outbox:
         flusher: Flusher | None = None,
         direct: DirectWrite | None = None,
         joined: bool = True,
+        binary: bool = False,
         max_frame_bytes: int = 512 * 1024,
     ) -> None:
         self._cap = cap_bytes
@@ -102,8 +105,12 @@ class Outbox:
         self._flusher = flusher
         self._direct = direct
         self._dirty = False
-        # Several messages per frame (Centrifuge JSON) or one each (legacy hub).
+        # Several messages per frame (Centrifuge) or one each (legacy hub).
         self._joined = joined
+        # Centrifuge Protobuf: binary frames of length-prefixed messages, put side by
+        # side; JSON: text frames of messages separated by newlines.
+        self._header = binary_frame_header if binary else text_frame_header
+        self._separator = b"" if binary else b"\n"
         self._max_frame = max_frame_bytes
         # Loop time when the writer began its current socket write, 0.0 when idle;
         # the node's ticker compares it with the write timeout.
@@ -150,13 +157,13 @@ class Outbox:
             # The common case at a steady rate: one message, one frame.
             message = items[0]
             self._items, self._size = [], 0
-            direct.write(text_frame_header(len(message)) + message)
+            direct.write(self._header(len(message)) + message)
             self.frames_sent += 1
             return
         frames: list[bytes] = []
         while self._items:
             for payload in self._next_payloads():
-                frames += (text_frame_header(len(payload)), payload)
+                frames += (self._header(len(payload)), payload)
         direct.write(b"".join(frames))
         self.frames_sent += len(frames) // 2
 
@@ -203,7 +210,7 @@ class Outbox:
         batch = self.take(self._max_frame)
         if not self._joined:
             return batch
-        return [batch[0] if len(batch) == 1 else b"\n".join(batch)]
+        return [batch[0] if len(batch) == 1 else self._separator.join(batch)]
 
     def _start_writer(self) -> None:
         if self._writer is None:

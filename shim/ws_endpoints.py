@@ -19,7 +19,7 @@ from adapters.auth.jwt import Credentials, TokenError
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
 from shim import console_credential
-from shim.centrifuge import codec, codes
+from shim.centrifuge import codec, codes, wire
 from shim.centrifuge.session import CentrifugeSession
 from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.hypercorn_compat import (
@@ -95,9 +95,15 @@ async def serve_centrifuge(
     if first["type"] != "websocket.connect":
         return
     direct = _offer_direct_write(scope)
-    # No subprotocol is selected: JSON is the default, and the Python SDK's empty
-    # Sec-WebSocket-Protocol header must not be answered with one it did not offer.
-    await send({"type": "websocket.accept"})
+    # JSON unless Protobuf is asked for; a subprotocol is answered only when offered
+    # (the Python SDK's empty Sec-WebSocket-Protocol header gets none).
+    chosen, subprotocol = wire.select(
+        scope.get("query_string", b""), scope.get("subprotocols") or ()
+    )
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if subprotocol is not None:
+        accept["subprotocol"] = subprotocol
+    await send(accept)
     _forget_request_headers(scope)
     if runtime.shutting_down:
         await _close(send, codes.SHUTDOWN.code, codes.SHUTDOWN.reason)
@@ -106,10 +112,12 @@ async def serve_centrifuge(
     if not runtime.cutover.channels_served:
         # Only the operator console (its credential in the connect) is served in `legacy`.
         first_frame = await _first_frame(receive, runtime.settings.client_stale_close_delay_seconds)
-        if first_frame is None or not _is_console_connect(runtime, first_frame):
+        if first_frame is None or not _is_console_connect(runtime, first_frame, chosen):
             await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
             return
-    await _run_centrifuge(runtime, scope, receive, send, direct, first_frame=first_frame)
+    await _run_centrifuge(
+        runtime, scope, receive, send, direct, first_frame=first_frame, wire_format=chosen
+    )
 
 
 def _offer_direct_write(scope: dict[str, Any]) -> DirectWrite:
@@ -126,9 +134,9 @@ def _forget_request_headers(scope: dict[str, Any]) -> None:
     scope["headers"] = []
 
 
-def _is_console_connect(runtime: Runtime, frame: str | bytes) -> bool:
+def _is_console_connect(runtime: Runtime, frame: str | bytes, chosen: wire.Wire) -> bool:
     try:
-        commands = codec.decode_frame(frame)
+        commands = chosen.decode_frame(frame)
     except codec.ProtocolError:
         return False
     request = commands[0].request if commands else None
@@ -145,18 +153,22 @@ async def _run_centrifuge(
     direct: DirectWrite,
     *,
     first_frame: str | bytes | None,
+    wire_format: wire.Wire = wire.JSON,
 ) -> None:
     settings = runtime.settings
-    pump = SocketPump(send, _receive_queue(scope), direct)
+    pump = SocketPump(send, _receive_queue(scope), direct, binary=wire_format.binary)
     outbox = Outbox(
         settings.client_queue_max_size_bytes,
         pump.send_frame,
         flusher=runtime.node.flusher,
         direct=direct,
         joined=True,
+        binary=wire_format.binary,
         max_frame_bytes=settings.websocket_max_frame_bytes,
     )
-    session = CentrifugeSession(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
+    session = CentrifugeSession(
+        runtime.node, runtime.verifier, runtime.authorizer, pump, outbox, wire_format
+    )
     await _pump(
         runtime, session, pump, receive, outbox, settings.websocket_read_limit_bytes, first_frame
     )

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.pyclient import current_codec
+
 JS_DIR = Path(__file__).resolve().parent / "js"
 DRIVER = JS_DIR / "driver.mjs"
 
@@ -73,6 +75,7 @@ class JsClient:
     opts are startup options passed to the driver as-is (camelCase, as the SDK spells them):
     name, minReconnectDelay, maxReconnectDelay, timeout (ms), maxServerPingDelay, data, debug,
     getToken (False: install no getToken callback, e.g. for anonymous connections).
+    The codec comes from tests.pyclient.use_codec (protobuf: the SDK's protobuf build).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class JsClient:
         startup_timeout: float = 15.0,
         **opts: Any,
     ) -> None:
+        opts.setdefault("protobuf", current_codec() == "protobuf")
         self._options: dict[str, Any] = {"url": url, "token": token, **opts}
         self._startup_timeout = startup_timeout
         self._proc: asyncio.subprocess.Process | None = None

@@ -4,9 +4,12 @@ a way to break a client's connection as the network would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from centrifuge import (
@@ -34,6 +37,69 @@ from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.edge import SocketPump
 
+# The wire formats every SDK-facing test runs in (see `use_codec`).
+CODECS = ("json", "protobuf")
+_codec = "json"
+
+
+@contextlib.contextmanager
+def use_codec(name: str) -> Iterator[None]:
+    """Clients made by new_client in this block speak `name` ("json" or "protobuf")."""
+    global _codec
+    previous, _codec = _codec, name
+    try:
+        yield
+    finally:
+        _codec = previous
+
+
+def current_codec() -> str:
+    return _codec
+
+
+_PAYLOAD_FIELDS = ("data", "conn_info", "chan_info")
+
+
+def json_payloads(value: Any) -> Any:
+    """What a protobuf app does with payloads it receives: its JSON bytes decoded, in
+    place, in contexts and results (publications, client infos, nested ones too), so
+    tests assert the same values in both codecs. JSON-mode values pass unchanged."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            json_payloads(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            json_payloads(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if f.name in _PAYLOAD_FIELDS and isinstance(item, bytes):
+                setattr(value, f.name, json.loads(item) if item else None)
+            else:
+                json_payloads(item)
+    return value
+
+
+class AppClient(Client):  # type: ignore[misc]
+    """centrifuge-python as an app with JSON payloads uses it in protobuf mode: it
+    encodes what it sends to bytes and decodes what it gets back."""
+
+    @staticmethod
+    def _payload(data: Any) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    async def publish(self, channel: str, data: Any, timeout: float | None = None) -> Any:
+        return await super().publish(channel, self._payload(data), timeout=timeout)
+
+    async def rpc(self, method: str, data: Any, timeout: float | None = None) -> Any:
+        return json_payloads(await super().rpc(method, self._payload(data), timeout=timeout))
+
+    async def history(self, *args: Any, **kwargs: Any) -> Any:
+        return json_payloads(await super().history(*args, **kwargs))
+
+    async def presence(self, *args: Any, **kwargs: Any) -> Any:
+        return json_payloads(await super().presence(*args, **kwargs))
+
 
 class Recorder:
     """Keeps (name, ctx) of every event and lets a test wait for one."""
@@ -43,7 +109,7 @@ class Recorder:
         self._changed = asyncio.Event()
 
     def record(self, name: str, ctx: Any) -> None:
-        self.events.append((name, ctx))
+        self.events.append((name, json_payloads(ctx)))
         self._changed.set()
 
     def named(self, name: str) -> list[Any]:
@@ -124,6 +190,11 @@ def new_client(url: str, token: str = "", **options: Any) -> tuple[Client, Clien
     events = ClientEvents()
     options.setdefault("proxy", None)
     options.setdefault("max_reconnect_delay", 0.5)
+    if _codec == "protobuf":
+        options.setdefault("use_protobuf", True)
+        if "data" in options and not isinstance(options["data"], bytes):
+            options["data"] = AppClient._payload(options["data"])
+        return AppClient(url, events=events, token=token, **options), events
     client = Client(url, events=events, token=token, **options)
     return client, events
 

@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import orjson
+
 from adapters.auth.jwt import Credentials, TokenError, TokenVerifier
 from shim import __version__, console_credential
 from shim.broker import (
@@ -43,6 +45,8 @@ from shim.centrifuge.codec import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
+from shim.centrifuge.fanout import PreparedControl, PreparedPublication
+from shim.centrifuge.wire import JSON, Wire
 from shim.config import NamespaceOptions
 from shim.limits import TokenBucket, Verdict
 from shim.node import Node
@@ -67,6 +71,8 @@ _COMMAND_NAMES: dict[type, str] = {
 
 # SubscribeRequest.flag bit: the client prefers error 112 over recovered=false.
 FLAG_REJECT_UNRECOVERED = 2
+# The one delta format of the protocol.
+DELTA_FOSSIL = "fossil"
 
 
 class State(enum.Enum):
@@ -104,6 +110,8 @@ class Subscription:
     __slots__ = (
         "buffer",
         "channel",
+        "delta",
+        "delta_last",
         "epoch",
         "expires_at",
         "info",
@@ -136,14 +144,17 @@ class Subscription:
         self.epoch = ""
         self.offset = 0
         self.expires_at = 0.0
+        # Fossil delta negotiated; delta_last is the publication the client holds last.
+        self.delta = False
+        self.delta_last: Publication | None = None
         # Publications that arrive while the subscribe reply is being prepared; None once live.
-        self.buffer: list[tuple[Publication, str, bytes]] | None = []
+        self.buffer: list[tuple[Publication, str, PreparedPublication]] | None = []
 
     # ChannelSubscriber (called by the node on the publish path: append only).
 
-    def deliver(self, pub: Publication, epoch: str, push: bytes) -> None:
+    def deliver(self, pub: Publication, epoch: str, prepared: PreparedPublication) -> None:
         if self.buffer is not None:
-            self.buffer.append((pub, epoch, push))
+            self.buffer.append((pub, epoch, prepared))
             return
         if self.positioned and pub.offset:
             if epoch != self.epoch or pub.offset != self.offset + 1:
@@ -158,21 +169,26 @@ class Subscription:
                     return
             self.offset = pub.offset
         session = self.session
+        if self.delta:
+            push = prepared.delta_push(session.wire, self.delta_last)
+            self.delta_last = pub
+        else:
+            push = prepared.push(session.wire)
         if not session.outbox.push(push) and session.state is not State.CLOSED:
             session.disconnect(codes.SLOW)
 
-    def deliver_control(self, push: bytes) -> None:
+    def deliver_control(self, control: PreparedControl) -> None:
         if self.buffer is None:
-            self.session.enqueue(push)
+            self.session.enqueue(control.push(self.session.wire))
 
     def go_live(self, position: StreamPosition) -> None:
         """Flush what arrived during the subscribe, skipping what the reply already held."""
         buffered, self.buffer = self.buffer or [], None
         self.epoch, self.offset = position.epoch, position.offset
-        for pub, epoch, push in buffered:
+        for pub, epoch, prepared in buffered:
             if self.session.state is State.CLOSED:
                 return
-            self.deliver(pub, epoch, push)
+            self.deliver(pub, epoch, prepared)
 
 
 class CentrifugeSession:
@@ -195,6 +211,7 @@ class CentrifugeSession:
         "subscriptions",
         "transport",
         "verifier",
+        "wire",
     )
 
     def __init__(
@@ -204,8 +221,11 @@ class CentrifugeSession:
         authorizer: ChannelAuthorizer,
         transport: Transport,
         outbox: Outbox,
+        wire: Wire = JSON,
     ) -> None:
         self.node = node
+        # JSON or Protobuf, fixed at the handshake.
+        self.wire = wire
         self.verifier = verifier
         self.authorizer = authorizer
         self.transport = transport
@@ -242,8 +262,8 @@ class CentrifugeSession:
         if not self.outbox.push(message):
             self.disconnect(codes.SLOW)
 
-    def _send(self, text: str) -> None:
-        self.enqueue(text.encode())
+    def _send(self, message: bytes) -> None:
+        self.enqueue(message)
 
     def disconnect(self, code: codes.DisconnectCode) -> None:
         """Close the connection with `code`; safe to call more than once."""
@@ -308,12 +328,9 @@ class CentrifugeSession:
     # -- input -------------------------------------------------------------------
 
     async def handle_frame(self, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):
-            # JSON protocol only: a binary frame is a protocol violation.
-            self.disconnect(codes.BAD_PROTOCOL)
-            return
         try:
-            commands = codec.decode_frame(frame)
+            # A frame of the other kind (text on protobuf, binary on JSON) is refused too.
+            commands = self.wire.decode_frame(frame)
         except ProtocolError as exc:
             self.disconnect(exc.code)
             return
@@ -337,15 +354,15 @@ class CentrifugeSession:
         try:
             await self._dispatch(command.id, request)
         except Reject as exc:
-            self._send(codec.encode_error(command.id, exc.error, exc.message))
+            self._send(self.wire.encode_error(command.id, exc.error, exc.message))
         except Disconnect as exc:
             self.disconnect(exc.code)
         except BrokerUnavailable:
             self.node.counters.broker_failed("command")
-            self._send(codec.encode_error(command.id, codes.INTERNAL))
+            self._send(self.wire.encode_error(command.id, codes.INTERNAL))
         except Exception:
             log.exception("command failed", extra={"client": self.client_id})
-            self._send(codec.encode_error(command.id, codes.INTERNAL))
+            self._send(self.wire.encode_error(command.id, codes.INTERNAL))
         finally:
             self.node.observer.command(
                 _COMMAND_NAMES.get(type(request), "unknown"), time.perf_counter() - started
@@ -362,7 +379,7 @@ class CentrifugeSession:
         if verdict is Verdict.DISCONNECT:
             self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT)
         elif command_id:
-            self._send(codec.encode_error(command_id, codes.TOO_MANY_REQUESTS))
+            self._send(self.wire.encode_error(command_id, codes.TOO_MANY_REQUESTS))
         return False
 
     async def _dispatch(self, command_id: int, request: object) -> None:
@@ -374,7 +391,7 @@ class CentrifugeSession:
             sub = self.subscriptions.get(request.channel)
             if sub is not None and not sub.server_side:
                 self._drop_subscription(sub)
-            self._send(codec.encode_reply(command_id, "unsubscribe", {}))
+            self._send(self.wire.encode_reply(command_id, "unsubscribe", {}))
         elif isinstance(request, PublishRequest):
             await self._publish(command_id, request)
         elif isinstance(request, HistoryRequest):
@@ -382,11 +399,11 @@ class CentrifugeSession:
         elif isinstance(request, PresenceRequest):
             self._presence_allowed(request.channel)
             clients = await self.node.presence.presence(request.channel)
-            self._send(codec.encode_presence_result(command_id, presence=clients))
+            self._send(self.wire.encode_presence_result(command_id, presence=clients))
         elif isinstance(request, PresenceStatsRequest):
             self._presence_allowed(request.channel)
             stats = await self.node.presence.presence_stats(request.channel)
-            self._send(codec.encode_presence_stats_result(command_id, stats=stats))
+            self._send(self.wire.encode_presence_stats_result(command_id, stats=stats))
         elif isinstance(request, RefreshRequest):
             self._refresh(command_id, request)
         elif isinstance(request, SubRefreshRequest):
@@ -488,7 +505,7 @@ class CentrifugeSession:
             raise
         log.debug("connected", extra={"client": self.client_id, "user": credentials.user})
         self._send(
-            codec.encode_connect_result(
+            self.wire.encode_connect_result(
                 command_id,
                 client=self.client_id,
                 version=__version__,
@@ -573,7 +590,7 @@ class CentrifugeSession:
             sub.expires_at = expires_at
             result["expires"] = True
             result["ttl"] = max(1, int(expires_at - time.time()))
-        self._send(codec.encode_subscribe_result(command_id, **result))
+        self._send(self.wire.encode_subscribe_result(command_id, **result))
         sub.go_live(position)
         self._announce(sub)
 
@@ -608,6 +625,10 @@ class CentrifugeSession:
         sub.join_leave = namespace.join_leave and (
             namespace.force_push_join_leave or bool(request and request.join_leave)
         )
+        if request is not None and request.delta:
+            if request.delta != DELTA_FOSSIL:
+                raise Disconnect(codes.BAD_PROTOCOL)  # as Go: unknown delta type
+            sub.delta = DELTA_FOSSIL in namespace.allowed_delta_types
         self.subscriptions[channel] = sub
         try:
             await self.node.attach(channel, sub)
@@ -615,6 +636,11 @@ class CentrifugeSession:
         except BaseException:
             self._drop_subscription(sub)
             raise
+        if sub.delta:
+            result["delta"] = True
+            recovered: list[Publication] = result.get("publications", [])
+            # The reply carries them as a delta chain; the client holds the last.
+            sub.delta_last = recovered[-1] if recovered else None
         return sub, result, position
 
     async def _position(
@@ -687,7 +713,7 @@ class CentrifugeSession:
         if expire_at:
             sub.expires_at = float(expire_at)
         self._send(
-            codec.encode_subscribe_push(
+            self.wire.encode_subscribe_push(
                 channel,
                 recoverable=bool(result.get("recoverable")),
                 epoch=str(result.get("epoch", "")),
@@ -707,7 +733,7 @@ class CentrifugeSession:
         sub = self.subscriptions.get(channel)
         if sub is not None:
             self._drop_subscription(sub)
-            self._send(codec.encode_unsubscribe_push(channel, code))
+            self._send(self.wire.encode_unsubscribe_push(channel, code))
 
     def _refresh_presence(self, now: float) -> None:
         """Renew this client's presence entries before the engine expires them (a node
@@ -754,10 +780,13 @@ class CentrifugeSession:
             raise Reject(codes.BAD_REQUEST, "publish needs data")
         if self.node.publish_allowed((request.channel,)):
             raise Reject(codes.TOO_MANY_REQUESTS)
+        if self.wire.binary and not _is_json(request.data):
+            # Publications reach JSON clients too, which embed the data verbatim.
+            raise Reject(codes.BAD_REQUEST, "publish data must be JSON")
         sub = self.subscriptions.get(request.channel)
         info = sub.info if sub is not None else self._client_info()
         await self.node.publish(request.channel, request.data, info=info)
-        self._send(codec.encode_reply(command_id, "publish", {}))
+        self._send(self.wire.encode_reply(command_id, "publish", {}))
 
     def _client_info(self) -> ClientInfo:
         assert self.credentials is not None
@@ -783,7 +812,7 @@ class CentrifugeSession:
         except UnrecoverablePosition:
             raise Reject(codes.UNRECOVERABLE_POSITION) from None
         self._send(
-            codec.encode_history_result(
+            self.wire.encode_history_result(
                 command_id, publications=history.publications, position=history.position
             )
         )
@@ -816,9 +845,9 @@ class CentrifugeSession:
         self.expires_at = float(credentials.expires_at)
         if self.expires_at:
             ttl = max(1, int(self.expires_at - time.time()))
-            self._send(codec.encode_refresh_result(command_id, expires=True, ttl=ttl))
+            self._send(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
         else:
-            self._send(codec.encode_refresh_result(command_id, expires=False, ttl=0))
+            self._send(self.wire.encode_refresh_result(command_id, expires=False, ttl=0))
 
     def _refresh_console(self, command_id: int, token: str) -> None:
         expires_at = console_credential.verify(token, self.node.settings.admin_api_key)
@@ -828,7 +857,7 @@ class CentrifugeSession:
             raise Disconnect(codes.CONNECTION_EXPIRED)
         self.expires_at = float(expires_at)
         ttl = max(1, int(self.expires_at - time.time()))
-        self._send(codec.encode_refresh_result(command_id, expires=True, ttl=ttl))
+        self._send(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
 
     def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
         assert self.credentials is not None
@@ -853,14 +882,14 @@ class CentrifugeSession:
         sub.expires_at = float(claims.expires_at)
         if sub.expires_at:
             ttl = max(1, int(sub.expires_at - time.time()))
-            self._send(codec.encode_sub_refresh_result(command_id, expires=True, ttl=ttl))
+            self._send(self.wire.encode_sub_refresh_result(command_id, expires=True, ttl=ttl))
         else:
-            self._send(codec.encode_sub_refresh_result(command_id, expires=False, ttl=0))
+            self._send(self.wire.encode_sub_refresh_result(command_id, expires=False, ttl=0))
 
     def _rpc(self, command_id: int, request: RPCRequest) -> None:
         if request.method == "ping":
             # Latency check used by the product's UI every 30 s.
-            self._send(codec.encode_rpc_result(command_id, data=b'{"pong":true}'))
+            self._send(self.wire.encode_rpc_result(command_id, data=b'{"pong":true}'))
             return
         raise Reject(codes.METHOD_NOT_FOUND)
 
@@ -894,7 +923,7 @@ class CentrifugeSession:
         if now >= self.next_presence_at:
             self._refresh_presence(now)
         if self.next_ping_at and now >= self.next_ping_at:
-            self._send(codec.PING)
+            self._send(self.wire.ping)
             self.next_ping_at = now + settings.client_ping_interval_seconds
             if not self.pong_deadline:
                 self.pong_deadline = now + settings.client_pong_timeout_seconds
@@ -919,6 +948,14 @@ def _channel_claim(token: str) -> str:
         return ""
     channel = claims.get("channel")
     return channel if isinstance(channel, str) else ""
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -17,11 +17,19 @@ import pytest
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
-from tests.conftest import RunningServer, run_server
+from tests.conftest import RunningServer, run_server, sessions_of
 from tests.jsclient import Event, JsClient, JsError
-from tests.pyclient import OUTAGES, cut_off
+from tests.pyclient import CODECS, OUTAGES, cut_off, use_codec
 
 pytestmark = pytest.mark.js
+
+
+@pytest.fixture(autouse=True, params=CODECS)
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with the SDK's JSON build and its protobuf build."""
+    with use_codec(request.param):
+        yield request.param
+
 
 # Short SDK backoffs so reconnects and retries happen within a test's few seconds.
 FAST = {"minReconnectDelay": 100, "maxReconnectDelay": 300}
@@ -88,10 +96,14 @@ def assert_contiguous(pubs: list[Event], first: int, last: int) -> None:
 # 1 -----------------------------------------------------------------------------------
 
 
-async def test_connect_gets_client_id_and_server_side_user_channel(server: RunningServer) -> None:
+async def test_connect_gets_client_id_and_server_side_user_channel(
+    server: RunningServer, codec: str
+) -> None:
     async with JsClient(server.ws_url, server.token("alice")) as js:
         client_id = await connect(js)
         assert len(client_id) == 36  # a UUID
+        # The server speaks the wire the SDK build asked for (subprotocol negotiation).
+        assert [s.wire.name for s in sessions_of(server, "alice")] == [codec]
         sub = await js.wait_event(on("user:alice", "subscribed"), timeout=5)
         # The namespace forces recovery: the SDK tracks the position of the personal channel.
         assert sub["recoverable"] is True and sub["positioned"] is True

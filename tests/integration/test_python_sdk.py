@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,13 +26,22 @@ from shim.centrifuge import codes
 from shim.config import NamespaceOptions, Settings
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
 from tests.pyclient import (
+    CODECS,
     OUTAGES,
     ClientEvents,
     Recorder,
     cut_off,
     new_client,
     new_subscription,
+    use_codec,
 )
+
+
+@pytest.fixture(autouse=True, params=CODECS)
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with the SDK in JSON and in Protobuf mode."""
+    with use_codec(request.param):
+        yield request.param
 
 
 @contextlib.asynccontextmanager
@@ -81,11 +90,15 @@ def with_namespace(**options: Any) -> dict[str, NamespaceOptions]:
 # 1. connect, server-side personal channel, approvals --------------------------------
 
 
-async def test_connect_personal_channel_and_approval_routing(server: RunningServer) -> None:
+async def test_connect_personal_channel_and_approval_routing(
+    server: RunningServer, codec: str
+) -> None:
     async with connected(server, "alice") as (client, events):
         ctx = events.named("connected")[0]
         assert ctx.client and ctx.client == client.client_id
         assert [s.client_id for s in sessions_of(server, "alice")] == [ctx.client]
+        # The server speaks the wire the SDK asked for (subprotocol negotiation).
+        assert [s.wire.name for s in sessions_of(server, "alice")] == [codec]
 
         personal = await events.wait_for("subscribed", lambda c: c.channel == "user:alice")
         assert personal.recoverable and personal.positioned

@@ -5,13 +5,16 @@
 //                    timeout?, maxServerPingDelay?, data?, debug?, getToken? (default true),
 //                    transports? ([{transport, endpoint}] instead of url: the SDK's fallback list),
 //                    emulationEndpoint?, websocket? (false: no WebSocket implementation at all,
-//                    as where the network or the runtime has none)}
+//                    as where the network or the runtime has none),
+//                    protobuf? (use the SDK's protobuf build, centrifuge/build/protobuf)}
+// In protobuf mode payloads are bytes: the driver encodes the JSON values it is given
+// and decodes the bytes it gets, as an app with JSON payloads would, so answers and
+// events look the same in both modes.
 //   command: {seq, cmd, ...params}
 //   answer:  {seq, ok: true, result} | {seq, ok: false, error: {code, message}}
 //   event:   {event: "<name>", ...context}
 // stdout carries only these lines; everything else (SDK debug output too) goes to stderr.
 
-import { Centrifuge, UnauthorizedError } from 'centrifuge';
 import WebSocket from 'ws';
 import { createInterface } from 'node:readline';
 
@@ -23,8 +26,31 @@ for (const level of ['log', 'info', 'debug', 'warn']) {
 // Code used for failures that come from the driver itself, not from the SDK or the server.
 const DRIVER_ERROR = -1;
 
+let options;
+try {
+  options = JSON.parse(process.argv[2] ?? '{}');
+} catch (err) {
+  console.error('driver: bad startup options', err);
+  process.exit(2);
+}
+const protobuf = options.protobuf === true;
+const { Centrifuge, UnauthorizedError } = await import(
+  protobuf ? 'centrifuge/build/protobuf' : 'centrifuge');
+
+// Protobuf mode: JSON values travel as their UTF-8 text.
+function encodePayload(value) {
+  if (!protobuf || value === null || value === undefined) return value;
+  return new TextEncoder().encode(JSON.stringify(value));
+}
+
+function decodePayload(bytes) {
+  if (bytes.length === 0) return null;
+  return JSON.parse(new TextDecoder().decode(bytes));
+}
+
 function plain(value, depth = 0) {
-  // JSON-safe deep copy: drops functions, maps Errors to {code, message}, bytes to arrays.
+  // JSON-safe deep copy: drops functions, maps Errors to {code, message}, bytes to arrays
+  // (to the JSON value they hold in protobuf mode).
   if (depth > 20) return null;
   if (value === null || value === undefined) return null;
   if (typeof value === 'bigint') return value.toString();
@@ -32,7 +58,9 @@ function plain(value, depth = 0) {
   if (typeof value === 'string' || typeof value === 'boolean') return value;
   if (typeof value === 'function' || typeof value === 'symbol') return null;
   if (value instanceof Error) return errorOf(value);
-  if (ArrayBuffer.isView(value)) return Array.from(value);
+  if (ArrayBuffer.isView(value)) return protobuf ? decodePayload(value) : Array.from(value);
+  // The protobuf build hands 64-bit fields (offsets) over as protobufjs Longs.
+  if (value.__isLong__ === true && typeof value.toNumber === 'function') return value.toNumber();
   if (Array.isArray(value)) return value.map((item) => plain(item, depth + 1));
   const out = {};
   for (const [key, item] of Object.entries(value)) {
@@ -86,14 +114,6 @@ function publicationOf(pub) {
   return { ...publicationDefaults, ...plain(pub) };
 }
 
-let options;
-try {
-  options = JSON.parse(process.argv[2] ?? '{}');
-} catch (err) {
-  console.error('driver: bad startup options', err);
-  process.exit(2);
-}
-
 // The token getToken hands out next; starts as the startup token, replaced by setToken.
 let currentToken = options.token ?? '';
 const subTokens = new Map();
@@ -117,6 +137,7 @@ for (const key of [
 ]) {
   if (options[key] !== undefined && options[key] !== null) clientOptions[key] = options[key];
 }
+if (clientOptions.data !== undefined) clientOptions.data = encodePayload(clientOptions.data);
 if (options.getToken !== false) clientOptions.getToken = getConnectionToken;
 
 const client = new Centrifuge(options.transports ?? options.url, clientOptions);
@@ -174,6 +195,7 @@ function subscriptionOptions(channel, given) {
   ]) {
     if (given[key] !== undefined && given[key] !== null) opts[key] = given[key];
   }
+  if (opts.data !== undefined) opts.data = encodePayload(opts.data);
   if (typeof given.token === 'string') {
     // A token-protected subscription gets a getToken so sub refresh flows work (see setSubToken).
     opts.token = given.token;
@@ -246,7 +268,8 @@ const commands = {
     return null;
   },
   async publish(params) {
-    return plain(await client.publish(need(params, 'channel', 'string'), params.data ?? null));
+    return plain(await client.publish(
+      need(params, 'channel', 'string'), encodePayload(params.data ?? null)));
   },
   async history(params) {
     const opts = {};
@@ -269,11 +292,12 @@ const commands = {
     return { numClients: res.numClients, numUsers: res.numUsers };
   },
   async rpc(params) {
-    const res = await client.rpc(need(params, 'method', 'string'), params.data ?? null);
+    const res = await client.rpc(
+      need(params, 'method', 'string'), encodePayload(params.data ?? null));
     return { data: plain(res.data) };
   },
   async send(params) {
-    await client.send(params.data ?? null);
+    await client.send(encodePayload(params.data ?? null));
     return null;
   },
   state() {

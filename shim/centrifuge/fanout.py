@@ -1,0 +1,77 @@
+"""One publication as its subscribers need it: encoded at most once per wire (and
+delta form), on first demand, and shared by every subscriber of that form.
+
+`base` is the channel's previous publication on this node. A delta subscriber whose
+last delivered publication is that base (the common case: it is in sync) gets the
+shared fossil delta, computed once per publication; any other delta subscriber
+(just subscribed, recovered, or having missed one) gets the full data.
+"""
+
+from __future__ import annotations
+
+from shim.broker import ClientInfo, Publication
+from shim.centrifuge.wire import WIRES, Wire, fossil_patch
+
+_UNSET = b""
+
+
+class PreparedPublication:
+    __slots__ = ("_delta", "_full", "_patch", "_plain", "base", "channel", "pub")
+
+    def __init__(self, channel: str, pub: Publication, base: Publication | None) -> None:
+        self.channel = channel
+        self.pub = pub
+        self.base = base
+        self._plain: list[bytes | None] = [None] * len(WIRES)
+        self._full: list[bytes | None] = [None] * len(WIRES)
+        self._delta: list[bytes | None] = [None] * len(WIRES)
+        # The fossil patch against base: _UNSET until computed, None when not smaller.
+        self._patch: bytes | None = _UNSET
+
+    def push(self, wire: Wire) -> bytes:
+        """The publication push for a subscriber without delta."""
+        push = self._plain[wire.index]
+        if push is None:
+            push = self._plain[wire.index] = wire.publication_push(self.channel, self.pub)
+        return push
+
+    def delta_push(self, wire: Wire, last: Publication | None) -> bytes:
+        """The push for a delta subscriber whose previous publication was `last`."""
+        base = self.base
+        if last is not None and base is not None and (last is base or last.data == base.data):
+            push = self._delta[wire.index]
+            if push is not None:
+                return push
+            patch = self._patch
+            if patch is _UNSET:
+                patch = self._patch = fossil_patch(base.data, self.pub.data)
+            if patch is not None:
+                push = wire.delta_push(self.channel, self.pub, patch)
+                if push is not None:
+                    self._delta[wire.index] = push
+                    return push
+        push = self._full[wire.index]
+        if push is None:
+            push = wire.delta_push(self.channel, self.pub, None)
+            assert push is not None
+            self._full[wire.index] = push
+        return push
+
+
+class PreparedControl:
+    """A join or leave push, encoded once per wire on first demand."""
+
+    __slots__ = ("_pushes", "channel", "info", "join")
+
+    def __init__(self, channel: str, info: ClientInfo, *, join: bool) -> None:
+        self.channel = channel
+        self.info = info
+        self.join = join
+        self._pushes: list[bytes | None] = [None] * len(WIRES)
+
+    def push(self, wire: Wire) -> bytes:
+        push = self._pushes[wire.index]
+        if push is None:
+            encode = wire.encode_join_push if self.join else wire.encode_leave_push
+            push = self._pushes[wire.index] = encode(self.channel, self.info)
+        return push

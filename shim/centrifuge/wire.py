@@ -1,0 +1,435 @@
+"""The two wire formats of the Centrifuge protocol behind one interface.
+
+A connection picks its Wire at the handshake (JSON text frames or Protobuf binary
+frames) and keeps it; the session speaks only to the Wire, whose encoders all
+return the bytes of one message as queued in the outbox. Subscribe results hold
+publications as `Publication`s; with fossil delta negotiated the Wire turns them
+into the delta chain Centrifugo sends (the first in full, each next one a delta
+against the one before when that is smaller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
+from shim.centrifuge import codec, fossil, pbcodec
+from shim.centrifuge.codec import Command
+from shim.centrifuge.codes import DisconnectCode, ErrorCode, UnsubscribeCode
+
+PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
+
+
+class Wire(Protocol):
+    name: str
+    # Position in per-publication encoding caches.
+    index: int
+    binary: bool
+    ping: bytes
+
+    def decode_frame(self, data: str | bytes) -> list[Command]: ...
+
+    def encode_reply(
+        self, command_id: int, result_name: str, result: Mapping[str, Any]
+    ) -> bytes: ...
+
+    def encode_error(
+        self, command_id: int, error: ErrorCode, message: str | None = None
+    ) -> bytes: ...
+
+    def encode_connect_result(
+        self,
+        command_id: int,
+        *,
+        client: str,
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+        data: bytes | None = None,
+        subs: Mapping[str, Mapping[str, Any]] | None = None,
+        ping: int = 0,
+        pong: bool = False,
+    ) -> bytes: ...
+
+    def encode_subscribe_result(self, command_id: int, **result: Any) -> bytes: ...
+
+    def encode_history_result(
+        self, command_id: int, *, publications: Iterable[Publication], position: StreamPosition
+    ) -> bytes: ...
+
+    def encode_presence_result(
+        self, command_id: int, *, presence: Mapping[str, ClientInfo]
+    ) -> bytes: ...
+
+    def encode_presence_stats_result(self, command_id: int, *, stats: PresenceStats) -> bytes: ...
+
+    def encode_refresh_result(
+        self,
+        command_id: int,
+        *,
+        client: str = "",
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+    ) -> bytes: ...
+
+    def encode_sub_refresh_result(
+        self, command_id: int, *, expires: bool = False, ttl: int = 0
+    ) -> bytes: ...
+
+    def encode_rpc_result(self, command_id: int, *, data: bytes | None = None) -> bytes: ...
+
+    def publication_push(self, channel: str, pub: Publication) -> bytes: ...
+
+    def delta_push(self, channel: str, pub: Publication, patch: bytes | None) -> bytes | None:
+        """A publication to a delta subscriber: in full when `patch` is None, else as
+        that fossil delta; None when this wire cannot carry the patch."""
+
+    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes: ...
+
+    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes: ...
+
+    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes: ...
+
+    def encode_disconnect_push(self, code: DisconnectCode) -> bytes: ...
+
+    def encode_subscribe_push(
+        self,
+        channel: str,
+        *,
+        recoverable: bool = False,
+        epoch: str = "",
+        offset: int = 0,
+        positioned: bool = False,
+        data: bytes | None = None,
+    ) -> bytes: ...
+
+
+def fossil_patch(base: bytes, data: bytes) -> bytes | None:
+    """The fossil delta from `base` to `data`, or None when it is not smaller."""
+    patch = fossil.create(base, data)
+    return patch if len(patch) < len(data) else None
+
+
+def delta_chain(pubs: Sequence[Publication]) -> list[tuple[Publication, bytes | None]]:
+    """Recovered publications for a delta subscriber: (pub, patch against the previous
+    one or None for full data)."""
+    chain: list[tuple[Publication, bytes | None]] = []
+    previous: Publication | None = None
+    for pub in pubs:
+        chain.append((pub, None if previous is None else fossil_patch(previous.data, pub.data)))
+        previous = pub
+    return chain
+
+
+# --- JSON ----------------------------------------------------------------------------
+
+
+def _json_delta_pub(pub: Publication, patch: bytes | None) -> dict[str, Any] | None:
+    """A publication with `data` as a JSON string: the payload text, or the patch
+    (then delta: true). None when the patch is not UTF-8 (a literal run may cut a
+    character in two), which a JSON string cannot carry."""
+    body = codec.publication_dict(Publication(data=b"", offset=pub.offset, info=pub.info))
+    try:
+        body["data"] = (pub.data if patch is None else patch).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if patch is not None:
+        body["delta"] = True
+    return body
+
+
+class JsonWire:
+    name = "json"
+    index = 0
+    binary = False
+    ping = codec.PING.encode()
+
+    def decode_frame(self, data: str | bytes) -> list[Command]:
+        if isinstance(data, bytes):
+            raise codec.ProtocolError("binary frame on a JSON connection")
+        return codec.decode_frame(data)
+
+    def encode_reply(self, command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
+        return codec.encode_reply(command_id, result_name, result).encode()
+
+    def encode_error(self, command_id: int, error: ErrorCode, message: str | None = None) -> bytes:
+        return codec.encode_error(command_id, error, message).encode()
+
+    def _subscribe_result(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        fields = dict(result)
+        delta = bool(fields.pop("delta", False))
+        publications: Sequence[Publication] = fields.pop("publications", ())
+        body = codec.subscribe_result_dict(**fields)
+        if publications:
+            if delta:
+                pubs = []
+                for pub, patch in delta_chain(publications):
+                    item = _json_delta_pub(pub, patch) or _json_delta_pub(pub, None)
+                    assert item is not None  # payloads are JSON text, so UTF-8
+                    pubs.append(item)
+                body["publications"] = pubs
+            else:
+                body["publications"] = [codec.publication_dict(p) for p in publications]
+        if delta:
+            body["delta"] = True
+        return body
+
+    def encode_connect_result(
+        self,
+        command_id: int,
+        *,
+        client: str,
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+        data: bytes | None = None,
+        subs: Mapping[str, Mapping[str, Any]] | None = None,
+        ping: int = 0,
+        pong: bool = False,
+    ) -> bytes:
+        return codec.encode_connect_result(
+            command_id,
+            client=client,
+            version=version,
+            expires=expires,
+            ttl=ttl,
+            data=data,
+            subs={channel: self._subscribe_result(r) for channel, r in (subs or {}).items()},
+            ping=ping,
+            pong=pong,
+        ).encode()
+
+    def encode_subscribe_result(self, command_id: int, **result: Any) -> bytes:
+        return orjson.dumps({"id": command_id, "subscribe": self._subscribe_result(result)})
+
+    def encode_history_result(
+        self, command_id: int, *, publications: Iterable[Publication], position: StreamPosition
+    ) -> bytes:
+        return codec.encode_history_result(
+            command_id, publications=publications, position=position
+        ).encode()
+
+    def encode_presence_result(
+        self, command_id: int, *, presence: Mapping[str, ClientInfo]
+    ) -> bytes:
+        return codec.encode_presence_result(command_id, presence=presence).encode()
+
+    def encode_presence_stats_result(self, command_id: int, *, stats: PresenceStats) -> bytes:
+        return codec.encode_presence_stats_result(command_id, stats=stats).encode()
+
+    def encode_refresh_result(
+        self,
+        command_id: int,
+        *,
+        client: str = "",
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+    ) -> bytes:
+        return codec.encode_refresh_result(
+            command_id, client=client, version=version, expires=expires, ttl=ttl
+        ).encode()
+
+    def encode_sub_refresh_result(
+        self, command_id: int, *, expires: bool = False, ttl: int = 0
+    ) -> bytes:
+        return codec.encode_sub_refresh_result(command_id, expires=expires, ttl=ttl).encode()
+
+    def encode_rpc_result(self, command_id: int, *, data: bytes | None = None) -> bytes:
+        return codec.encode_rpc_result(command_id, data=data).encode()
+
+    def publication_push(self, channel: str, pub: Publication) -> bytes:
+        return codec.publication_push(channel, pub)
+
+    def delta_push(self, channel: str, pub: Publication, patch: bytes | None) -> bytes | None:
+        body = _json_delta_pub(pub, patch)
+        if body is None:
+            return None
+        return orjson.dumps({"push": {"channel": channel, "pub": body}})
+
+    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
+        return codec.encode_join_push(channel, info).encode()
+
+    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes:
+        return codec.encode_leave_push(channel, info).encode()
+
+    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes:
+        return codec.encode_unsubscribe_push(channel, code).encode()
+
+    def encode_disconnect_push(self, code: DisconnectCode) -> bytes:
+        return codec.encode_disconnect_push(code).encode()
+
+    def encode_subscribe_push(
+        self,
+        channel: str,
+        *,
+        recoverable: bool = False,
+        epoch: str = "",
+        offset: int = 0,
+        positioned: bool = False,
+        data: bytes | None = None,
+    ) -> bytes:
+        return codec.encode_subscribe_push(
+            channel,
+            recoverable=recoverable,
+            epoch=epoch,
+            offset=offset,
+            positioned=positioned,
+            data=data,
+        ).encode()
+
+
+# --- Protobuf ---------------------------------------------------------------------------
+
+
+def _pb_subscribe_result(result: Mapping[str, Any]) -> dict[str, Any]:
+    fields = dict(result)
+    pubs: Sequence[Publication] = fields.get("publications", ())
+    if fields.get("delta"):
+        fields["publications"] = delta_chain(pubs)
+    else:
+        fields["publications"] = [(pub, None) for pub in pubs]
+    return fields
+
+
+class ProtobufWire:
+    name = "protobuf"
+    index = 1
+    binary = True
+    ping = pbcodec.PING
+
+    def decode_frame(self, data: str | bytes) -> list[Command]:
+        return pbcodec.decode_frame(data)
+
+    def encode_reply(self, command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
+        return pbcodec.encode_reply(command_id, result_name, result)
+
+    def encode_error(self, command_id: int, error: ErrorCode, message: str | None = None) -> bytes:
+        return pbcodec.encode_error(command_id, error, message)
+
+    def encode_connect_result(
+        self,
+        command_id: int,
+        *,
+        client: str,
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+        data: bytes | None = None,
+        subs: Mapping[str, Mapping[str, Any]] | None = None,
+        ping: int = 0,
+        pong: bool = False,
+    ) -> bytes:
+        return pbcodec.encode_connect_result(
+            command_id,
+            client=client,
+            version=version,
+            expires=expires,
+            ttl=ttl,
+            data=data,
+            subs={channel: _pb_subscribe_result(r) for channel, r in (subs or {}).items()},
+            ping=ping,
+            pong=pong,
+        )
+
+    def encode_subscribe_result(self, command_id: int, **result: Any) -> bytes:
+        return pbcodec.encode_subscribe_result(command_id, _pb_subscribe_result(result))
+
+    def encode_history_result(
+        self, command_id: int, *, publications: Iterable[Publication], position: StreamPosition
+    ) -> bytes:
+        return pbcodec.encode_history_result(
+            command_id, publications=publications, position=position
+        )
+
+    def encode_presence_result(
+        self, command_id: int, *, presence: Mapping[str, ClientInfo]
+    ) -> bytes:
+        return pbcodec.encode_presence_result(command_id, presence=presence)
+
+    def encode_presence_stats_result(self, command_id: int, *, stats: PresenceStats) -> bytes:
+        return pbcodec.encode_presence_stats_result(command_id, stats=stats)
+
+    def encode_refresh_result(
+        self,
+        command_id: int,
+        *,
+        client: str = "",
+        version: str = "",
+        expires: bool = False,
+        ttl: int = 0,
+    ) -> bytes:
+        return pbcodec.encode_refresh_result(
+            command_id, client=client, version=version, expires=expires, ttl=ttl
+        )
+
+    def encode_sub_refresh_result(
+        self, command_id: int, *, expires: bool = False, ttl: int = 0
+    ) -> bytes:
+        return pbcodec.encode_sub_refresh_result(command_id, expires=expires, ttl=ttl)
+
+    def encode_rpc_result(self, command_id: int, *, data: bytes | None = None) -> bytes:
+        return pbcodec.encode_rpc_result(command_id, data=data)
+
+    def publication_push(self, channel: str, pub: Publication) -> bytes:
+        return pbcodec.publication_push(channel, pub)
+
+    def delta_push(self, channel: str, pub: Publication, patch: bytes | None) -> bytes | None:
+        if patch is None:
+            return pbcodec.publication_push(channel, pub)
+        return pbcodec.publication_push(channel, pub, patch, True)
+
+    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
+        return pbcodec.encode_join_push(channel, info)
+
+    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes:
+        return pbcodec.encode_leave_push(channel, info)
+
+    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes:
+        return pbcodec.encode_unsubscribe_push(channel, code)
+
+    def encode_disconnect_push(self, code: DisconnectCode) -> bytes:
+        return pbcodec.encode_disconnect_push(code)
+
+    def encode_subscribe_push(
+        self,
+        channel: str,
+        *,
+        recoverable: bool = False,
+        epoch: str = "",
+        offset: int = 0,
+        positioned: bool = False,
+        data: bytes | None = None,
+    ) -> bytes:
+        return pbcodec.encode_subscribe_push(
+            channel,
+            recoverable=recoverable,
+            epoch=epoch,
+            offset=offset,
+            positioned=positioned,
+            data=data,
+        )
+
+
+JSON = JsonWire()
+PROTOBUF = ProtobufWire()
+WIRES: tuple[Wire, ...] = (JSON, PROTOBUF)
+
+
+def select(query_string: bytes, subprotocols: Sequence[str]) -> tuple[Wire, str | None]:
+    """The wire of a new connection and the subprotocol to answer, as Centrifugo
+    chooses: `cf_protocol=protobuf` (or `format=protobuf`) in the query, else the
+    `centrifuge-protobuf` subprotocol when offered, else JSON."""
+    offered = PROTOBUF_SUBPROTOCOL in subprotocols
+    answer = PROTOBUF_SUBPROTOCOL if offered else None
+    for pair in query_string.split(b"&"):
+        key, _, value = pair.partition(b"=")
+        if key in (b"cf_protocol", b"format") and value == b"protobuf":
+            return PROTOBUF, answer
+    if offered:
+        return PROTOBUF, answer
+    return JSON, None
