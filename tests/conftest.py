@@ -20,6 +20,7 @@ from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings, load_settings
 from shim.runtime import Runtime
 from shim.server import bind_socket, serve_app
+from tests.multinode import KEEPALIVE_UNDER_SERVERS
 
 API_KEY = "test-api-key-0123456789-abcdefghijklmnop"
 ADMIN_KEY = "test-admin-key-0123456789-abcdefghijklmnop"
@@ -103,7 +104,9 @@ async def run_server(
     app = create_app(runtime)
     stop = asyncio.Event()
     task = asyncio.create_task(serve_app(app, sock, stop.wait))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=10, limits=KEEPALIVE_UNDER_SERVERS
+    ) as http:
         for _ in range(200):
             if task.done():
                 task.result()

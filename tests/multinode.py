@@ -38,6 +38,9 @@ STOP_TIMEOUT_SECONDS = 10.0
 _READY_RE = re.compile(r"dex-shim listening on http://[^:]+:(\d+)")
 # Legacy ping loops hold up a graceful shutdown by up to one interval (see
 # tests/legacyclient.py SHORT_PINGS), so nodes started here ping every second.
+# hypercorn closes an idle keep-alive connection after 5 s and httpx keeps one for 5 s:
+# a request sent at that instant meets a closed socket, so test clients drop them sooner.
+KEEPALIVE_UNDER_SERVERS = httpx.Limits(keepalive_expiry=2.0)
 DEFAULT_SETTINGS: Mapping[str, str] = {"legacy_ping_interval_seconds": "1"}
 
 
@@ -247,7 +250,9 @@ async def spawn_node(
             process.kill()
         await process.wait()
         raise
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    http = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=10, limits=KEEPALIVE_UNDER_SERVERS
+    )
     node = NodeProcess(name, process, port, keys, log_path, http)
     node._drain = asyncio.create_task(_drain(process.stdout))
     return node
