@@ -10,21 +10,38 @@ through different connections, possibly seconds and thousands of events apart;
 the session passes on the first and drops the rest by event id (RecentEvents).
 With strict matching the session instead reads only the global channel and
 applies the old hub's rule: top-level `task_id`/`project_id` only.
+
+Events routed to a personal channel never go to the global channel, so `*` (and
+strict matching) also reads the user's own personal channel -- or, with
+`legacy_personal_events_to_all`, the channel every personal event is fanned out
+on. Either way the two channels carry disjoint events, so `*` still needs no
+de-duplication.
+
+When the channel policy does not let the user read every shared channel
+(`claims`, `http`, or an anonymous client), reads are authorized (legacy.reads):
+a named subscription the policy refuses is ignored and counted, and an event
+reaching a `*` (or strict) client is passed on only when its user may read one
+of the channels it was routed to. An event whose answer needs the HTTP policy
+waits, with every later one behind it, so the client's order is kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 import logging
 import time
 from typing import Protocol
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
+from legacy.reads import LegacyReads
 from shim.broker import LegacyTag
 from shim.hypercorn_compat import Liveness
 from shim.limits import TokenBucket, Verdict
 from shim.node import Node
 from shim.outbox import Outbox
+from shim.routing import PERSONAL_FANOUT_CHANNEL
 
 log = logging.getLogger("shim.legacy")
 
@@ -64,8 +81,10 @@ class LegacyStats:
         "limited_commands",
         "limited_subscriptions",
         "malformed_commands",
+        "refused_subscriptions",
         "slow_disconnects",
         "unknown_actions",
+        "unreadable_events",
     )
 
     def __init__(self) -> None:
@@ -79,6 +98,10 @@ class LegacyStats:
         # Subscriptions ignored: past client_channel_limit, or a name longer than
         # channel_max_length.
         self.limited_subscriptions = 0
+        # Named subscriptions the channel policy refused (or could not answer), ignored.
+        self.refused_subscriptions = 0
+        # Events a `*` client did not get: its user may read none of their channels.
+        self.unreadable_events = 0
 
 
 class RecentEvents:
@@ -132,7 +155,13 @@ class LegacySession:
     __slots__ = (
         "_attached",
         "_commands",
+        "_disjoint",
         "_drain_at",
+        "_held",
+        "_held_bytes",
+        "_personal",
+        "_reads",
+        "_resolver",
         "_seen",
         "_strict",
         "liveness",
@@ -156,6 +185,8 @@ class LegacySession:
         user: str,
         strict_matching: bool,
         liveness: Liveness | None = None,
+        personal_channel: str = "",
+        reads: LegacyReads | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -166,6 +197,16 @@ class LegacySession:
         self.state = State.OPEN
         self.subscriptions: set[str] = set()
         self._attached: set[str] = set()
+        # True while the attached channels carry disjoint events (`*`, strict).
+        self._disjoint = False
+        # The user's own personal channel ("" for none), read along with `*`.
+        self._personal = personal_channel
+        # None when the user may read every shared channel: nothing to authorize.
+        self._reads = reads
+        # Events waiting for the HTTP policy's answer, oldest first, and their task.
+        self._held: collections.deque[LegacyTag] | None = None
+        self._held_bytes = 0
+        self._resolver: asyncio.Task[None] | None = None
         # Allocated only while the client holds several channels without `*`.
         self._seen: RecentEvents | None = None
         self.write_timeout = node.settings.websocket_write_timeout_seconds
@@ -201,8 +242,33 @@ class LegacySession:
             # The hub logged and ignored these; we count them.
             self.stats.malformed_commands += 1
             return
-        self._apply(command)
+        if command.action == "subscribe" and self._reads is not None:
+            await self._add_authorized(_named(command))
+            if self.closed:
+                return
+        else:
+            self._apply(command)
         await self._sync_attachments()
+
+    async def _add_authorized(self, names: set[str]) -> None:
+        """_add_subscriptions, asking the channel policy about each name within the
+        limits; a refused one is ignored (the hub never answered a command) and counted."""
+        assert self._reads is not None
+        for name in sorted(names - self.subscriptions):
+            if not self._within_limits(name):
+                continue
+            decision = await self._reads.may_subscribe(name)
+            if self.closed:
+                return
+            if decision.allowed:
+                self.subscriptions.add(name)
+                continue
+            self.stats.refused_subscriptions += 1
+            log.info(
+                "legacy subscription refused: %s",
+                decision.reason,
+                extra={"user": self.user, "channel": name, "protocol": "legacy"},
+            )
 
     def _apply(self, command: LegacyCommand) -> None:
         action = command.action
@@ -221,31 +287,49 @@ class LegacySession:
         """Subscriptions within client_channel_limit and channel_max_length; the rest
         are ignored and counted (each command costs O(subscriptions), and every name
         is held until the client leaves)."""
+        for name in sorted(names - self.subscriptions):
+            if self._within_limits(name):
+                self.subscriptions.add(name)
+
+    def _within_limits(self, name: str) -> bool:
         settings = self.node.settings
-        for name in sorted(names):
-            if name in self.subscriptions:
-                continue
-            if (
-                len(name.encode()) > settings.channel_max_length
-                or len(self.subscriptions) >= settings.client_channel_limit
-            ):
-                self.stats.limited_subscriptions += 1
-                self.node.counters.refused("legacy_subscription")
-                continue
-            self.subscriptions.add(name)
+        if (
+            len(name.encode()) > settings.channel_max_length
+            or len(self.subscriptions) >= settings.client_channel_limit
+        ):
+            self.stats.limited_subscriptions += 1
+            self.node.counters.refused("legacy_subscription")
+            return False
+        return True
+
+    def _reads_everything(self) -> bool:
+        return self._strict or WILDCARD in self.subscriptions
 
     def _wanted_channels(self) -> set[str]:
         if not self.subscriptions:
             return set()
-        global_channel = self.node.settings.global_channel
-        if self._strict or WILDCARD in self.subscriptions:
-            # Every event is routed to the global channel too: any other channel would
-            # only bring second copies.
-            return {global_channel}
+        settings = self.node.settings
+        if self._reads_everything():
+            # Every event but a personal one is routed to the global channel too: any
+            # other channel would only bring second copies. Personal events come
+            # through the user's own channel, or all of them through the fan-out one.
+            wanted = {settings.global_channel}
+            personal = (
+                PERSONAL_FANOUT_CHANNEL
+                if settings.legacy_personal_events_to_all
+                else self._personal
+            )
+            if personal:
+                wanted.add(personal)
+            return wanted
         return set(self.subscriptions)
 
     async def _sync_attachments(self) -> None:
         wanted = self._wanted_channels()
+        disjoint = self._reads_everything()
+        # Copies are recorded from the start of a change away from disjoint channels,
+        # and until the end of a change towards them (old and new overlap meanwhile).
+        self._disjoint = self._disjoint and disjoint
         # New channels before dropping old ones, so an event routed to both is not
         # missed while the broker subscribes.
         for channel in wanted - self._attached:
@@ -260,6 +344,7 @@ class LegacySession:
         for channel in self._attached - wanted:
             self._attached.discard(channel)
             self.node.detach_legacy(channel, self)
+        self._disjoint = disjoint
 
     # -- delivery (publish path: append only) -----------------------------------------
 
@@ -267,13 +352,68 @@ class LegacySession:
         if self._strict:
             if not self._matches_strictly(tag):
                 return
-        elif (self._seen is not None or len(self._attached) > 1) and not self._first_copy(
-            tag.event_id
-        ):
+        elif (
+            self._seen is not None or (len(self._attached) > 1 and not self._disjoint)
+        ) and not self._first_copy(tag.event_id):
             return
-        if not self.outbox.push(tag.frame):
+        if self._reads is not None and self._reads_everything():
+            self._deliver_readable(tag)
+            return
+        self._push(tag.frame)
+
+    def _push(self, frame: bytes) -> None:
+        if not self.outbox.push(frame):
             self.stats.slow_disconnects += 1
             self.close(3008, "slow")
+
+    def _deliver_readable(self, tag: LegacyTag) -> None:
+        """Pass the event on if the user may read one of its channels; hold it (and
+        everything after it) while the policy is asked."""
+        if self._held is not None:
+            self._hold(tag)
+            return
+        assert self._reads is not None
+        readable = self._reads.readable_now(tag.channels)
+        if readable is None:
+            self._held = collections.deque()
+            self._hold(tag)
+            self._resolver = asyncio.get_running_loop().create_task(self._resolve_held())
+        elif readable:
+            self._push(tag.frame)
+        else:
+            self.stats.unreadable_events += 1
+
+    def _hold(self, tag: LegacyTag) -> None:
+        assert self._held is not None
+        self._held.append(tag)
+        self._held_bytes += len(tag.frame)
+        # Held events count against the queue cap, as if queued.
+        if self._held_bytes + self.outbox.size > self.node.settings.client_queue_max_size_bytes:
+            self.stats.slow_disconnects += 1
+            self.close(3008, "slow")
+
+    async def _resolve_held(self) -> None:
+        """Ask the policy what the held events need, passing them on in order."""
+        held, reads = self._held, self._reads
+        assert held is not None and reads is not None
+        try:
+            while held and not self.closed:
+                tag = held[0]
+                readable = reads.readable_now(tag.channels)
+                if readable is None:
+                    readable = await reads.readable(tag.channels)
+                    if self.closed:
+                        return
+                held.popleft()
+                self._held_bytes -= len(tag.frame)
+                if readable:
+                    self._push(tag.frame)
+                else:
+                    self.stats.unreadable_events += 1
+        finally:
+            if self._held is held:
+                self._held, self._held_bytes = None, 0
+            self._resolver = None
 
     def _first_copy(self, event_id: str) -> bool:
         """False for a copy of an event already sent. Ids are recorded while several
@@ -283,7 +423,7 @@ class LegacySession:
         seen = self._seen
         if seen is not None and event_id in seen:
             return False
-        if len(self._attached) > 1:
+        if len(self._attached) > 1 and not self._disjoint:
             if seen is None:
                 seen = self._seen = RecentEvents(
                     now, window=DEDUP_WINDOW_SECONDS, limit=DEDUP_MAX_EVENTS
@@ -334,6 +474,10 @@ class LegacySession:
 
     def _release(self) -> None:
         self._seen = None
+        self._held, self._held_bytes = None, 0
+        if self._resolver is not None:
+            self._resolver.cancel()
+            self._resolver = None
         self.node.remove_session(self)
         self.node.user_disconnected(self.user)
         for channel in self._attached:

@@ -238,6 +238,8 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
                 "malformed_commands": stats.malformed_commands,
                 "unknown_actions": stats.unknown_actions,
                 "slow_disconnects": stats.slow_disconnects,
+                "refused_subscriptions": stats.refused_subscriptions,
+                "unreadable_events": stats.unreadable_events,
             },
         }
 

@@ -34,13 +34,17 @@ class LegacyTag:
     """What a legacy client needs of an ingested event: its id (to deliver it once
     however many of the client's subscriptions it reaches), its legacy frame as
     UTF-8 bytes (encoded once per event, shared by every channel and client it
-    reaches), and the top-level routing fields the old hub matched on.
+    reaches), the top-level routing fields the old hub matched on, and where it
+    was routed.
     """
 
     event_id: str
     frame: bytes
     task_id: str = ""
     project_id: str = ""
+    # The channels the event was routed to: a legacy client whose reads are
+    # authorized per channel gets it when its user may read one of them.
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

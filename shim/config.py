@@ -255,7 +255,8 @@ class Settings:
     # Prefix of each user's personal channel; every connection is subscribed to
     # `<prefix>:<user id>` server-side.
     user_channel_prefix: str = "user"
-    # Channel every ingested event is also published to (legacy `*` clients read it).
+    # Channel every ingested event is also published to (legacy `*` clients read it),
+    # except events routed to a personal channel: those reach only their user.
     global_channel: str = "global"
 
     # --- legacy hub protocol (GET /api/v1/ws) --------------------------------
@@ -268,6 +269,10 @@ class Settings:
     # Seconds a legacy client may go without answering a ping before it is dropped
     # (the hub's 60 s read deadline, renewed only by pongs).
     legacy_read_deadline_seconds: float = 60.0
+    # Compatibility: deliver events routed to a personal channel (approvals) to every
+    # legacy `*` client, as the Go hub did. Off: only to that channel's user, on both
+    # protocols. Only channel_policy = "any" lets it through (claims/http still ask).
+    legacy_personal_events_to_all: bool = False
 
     # --- cutover (changed at runtime through the admin API) -------------------
     # Starting mode: "legacy" (legacy only), "dual" (both) or "channels" (legacy refused).

@@ -136,6 +136,7 @@ class Ingestor:
                 frame=encode_legacy_frame(event).encode(),
                 task_id=event.task_id,
                 project_id=event.project_id,
+                channels=route.routed,
             )
             data = channel_data(event)
             batch.extend((channel, data, tag) for channel in route.channels)

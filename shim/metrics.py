@@ -146,6 +146,16 @@ class RuntimeCollector(Collector):
         ignored.add_metric(["unknown_action"], legacy.unknown_actions)
         ignored.add_metric(["rate_limited"], legacy.limited_commands)
         yield ignored
+        yield CounterMetricFamily(
+            f"{PREFIX}_legacy_refused_subscriptions",
+            "Legacy task/project subscriptions the channel policy refused (ignored).",
+            value=legacy.refused_subscriptions,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_legacy_unreadable_events",
+            "Events not passed to a legacy `*` client: its user may read none of their channels.",
+            value=legacy.unreadable_events,
+        )
 
         limited = CounterMetricFamily(
             f"{PREFIX}_limits_refused",

@@ -24,6 +24,7 @@ import httpx
 import orjson
 
 from shim.centrifuge.codes import INTERNAL, PERMISSION_DENIED, ErrorCode
+from shim.routing import PERSONAL_FANOUT_CHANNEL
 
 if TYPE_CHECKING:
     from adapters.auth.jwt import Credentials
@@ -66,12 +67,15 @@ class ChannelPolicy(Protocol):
 class AllowAuthenticated:
     """Any connection with a user id may subscribe anywhere (the legacy hub's rule)."""
 
-    async def can_subscribe(
-        self, credentials: Credentials, channel: str, client_id: str
-    ) -> Decision:
+    def decide(self, credentials: Credentials, channel: str) -> Decision:
         if credentials.user:
             return Decision.allow("authenticated")
         return Decision.deny("anonymous")
+
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        return self.decide(credentials, channel)
 
 
 def channel_granted(grants: tuple[str, ...], channel: str) -> bool:
@@ -104,6 +108,9 @@ class ClaimsPolicy:
     async def can_subscribe(
         self, credentials: Credentials, channel: str, client_id: str
     ) -> Decision:
+        return self.decide(credentials, channel)
+
+    def decide(self, credentials: Credentials, channel: str) -> Decision:
         if channel_granted(credentials.channels, channel):
             return Decision.allow("token channels")
         if channel.startswith(self._project_prefix):
@@ -250,6 +257,16 @@ class ChannelAuthorizer:
     def policy(self) -> ChannelPolicy:
         return self._policy
 
+    @property
+    def personal_prefix(self) -> str:
+        """`<user_channel_prefix>:`, or "" when the personal-channel rule is off."""
+        return self._user_prefix
+
+    def reads_everything_shared(self, credentials: Credentials) -> bool:
+        """True when every channel but others' personal ones is readable to these
+        credentials without asking (channel_policy "any" and a user id)."""
+        return isinstance(self._policy, AllowAuthenticated) and bool(credentials.user)
+
     def personal_channel(self, user: str) -> str:
         """The user's personal channel, or "" for anonymous users or when the rule is off."""
         return f"{self._user_prefix}{user}" if user and self._user_prefix else ""
@@ -263,14 +280,35 @@ class ChannelAuthorizer:
             and channel != self.personal_channel(user)
         )
 
-    async def authorize_subscribe(
-        self, credentials: Credentials, channel: str, client_id: str
-    ) -> Decision:
+    def never_granted(self, channel: str, user: str) -> bool:
+        """What no policy and no token may grant: another user's personal channel, or
+        the channel the node fans personal events out on to legacy clients."""
+        return channel == PERSONAL_FANOUT_CHANNEL or self.foreign_personal_channel(channel, user)
+
+    def decide_now(self, credentials: Credentials, channel: str) -> Decision | None:
+        """The decision, when it needs no I/O (personal channels, an instant policy);
+        None when only authorize_subscribe can tell."""
+        if channel == PERSONAL_FANOUT_CHANNEL:
+            return Decision.deny("internal channel")
         if self._user_prefix and channel.startswith(self._user_prefix):
             # Never delegated: no policy may hand one user another's personal channel.
             if self.foreign_personal_channel(channel, credentials.user):
                 return Decision.deny("personal channel of another user")
             return Decision.allow("own personal channel")
+        policy = self._policy
+        if isinstance(policy, AllowAuthenticated | ClaimsPolicy):
+            return policy.decide(credentials, channel)
+        return None
+
+    async def authorize_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        if channel == PERSONAL_FANOUT_CHANNEL or (
+            self._user_prefix and channel.startswith(self._user_prefix)
+        ):
+            decision = self.decide_now(credentials, channel)
+            assert decision is not None
+            return decision
         try:
             return await self._policy.can_subscribe(credentials, channel, client_id)
         except Exception:

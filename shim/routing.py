@@ -17,14 +17,31 @@ from shim.events import Event
 _TOP_LEVEL_KEYS = ("task_id", "project_id")
 
 
+# Where events routed to a personal channel also go when
+# `legacy_personal_events_to_all` is on: legacy `*` clients read it, and no client
+# may subscribe to it (its namespace is never configured, and the authorizer refuses it).
+PERSONAL_FANOUT_CHANNEL = "$legacy:personal"
+
+
 @dataclass(slots=True, frozen=True)
 class Route:
-    # Channels to publish to, without duplicates; the global channel is always last.
+    # Channels to publish to, without duplicates; the global channel is always last,
+    # except for a personal event: it never goes to the global channel, and goes last
+    # to PERSONAL_FANOUT_CHANNEL when that is on.
     channels: tuple[str, ...]
     # Templates (as configured) that could not be filled: the event lacked their key.
     missing: tuple[str, ...]
     # No rule matched the event type; it went to the default channel.
     unknown_type: bool
+    # Routed to a personal channel: meant for its user only.
+    personal: bool = False
+
+    @property
+    def routed(self) -> tuple[str, ...]:
+        """The channels the event was routed to, without the internal fan-out channel."""
+        if self.channels and self.channels[-1] == PERSONAL_FANOUT_CHANNEL:
+            return self.channels[:-1]
+        return self.channels
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,16 +99,34 @@ def _compile_template(text: str, optional: bool) -> _Template:
 class Router:
     """Maps an event type to channels: the longest matching rule wins, where a rule's
     `match` is an exact type or a prefix ending in '.'. Every event also goes to
-    `global_channel`; a type no rule matches goes to `default_channel`.
+    `global_channel`, except a personal one (routed to a channel starting with
+    `personal_prefix`): every global reader would read it. A type no rule matches
+    goes to `default_channel`.
     """
 
-    __slots__ = ("_default_channel", "_exact", "_global_channel", "_prefixes")
+    __slots__ = (
+        "_default_channel",
+        "_exact",
+        "_fanout",
+        "_global_channel",
+        "_personal_prefix",
+        "_prefixes",
+    )
 
     def __init__(
-        self, rules: Sequence[RouteRule], *, default_channel: str, global_channel: str
+        self,
+        rules: Sequence[RouteRule],
+        *,
+        default_channel: str,
+        global_channel: str,
+        personal_prefix: str = "",
+        personal_fanout: bool = False,
     ) -> None:
         self._default_channel = default_channel
         self._global_channel = global_channel
+        # "" turns the personal rule off (as an empty user_channel_prefix does).
+        self._personal_prefix = personal_prefix
+        self._fanout = (PERSONAL_FANOUT_CHANNEL,) if personal_fanout else ()
         self._exact: dict[str, _CompiledRule] = {}
         self._prefixes: dict[str, _CompiledRule] = {}
         for rule in rules:
@@ -138,9 +173,20 @@ class Router:
                 missing.append(template.text)
         if rule.fallback and lacking == len(rule.templates):
             channels, missing = [rule.fallback], []
+        prefix = self._personal_prefix
+        if prefix and any(c.startswith(prefix) for c in channels):
+            return Route(
+                channels=(*self._unique(channels), *self._fanout),
+                missing=tuple(missing),
+                unknown_type=False,
+                personal=True,
+            )
         return Route(channels=self._finish(channels), missing=tuple(missing), unknown_type=False)
 
+    def _unique(self, channels: Sequence[str]) -> dict[str, None]:
+        # dict keeps first-seen order while dropping duplicates.
+        return dict.fromkeys(c for c in channels if c != self._global_channel)
+
     def _finish(self, channels: Sequence[str]) -> tuple[str, ...]:
-        # dict keeps first-seen order while dropping duplicates; global goes last, once.
-        unique = dict.fromkeys(c for c in channels if c != self._global_channel)
-        return (*unique, self._global_channel)
+        # Global goes last, once.
+        return (*self._unique(channels), self._global_channel)

@@ -110,6 +110,8 @@ class Runtime:
             settings.routes,
             default_channel=settings.default_channel,
             global_channel=settings.global_channel,
+            personal_prefix=self.authorizer.personal_prefix,
+            personal_fanout=settings.legacy_personal_events_to_all,
         )
         self.ingestor = Ingestor(self.node, self.router)
         self.legacy_stats = LegacyStats()

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from adapters.auth.jwt import Credentials, TokenError
+from legacy.reads import LegacyReads
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
 from shim import console_credential
@@ -241,6 +242,7 @@ async def serve_legacy(
         joined=False,
         max_frame_bytes=settings.websocket_max_frame_bytes,
     )
+    authorizer = runtime.authorizer
     session = LegacySession(
         runtime.node,
         pump,
@@ -249,6 +251,13 @@ async def serve_legacy(
         user=credentials.user,
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
+        personal_channel=authorizer.personal_channel(credentials.user),
+        # Under "any" a user reads every shared channel: nothing to ask, bytes unchanged.
+        reads=None
+        if authorizer.reads_everything_shared(credentials)
+        else LegacyReads(
+            authorizer, credentials, cache_seconds=settings.channel_policy_cache_seconds
+        ),
     )
     await _pump(runtime, session, pump, receive, outbox, LEGACY_READ_LIMIT_BYTES, first_frame)
 

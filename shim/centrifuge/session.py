@@ -484,8 +484,7 @@ class CentrifugeSession:
         server_channels += [
             c
             for c in credentials.server_side_channels
-            if c not in server_channels
-            and not self.authorizer.foreign_personal_channel(c, credentials.user)
+            if c not in server_channels and not self.authorizer.never_granted(c, credentials.user)
         ]
         opened: list[tuple[Subscription, StreamPosition]] = []
         subs_result: dict[str, Mapping[str, Any]] = {}
@@ -560,10 +559,10 @@ class CentrifugeSession:
                 raise Reject(
                     codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED
                 ) from None
-            if self.authorizer.foreign_personal_channel(channel, self._user()):
+            if self.authorizer.never_granted(channel, self._user()):
                 # A token may not hand one user another's personal channel either.
                 log.info(
-                    "subscribe refused: personal channel of another user",
+                    "subscribe refused: channel no token may grant",
                     extra={"client": self.client_id, "user": self._user(), "channel": channel},
                 )
                 raise Reject(codes.PERMISSION_DENIED)

@@ -348,6 +348,13 @@ def test_body_vectors() -> None:
     assert decode_body(FULL_BODY, 9) == Publication(FULL.data, 9, FULL.info, 5, FULL.legacy)
 
 
+def test_routed_channels_travel_with_the_legacy_tag() -> None:
+    tag = LegacyTag("e-2", b'{"type":"a"}', channels=("user:bob", "task:t"))
+    body = encode_body(Publication(b"{}", legacy=tag))
+    assert body == b'{"ev":"e-2","fr":12,"ch":["user:bob","task:t"]}\n{"type":"a"}{}'
+    assert decode_body(body).legacy == tag
+
+
 def test_message_vectors() -> None:
     assert publication_message(b'{}\n{"n":1}', 3, "Ab-_") == b'p3:Ab-_\n{}\n{"n":1}'
     assert publication_message(b"{}\n1") == b"p0:\n{}\n1"
@@ -385,6 +392,8 @@ def test_history_entry_and_presence_vectors() -> None:
         b'p1:e\n{"ev":"e"}\n',
         b'p1:e\n{"t":true}\n',
         b'p1:e\n{"ev":"e","fr":1}\n\xff',
+        b'p1:e\n{"ev":"e","fr":1,"ch":"task:t"}\n1',
+        b'p1:e\n{"ev":"e","fr":1,"ch":[1]}\n1',
         b'j{"u":"u","c":"c"}\nextra',
         b"j{}\n",
     ],

@@ -112,7 +112,8 @@ async def test_connect_personal_channel_and_approval_routing(
             server,
             {"type": "approval.required", "payload": {"user_id": "alice", "approval_id": "a1"}},
         )
-        assert named[0]["channels"] == ["user:alice", "global"]
+        # Personal: not on `global`, where every user would read it.
+        assert named[0]["channels"] == ["user:alice"]
         pub = await events.wait_for("publication", lambda c: c.channel == "user:alice")
         assert pub.pub.data["type"] == "approval.required"
         assert pub.pub.data["approval_id"] == "a1"

@@ -16,13 +16,17 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from adapters.auth.jwt import Credentials
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy import session as legacy_session
+from legacy.reads import LegacyReads
 from legacy.session import LegacySession, LegacyStats, RecentEvents
 from shim.broker import LegacyTag, Publication
 from shim.config import Settings
 from shim.node import Node
 from shim.outbox import Outbox
+from shim.policy import ChannelAuthorizer, Decision
+from shim.routing import PERSONAL_FANOUT_CHANNEL
 
 WINDOW = legacy_session.DEDUP_WINDOW_SECONDS
 LIMIT = legacy_session.DEDUP_MAX_EVENTS
@@ -54,12 +58,26 @@ class Transport:
 class Client:
     """A session with an outbox whose writes are collected."""
 
-    def __init__(self, node: Node, *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        strict: bool = False,
+        personal: str = "",
+        reads: LegacyReads | None = None,
+    ) -> None:
         self.written: list[bytes] = []
         self.outbox = Outbox(1 << 30, self._send, joined=False)
         self.transport = Transport()
         self.session = LegacySession(
-            node, self.transport, self.outbox, LegacyStats(), user="u", strict_matching=strict
+            node,
+            self.transport,
+            self.outbox,
+            LegacyStats(),
+            user="u",
+            strict_matching=strict,
+            personal_channel=personal,
+            reads=reads,
         )
 
     async def _send(self, frame: bytes) -> None:
@@ -238,6 +256,78 @@ async def test_strict_matching_reads_only_global_and_filters_top_level_fields(
         node.on_publication("global", Publication(data=b"{}", legacy=event), "")
     assert await client.frames() == [frame(1), frame(3)]
     assert client.session.remembered_events == 0
+
+
+async def test_a_wildcard_client_also_reads_its_personal_channel_and_remembers_nothing(
+    node: Node, clock: Clock
+) -> None:
+    # Personal events never go to the global channel: the two carry disjoint events.
+    client = Client(node, personal="user:u")
+    await client.command(action="subscribe_all")
+    assert node.subscriber_count("global") == node.subscriber_count("user:u") == 1
+    for n in range(300):
+        copy(node, "user:u" if n % 7 == 0 else "global", n)
+    assert client.session.remembered_events == 0
+    assert await client.frames() == [frame(n) for n in range(300)]
+
+
+async def test_with_personal_events_to_all_a_wildcard_client_reads_the_fan_out_channel() -> None:
+    node = Node(
+        Settings(legacy_personal_events_to_all=True), MemoryBroker(), MemoryPresenceManager()
+    )
+    client = Client(node, personal="user:u")
+    await client.command(action="subscribe_all")
+    assert node.subscriber_count(PERSONAL_FANOUT_CHANNEL) == 1
+    # Its own personal events come through the fan-out channel too: not read twice.
+    assert node.subscriber_count("user:u") == 0
+
+
+class GatedPolicy:
+    """A policy answering only once `gate` is set: task:ok* yes, anything else no."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.asked: list[str] = []
+
+    async def can_subscribe(
+        self, credentials: Credentials, channel: str, client_id: str
+    ) -> Decision:
+        self.asked.append(channel)
+        await self.gate.wait()
+        return Decision.allow("ok") if channel.startswith("task:ok") else Decision.deny("no")
+
+
+async def test_events_waiting_for_the_policy_are_passed_on_in_order(
+    node: Node, clock: Clock
+) -> None:
+    policy = GatedPolicy()
+    reads = LegacyReads(ChannelAuthorizer(policy), Credentials(user="u"), cache_seconds=60)
+    client = Client(node, reads=reads)
+    await client.command(action="subscribe_all")
+    for n in range(10):
+        routed = ("task:ok" if n % 2 == 0 else "task:no", "global")
+        event = LegacyTag(event_id=f"e-{n}", frame=frame(n).encode(), channels=routed)
+        node.on_publication("global", Publication(data=b"{}", legacy=event), "")
+    assert await client.frames() == []  # all held behind the first question
+    policy.gate.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await client.frames() == [frame(n) for n in range(0, 10, 2)]
+    # One question per channel, not per event.
+    assert policy.asked == ["task:ok", "task:no", "global"]
+    assert client.session.stats.unreadable_events == 5
+
+
+async def test_a_refused_named_subscription_is_ignored_and_counted(node: Node) -> None:
+    policy = GatedPolicy()
+    policy.gate.set()
+    reads = LegacyReads(ChannelAuthorizer(policy), Credentials(user="u"), cache_seconds=60)
+    client = Client(node, reads=reads)
+    await client.command(action="subscribe", task_id="secret")
+    await client.command(action="subscribe", task_id="ok-1")
+    assert client.session.subscriptions == {"task:ok-1"}
+    assert node.subscriber_count("task:secret") == 0
+    assert client.session.stats.refused_subscriptions == 1
 
 
 # --- RecentEvents on its own -------------------------------------------------------------

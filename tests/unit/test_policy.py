@@ -24,6 +24,7 @@ from shim.policy import (
     HttpCallbackPolicy,
     policy_from_settings,
 )
+from shim.routing import PERSONAL_FANOUT_CHANNEL
 
 ADA = Credentials(user="ada")
 ANONYMOUS = Credentials(user="")
@@ -104,6 +105,36 @@ async def test_custom_prefix_and_disabled_rule() -> None:
     off = ChannelAuthorizer(policy, user_channel_prefix="")
     assert not (await off.authorize_subscribe(ADA, "me:ada", "c")).allowed
     assert policy.asked[-1] == "me:ada"
+
+
+async def test_the_personal_fan_out_channel_is_never_granted() -> None:
+    policy = RecordingPolicy(Decision.allow("yes"))
+    authorizer = ChannelAuthorizer(policy)
+    decision = await authorizer.authorize_subscribe(ADA, PERSONAL_FANOUT_CHANNEL, "c")
+    assert decision.error is PERMISSION_DENIED
+    assert authorizer.never_granted(PERSONAL_FANOUT_CHANNEL, "ada")
+    assert authorizer.never_granted("user:bob", "ada")
+    assert not authorizer.never_granted("user:ada", "ada")
+    assert policy.asked == []
+
+
+def test_decisions_without_io_are_had_on_the_spot() -> None:
+    claims = ChannelAuthorizer(ClaimsPolicy())
+    granted = Credentials(user="ada", channels=("task:*",))
+    assert claims.decide_now(granted, "task:1") == Decision.allow("token channels")
+    assert claims.decide_now(granted, "quest:1") == Decision.deny("not granted by token")
+    assert claims.decide_now(granted, "user:ada") == Decision.allow("own personal channel")
+    recording = ChannelAuthorizer(RecordingPolicy(Decision.allow("yes")))
+    assert recording.decide_now(ADA, "task:1") is None  # only the callback can tell
+    assert recording.decide_now(ADA, "user:bob") == Decision.deny(
+        "personal channel of another user"
+    )
+
+
+def test_only_the_any_policy_lets_a_user_read_every_shared_channel() -> None:
+    assert ChannelAuthorizer(AllowAuthenticated()).reads_everything_shared(ADA)
+    assert not ChannelAuthorizer(AllowAuthenticated()).reads_everything_shared(ANONYMOUS)
+    assert not ChannelAuthorizer(ClaimsPolicy()).reads_everything_shared(ADA)
 
 
 async def test_a_raising_policy_gives_a_temporary_internal_error() -> None:

@@ -10,7 +10,7 @@ import pytest
 from legacy.translate import Accepted, parse_broadcast
 from shim.config import RouteRule, Settings
 from shim.events import Event
-from shim.routing import Route, Router
+from shim.routing import PERSONAL_FANOUT_CHANNEL, Route, Router
 from tests.unit.test_legacy_wire import CORPUS
 
 SETTINGS = Settings()
@@ -18,6 +18,7 @@ ROUTER = Router(
     SETTINGS.routes,
     default_channel=SETTINGS.default_channel,
     global_channel=SETTINGS.global_channel,
+    personal_prefix="user:",
 )
 
 
@@ -33,7 +34,8 @@ def event(type_: str, payload: dict[str, Any], task_id: str = "", project_id: st
 
 
 def design_table_channels(example: dict[str, Any]) -> list[str]:
-    """The design doc's routing table, written out for one legacy example."""
+    """The design doc's routing table, written out for one legacy example (and the
+    global channel, except for approvals to a user: personal events skip it)."""
     family = example["type"].split(".")[0]
     payload = example["payload"]
     task_id = payload.get("task_id") or example.get("task_id")
@@ -44,7 +46,9 @@ def design_table_channels(example: dict[str, Any]) -> list[str]:
     elif family == "quest":
         channels = [f"quest:{payload['quest_id']}"]
     elif family == "approval":
-        channels = [f"user:{payload['user_id']}" if payload.get("user_id") else "system"]
+        if payload.get("user_id"):
+            return [f"user:{payload['user_id']}"]
+        channels = ["system"]
     else:
         raise AssertionError(f"corpus has an event family the design table lacks: {family}")
     return [*channels, "global"]
@@ -55,8 +59,9 @@ def test_every_corpus_example_lands_where_the_design_table_says(site: dict[str, 
     [item] = parse_broadcast(site["wire"].encode(), max_item_bytes=1 << 20)
     assert isinstance(item, Accepted)
     route = ROUTER.route(item.event)
+    channels = tuple(design_table_channels(site["example"]))
     assert route == Route(
-        channels=tuple(design_table_channels(site["example"])), missing=(), unknown_type=False
+        channels=channels, missing=(), unknown_type=False, personal="global" not in channels
     )
 
 
@@ -66,7 +71,7 @@ def test_corpus_reaches_every_family_channel() -> None:
         [item] = parse_broadcast(site["wire"].encode(), max_item_bytes=1 << 20)
         assert isinstance(item, Accepted)
         namespaces |= {c.split(":")[0] for c in ROUTER.route(item.event).channels}
-    assert namespaces == {"task", "quest", "system", "global"}
+    assert namespaces >= {"task", "quest", "system", "global"}
 
 
 def test_session_event_routes_by_top_level_task_id() -> None:
@@ -107,7 +112,7 @@ def test_missing_key_reaches_only_global_and_is_reported() -> None:
 def test_approvals_go_to_the_user_or_else_system() -> None:
     named = ROUTER.route(event("approval.required", {"user_id": "u-1", "reason": "budget"}))
     anonymous = ROUTER.route(event("approval.resolved", {"id": "a-1"}, task_id="t-1"))
-    assert named == Route(channels=("user:u-1", "global"), missing=(), unknown_type=False)
+    assert named == Route(channels=("user:u-1",), missing=(), unknown_type=False, personal=True)
     assert anonymous == Route(channels=("system", "global"), missing=(), unknown_type=False)
 
 
@@ -199,3 +204,43 @@ def test_router_reads_routes_from_settings_overrides() -> None:
     assert isinstance(item, Accepted)
     assert router.route(item.event).channels == ("task:t-3", "global")
     assert router.route(event("task.updated", {"task_id": "t-3"})).unknown_type
+
+
+def test_personal_events_skip_global_but_keep_channels_named_by_their_rule() -> None:
+    rules = (
+        RouteRule("approval.", ("user:{user_id}",), fallback="system"),
+        RouteRule("note.", ("task:{task_id}", "user:{user_id}", "all")),
+    )
+    router = Router(rules, default_channel="d", global_channel="all", personal_prefix="user:")
+    approval = router.route(event("approval.required", {"user_id": "bob"}))
+    assert (approval.channels, approval.personal, approval.routed) == (
+        ("user:bob",),
+        True,
+        ("user:bob",),
+    )
+    # An explicit global in a rule does not bring it back either.
+    note = router.route(event("note.added", {"task_id": "t", "user_id": "bob"}))
+    assert (note.channels, note.personal) == (("task:t", "user:bob"), True)
+    unnamed = router.route(event("approval.required", {}))
+    assert (unnamed.channels, unnamed.personal) == (("system", "all"), False)
+    # Without a personal prefix (the rule switched off) nothing is personal.
+    plain = Router(rules, default_channel="d", global_channel="all")
+    assert plain.route(event("approval.required", {"user_id": "bob"})).channels == (
+        "user:bob",
+        "all",
+    )
+
+
+def test_the_compatibility_fan_out_channel_comes_last_and_is_not_routed() -> None:
+    router = Router(
+        SETTINGS.routes,
+        default_channel="system",
+        global_channel="global",
+        personal_prefix="user:",
+        personal_fanout=True,
+    )
+    route = router.route(event("approval.required", {"user_id": "bob"}))
+    assert route.channels == ("user:bob", PERSONAL_FANOUT_CHANNEL)
+    assert route.routed == ("user:bob",)
+    shared = router.route(event("task.updated", {"task_id": "t"}))
+    assert shared.channels == shared.routed == ("task:t", "global")

@@ -8,7 +8,8 @@ A *body* carries one publication without its position:
 "t" time_ms; "u" user and "c" client (present together when the publication has a
 ClientInfo); "ci" / "hi" byte lengths of conn_info / chan_info (absent = None);
 "ev" event_id and "fr" byte length of the UTF-8 legacy frame (present together when
-the publication has a LegacyTag), "tk" task_id, "pj" project_id. The raw segments
+the publication has a LegacyTag), "tk" task_id, "pj" project_id, "ch" the routed
+channels (a list of strings). The raw segments
 follow in that order and `data` is the rest, so no payload is ever escaped or copied
 into JSON. orjson escapes newlines inside strings, so the first b"\\n" ends the header.
 
@@ -79,6 +80,8 @@ def encode_body(pub: Publication) -> bytes:
             header["tk"] = tag.task_id
         if tag.project_id:
             header["pj"] = tag.project_id
+        if tag.channels:
+            header["ch"] = tag.channels
         segments.append(frame)
     segments.append(pub.data)
     return b"".join((orjson.dumps(header), b"\n", *segments))
@@ -155,7 +158,19 @@ class _Reader:
             frame.decode()  # legacy clients get it as a text frame
         except UnicodeDecodeError as error:
             raise WireError("frame is not UTF-8") from error
-        return LegacyTag(event_id, frame, self.text("tk", "") or "", self.text("pj", "") or "")
+        return LegacyTag(
+            event_id,
+            frame,
+            self.text("tk", "") or "",
+            self.text("pj", "") or "",
+            self.strings("ch"),
+        )
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.header.get(key, ())
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise WireError(f"{key} is not a list of strings")
+        return tuple(value)
 
     def publication(self, offset: int) -> Publication:
         time_ms = self.header.get("t", 0)
