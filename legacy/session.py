@@ -377,7 +377,8 @@ class LegacySession:
         if readable is None:
             self._held = collections.deque()
             self._hold(tag)
-            self._resolver = asyncio.get_running_loop().create_task(self._resolve_held())
+            if not self.closed:  # one event alone may be over the cap
+                self._resolver = asyncio.get_running_loop().create_task(self._resolve_held())
         elif readable:
             self._push(tag.frame)
         else:

@@ -318,6 +318,24 @@ async def test_events_waiting_for_the_policy_are_passed_on_in_order(
     assert client.session.stats.unreadable_events == 5
 
 
+async def test_events_held_for_the_policy_count_against_the_queue_cap() -> None:
+    node = Node(Settings(client_queue_max_size_bytes=1024), MemoryBroker(), MemoryPresenceManager())
+    policy = GatedPolicy()  # never answers
+    reads = LegacyReads(ChannelAuthorizer(policy), Credentials(user="u"), cache_seconds=60)
+    client = Client(node, reads=reads)
+    await client.command(action="subscribe_all")
+    big = b'{"pad":"' + b"x" * 300 + b'"}'
+    for n in range(4):
+        event = LegacyTag(event_id=f"e-{n}", frame=big, channels=("task:wait", "global"))
+        node.on_publication("global", Publication(data=b"{}", legacy=event), "")
+    # A client whose events wait for an answer is as slow as one that does not read.
+    assert client.transport.closes == [(3008, "slow")]
+    assert client.session.stats.slow_disconnects == 1
+    await asyncio.sleep(0)
+    assert await client.frames() == []
+    assert node.subscriber_count("global") == 0
+
+
 async def test_a_refused_named_subscription_is_ignored_and_counted(node: Node) -> None:
     policy = GatedPolicy()
     policy.gate.set()
