@@ -15,6 +15,10 @@ from websockets.exceptions import InvalidStatus
 
 from tests.conftest import ADMIN_KEY, RunningServer, run_server
 from tests.integration.test_channel_policy import DecidingApp
+from tests.integration.test_js_sdk import connect as js_connect
+from tests.integration.test_js_sdk import on as js_on
+from tests.integration.test_js_sdk import subscribe as js_subscribe
+from tests.jsclient import JsClient
 from tests.legacyclient import Frame, LegacyClient, legacy_client, open_legacy, settle
 from tests.pyclient import new_client, new_subscription
 
@@ -349,3 +353,24 @@ async def test_compatibility_setting_does_not_override_the_claims_policy(
             await publisher(server)([approval(1, "bob"), numbered(2, "task.updated", task_id="t")])
             assert await received_until(bob, 2) == [1, 2]
             assert await received_until(alice, 2) == [2]
+
+
+async def test_centrifuge_js_reads_its_own_approval_but_not_anothers_on_global(
+    server: RunningServer,
+) -> None:
+    async with JsClient(server.ws_url, server.token("alice")) as js:
+        await js_connect(js)
+        await js.wait_event(js_on("user:alice", "subscribed"), timeout=5)
+        await js_subscribe(js, "global")
+        await publisher(server)(
+            [approval(1, "bob"), approval(2, "alice"), numbered(3, "task.updated", task_id="t")]
+        )
+        await js.wait_event(
+            lambda e: js_on("global", "sub.publication")(e) and e["data"].get("n") == 3,
+            timeout=5,
+        )
+        own = await js.wait_event(js_on("user:alice", "publication"), timeout=5)
+        assert own["data"]["n"] == 2
+        on_global = js.find_events(js_on("global", "sub.publication"))
+        assert [e["data"].get("n") for e in on_global if "n" in e["data"]] == [3]
+        assert len(js.find_events(js_on("user:alice", "publication"))) == 1
