@@ -18,9 +18,12 @@ from tests.integration.test_channel_policy import DecidingApp
 from tests.integration.test_js_sdk import connect as js_connect
 from tests.integration.test_js_sdk import on as js_on
 from tests.integration.test_js_sdk import subscribe as js_subscribe
+from tests.integration.test_multinode import publish_through
 from tests.jsclient import JsClient
 from tests.legacyclient import Frame, LegacyClient, legacy_client, open_legacy, settle
+from tests.multinode import start_nodes
 from tests.pyclient import new_client, new_subscription
+from tests.redis_server import RedisServer
 
 Keys = tuple[str, str]
 INVALID = b'{"message":"invalid token"}\n'
@@ -374,3 +377,28 @@ async def test_centrifuge_js_reads_its_own_approval_but_not_anothers_on_global(
         on_global = js.find_events(js_on("global", "sub.publication"))
         assert [e["data"].get("n") for e in on_global if "n" in e["data"]] == [3]
         assert len(js.find_events(js_on("user:alice", "publication"))) == 1
+
+
+# --- across nodes: the routed channels travel with each event through Redis --------------
+
+
+async def test_reads_are_authorized_on_the_node_the_client_is_on() -> None:
+    async with (
+        RedisServer() as redis,
+        start_nodes(2, [redis.url], settings={"channel_policy": "claims"}) as (a, b),
+    ):
+        token = a.token("alice", channels=["task:*"])
+        async with legacy_client(a.port, token) as star:
+            await settle(publish_through(b), [star], "task:settle")
+            await publish_through(b)(
+                [
+                    numbered(1, "quest.updated", quest_id="q"),
+                    approval(2, "bob"),
+                    approval(3, "alice"),
+                    numbered(4, "task.updated", task_id="t"),
+                ]
+            )
+            # Ingested on B, read on A: the quest is not granted, bob's approval is
+            # not alice's; her own approval and the task are.
+            assert await received_until(star, 4) == [3, 4]
+            await star.expect_silence(QUIET)
