@@ -43,14 +43,11 @@ class RedisEmulationRelay:
     async def start(self) -> None:
         """Listening before the node serves, so no node id is handed out before
         requests for it can arrive (a Redis that is down is retried in the background)."""
-        pubsub: PubSub | None = self.redis.pubsub()
-        assert pubsub is not None
+        pubsub: PubSub | None = None
         try:
-            await pubsub.subscribe(self._channel)
+            pubsub = await self._subscribed()
         except (RedisError, OSError) as exc:
             log.warning("emulation relay not subscribed yet: %s", exc.__class__.__name__)
-            await _close(pubsub)
-            pubsub = None
         self._task = asyncio.create_task(self._listen(pubsub), name="shim-emulation-relay")
 
     async def close(self) -> None:
@@ -68,13 +65,24 @@ class RedisEmulationRelay:
             raise BrokerUnavailable(f"emulation not forwarded: {exc.__class__.__name__}") from None
         return int(receivers) > 0
 
+    async def _subscribed(self) -> PubSub:
+        # A command first: a cluster client learns the slot map on its first command,
+        # and its pub/sub needs that map.
+        await self.redis.ping()
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self._channel)
+        except BaseException:
+            await _close(pubsub)
+            raise
+        return pubsub
+
     async def _listen(self, pubsub: PubSub | None) -> None:
         delay = 0.1
         while True:
             try:
                 if pubsub is None:
-                    pubsub = self.redis.pubsub()
-                    await pubsub.subscribe(self._channel)
+                    pubsub = await self._subscribed()
                 delay = 0.1
                 async for message in pubsub.listen():
                     if message.get("type") == "message":

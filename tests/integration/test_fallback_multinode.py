@@ -5,7 +5,7 @@ throwaway redis-server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import httpx
 import pytest
@@ -14,6 +14,7 @@ from shim.fallback.endpoints import EMULATION_PATH, HTTP_STREAM_PATH, SSE_PATH
 from tests.integration.test_js_sdk import FAST, on, subscribe, task_event, wait_until
 from tests.jsclient import JsClient
 from tests.multinode import start_nodes
+from tests.redis_cluster import RedisClusterProcesses
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.js]
@@ -29,7 +30,20 @@ async def redis() -> AsyncIterator[RedisServer]:
 async def test_commands_landing_on_another_node_reach_the_session(
     redis: RedisServer, transport: str
 ) -> None:
-    async with start_nodes(2, [redis.url]) as (a, b):
+    await commands_reach_the_session_across_nodes([redis.url], {}, transport)
+
+
+async def test_commands_reach_the_session_across_nodes_on_a_redis_cluster() -> None:
+    with RedisClusterProcesses() as cluster:
+        await commands_reach_the_session_across_nodes(
+            cluster.seed_urls, {"redis_cluster": "true"}, "http_stream"
+        )
+
+
+async def commands_reach_the_session_across_nodes(
+    redis_urls: Sequence[str], settings: Mapping[str, str], transport: str
+) -> None:
+    async with start_nodes(2, redis_urls, settings=settings) as (a, b):
         path = HTTP_STREAM_PATH if transport == "http_stream" else SSE_PATH
         options = {
             "transports": [{"transport": transport, "endpoint": a.url + path}],
