@@ -7,6 +7,7 @@ told apart from a delivered request at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -29,7 +30,7 @@ class RedisEmulationRelay:
         *,
         prefix: str,
         node_name: str,
-        on_commands: Callable[[str, str], None],
+        on_commands: Callable[[str, str | bytes], None],
     ) -> None:
         self.redis = redis
         self._prefix = prefix
@@ -57,8 +58,14 @@ class RedisEmulationRelay:
                 await self._task
         await self.redis.aclose()
 
-    async def forward(self, node: str, session: str, data: str) -> bool:
-        message = orjson.dumps({"session": session, "data": data})
+    async def forward(self, node: str, session: str, data: str | bytes) -> bool:
+        # Text commands as they are, Protobuf ones in base64.
+        body = {"session": session}
+        if isinstance(data, str):
+            body["data"] = data
+        else:
+            body["binary"] = base64.b64encode(data).decode()
+        message = orjson.dumps(body)
         try:
             receivers = await self.redis.publish(self.channel_of(node), message)
         except (RedisError, OSError) as exc:
@@ -99,11 +106,12 @@ class RedisEmulationRelay:
     def _deliver(self, raw: bytes) -> None:
         try:
             body = orjson.loads(raw)
-            session, data = body["session"], body["data"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            session = body["session"]
+            data: str | bytes = body["data"] if "data" in body else base64.b64decode(body["binary"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("malformed relayed emulation request dropped")
             return
-        if isinstance(session, str) and isinstance(data, str):
+        if isinstance(session, str) and isinstance(data, str | bytes):
             self._on_commands(session, data)
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("shim.emulation")
 class Relay(Protocol):
     """Reaches the node holding a session."""
 
-    async def forward(self, node: str, session: str, data: str) -> bool:
+    async def forward(self, node: str, session: str, data: str | bytes) -> bool:
         """Hand the commands to `node`; False when no such node listens."""
         ...
 
@@ -36,11 +36,11 @@ class EmulatedConnection:
     def __init__(self, session: CentrifugeSession, cap_bytes: int) -> None:
         self.session = session
         self._cap = cap_bytes
-        self._inbox: list[str] = []
+        self._inbox: list[str | bytes] = []
         self._pending = 0
         self._worker: asyncio.Task[None] | None = None
 
-    def feed(self, data: str) -> bool:
+    def feed(self, data: str | bytes) -> bool:
         """Queue one request's commands; False when too much is already waiting."""
         if self._pending + len(data) > self._cap:
             return False
@@ -84,7 +84,7 @@ class EmulationHub:
         if connection is not None:
             connection.stop()
 
-    def feed_local(self, session_id: str, data: str) -> None:
+    def feed_local(self, session_id: str, data: str | bytes) -> None:
         """Commands for a session of this node (from a request or the relay)."""
         connection = self._connections.get(session_id)
         if connection is None:
@@ -106,7 +106,7 @@ class EmulationHub:
         if not reached:
             raise RequestError(404, "node not found")
 
-    def on_relayed(self, session_id: str, data: str) -> None:
+    def on_relayed(self, session_id: str, data: str | bytes) -> None:
         """Commands another node forwarded here."""
         try:
             self.feed_local(session_id, data)

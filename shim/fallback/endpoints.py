@@ -27,6 +27,8 @@ from typing import Any
 
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
+from shim.centrifuge.wire import JSON as JSON_WIRE
+from shim.centrifuge.wire import Wire
 from shim.edge import ASGIReceive, ASGISend, SocketPump
 from shim.fallback import framing
 from shim.fallback.emulation import EmulatedConnection
@@ -53,6 +55,7 @@ UNI_SSE_PATH = "/connection/uni_sse"
 NDJSON = b"application/x-ndjson"
 EVENT_STREAM = b"text/event-stream; charset=utf-8"
 JSON = b"application/json"
+PROTOBUF_CONTENT = b"application/octet-stream"
 
 Handler = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
 
@@ -149,20 +152,20 @@ class FallbackEndpoints:
         settings = self.runtime.settings
         if await self._refused(scope, send, allowed=("POST",), new_connection=True):
             return
-        if _content_type(scope) == b"application/octet-stream":
-            await _reply(send, RequestError(415, "the protobuf protocol is not served here"))
-            return
+        # The SDK's Protobuf build says so in the content type, as Centrifugo reads it.
+        protobuf = _content_type(scope) == PROTOBUF_CONTENT
+        codec = framing.PROTOBUF_HTTP_STREAM if protobuf else framing.JSON_HTTP_STREAM
         try:
             body = await _read_body(scope, receive, settings.http_stream_max_request_body_size)
-            commands = framing.commands_text(body)
+            commands: str | bytes = body if protobuf else framing.commands_text(body)
+            if not commands:
+                raise RequestError(400, "no connect command")
         except RequestError as exc:
             await _reply(send, exc, self._cors(scope))
             return
         except _ClientGone:
             return
-        await self._emulated(
-            scope, receive, send, commands, NDJSON, framing.http_stream_chunk, preamble=b""
-        )
+        await self._emulated(scope, receive, send, commands, codec)
 
     async def sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         settings = self.runtime.settings
@@ -182,54 +185,54 @@ class FallbackEndpoints:
             return
         except _ClientGone:
             return
-        await self._emulated(
-            scope,
-            receive,
-            send,
-            commands,
-            EVENT_STREAM,
-            framing.sse_chunk,
-            preamble=framing.SSE_PREAMBLE,
-        )
+        await self._emulated(scope, receive, send, commands, framing.SSE)
 
     async def _emulated(
         self,
         scope: dict[str, Any],
         receive: ASGIReceive,
         send: ASGISend,
-        commands: str,
-        content_type: bytes,
-        frame: Frame,
-        *,
-        preamble: bytes,
+        commands: str | bytes,
+        codec: framing.StreamCodec,
     ) -> None:
         runtime = self.runtime
-        final: FinalMessage = lambda code, reason: frame(framing.disconnect_push(code, reason))  # noqa: E731
-        pump = StreamPump(scope, send, frame, final)
+        pump = StreamPump(scope, send, codec.frame, codec.final)
         session_id = str(uuid.uuid4())
         outbox = EmulationOutbox(
             runtime.settings.client_queue_max_size_bytes,
             pump.send_frame,
             flusher=runtime.node.flusher,
             joined=True,
+            binary=codec.wire.binary,
             max_frame_bytes=runtime.settings.websocket_max_frame_bytes,
             session_id=session_id,
             node_name=runtime.node.name,
+            patch=codec.patch_connect,
         )
         await self._serve_stream(
-            scope, receive, pump, outbox, commands, content_type, preamble, session_id=session_id
+            scope,
+            receive,
+            pump,
+            outbox,
+            commands,
+            codec.content_type,
+            codec.preamble,
+            session_id=session_id,
+            wire_format=codec.wire,
         )
 
     async def emulation(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if await self._refused(scope, send, allowed=("POST",), new_connection=False):
             return
         try:
-            if _content_type(scope) == b"application/octet-stream":
-                raise RequestError(415, "the protobuf protocol is not served here")
             body = await _read_body(
                 scope, receive, self.runtime.settings.emulation_max_request_body_size
             )
-            await self.runtime.emulation.deliver(framing.emulation_request(body))
+            if _content_type(scope) == PROTOBUF_CONTENT:
+                request = framing.pb_emulation_request(body)
+            else:
+                request = framing.emulation_request(body)
+            await self.runtime.emulation.deliver(request)
         except RequestError as exc:
             await _reply(send, exc, self._cors(scope))
             return
@@ -308,11 +311,12 @@ class FallbackEndpoints:
         receive: ASGIReceive,
         pump: StreamPump,
         outbox: Outbox,
-        commands: str,
+        commands: str | bytes,
         content_type: bytes,
         preamble: bytes,
         *,
         session_id: str | None,
+        wire_format: Wire = JSON_WIRE,
     ) -> None:
         """Run one streaming client, bidirectional (`session_id` set: its commands
         come through /emulation) or unidirectional."""
@@ -327,7 +331,9 @@ class FallbackEndpoints:
             await pump.end(refusal.code, refusal.reason)
             return
         session_class = CentrifugeSession if session_id is not None else UnidirectionalSession
-        session = session_class(runtime.node, runtime.verifier, runtime.authorizer, pump, outbox)
+        session = session_class(
+            runtime.node, runtime.verifier, runtime.authorizer, pump, outbox, wire_format
+        )
         if session_id is not None:
             runtime.emulation.add(
                 session_id,

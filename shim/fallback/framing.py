@@ -10,12 +10,15 @@ reply, and turn replies into the bare pushes unidirectional clients read.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import orjson
+from google.protobuf.message import DecodeError
 
-from shim.centrifuge import codes
+from shim.centrifuge import codes, pbcodec, pbschema, wire
+from shim.centrifuge.codec import ProtocolError
 
 # The query parameter carrying the connect command (SSE, uni_sse, uni_websocket): an
 # EventSource can only GET, so the command travels in the URL.
@@ -166,7 +169,8 @@ def uni_connect_command(raw: bytes | str | None) -> str:
 class EmulationRequest:
     node: str
     session: str
-    data: str
+    # The commands: text (JSON protocol) or varint-delimited Protobuf messages.
+    data: str | bytes
 
 
 def emulation_request(body: bytes) -> EmulationRequest:
@@ -186,3 +190,75 @@ def emulation_request(body: bytes) -> EmulationRequest:
     if not isinstance(data, str) or not data:
         raise RequestError(400, "emulation request needs data (the commands as a string)")
     return EmulationRequest(node=node, session=session, data=data)
+
+
+_PbEmulationRequest = pbschema.message_class("EmulationRequest")
+
+
+def pb_emulation_request(body: bytes) -> EmulationRequest:
+    """POST /emulation with the Protobuf protocol (application/octet-stream): an
+    EmulationRequest message, data holding the commands as a Protobuf frame."""
+    try:
+        request = _PbEmulationRequest.FromString(body)
+    except DecodeError:
+        raise RequestError(400, "emulation request must be a Protobuf EmulationRequest") from None
+    if not request.session:
+        raise RequestError(400, "emulation request needs a session")
+    if not request.node:
+        raise RequestError(400, "emulation request needs a node")
+    if not request.data:
+        raise RequestError(400, "emulation request needs data (the commands)")
+    return EmulationRequest(node=request.node, session=request.session, data=bytes(request.data))
+
+
+# -- stream codecs ----------------------------------------------------------------------
+
+
+def pb_with_emulation_fields(message: bytes, session: str, node: str) -> bytes | None:
+    """with_emulation_fields for the Protobuf wire: the connect reply re-encoded with
+    ConnectResult.session and .node set."""
+    try:
+        (raw,) = pbcodec.split_frame(message)
+        reply = pbschema.Reply.FromString(raw)
+    except (ProtocolError, DecodeError, ValueError):
+        return None
+    if not reply.HasField("connect"):
+        return None
+    reply.connect.session = session
+    reply.connect.node = node
+    return pbcodec.delimited(reply.SerializeToString())
+
+
+@dataclass(slots=True, frozen=True)
+class StreamCodec:
+    """How an emulated stream speaks: its wire, its framing, its connect reply."""
+
+    wire: wire.Wire
+    content_type: bytes
+    # Frames one batch of queued messages (joined by the outbox) for the response.
+    frame: Callable[[bytes], bytes]
+    patch_connect: Callable[[bytes, str, str], bytes | None]
+    preamble: bytes = b""
+
+    def final(self, code: int, reason: str) -> bytes:
+        """The disconnect push that ends the response."""
+        return self.frame(self.wire.encode_disconnect_push(codes.DisconnectCode(code, reason)))
+
+
+def _as_is(payload: bytes) -> bytes:
+    return payload  # Protobuf: the messages already carry their length prefixes
+
+
+JSON_HTTP_STREAM = StreamCodec(
+    wire.JSON, b"application/x-ndjson", http_stream_chunk, with_emulation_fields
+)
+PROTOBUF_HTTP_STREAM = StreamCodec(
+    wire.PROTOBUF, b"application/octet-stream", _as_is, pb_with_emulation_fields
+)
+SSE = StreamCodec(
+    wire.JSON,
+    b"text/event-stream; charset=utf-8",
+    sse_chunk,
+    with_emulation_fields,
+    SSE_PREAMBLE,
+)

@@ -9,6 +9,7 @@ so the byte cap, the writer and the cut-off are exactly the WebSocket outbox's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from shim.fallback import framing
@@ -16,17 +17,26 @@ from shim.outbox import Outbox
 
 
 class EmulationOutbox(Outbox):
-    __slots__ = ("_node_name", "_session_id")
+    __slots__ = ("_node_name", "_patch", "_session_id")
 
-    def __init__(self, *args: Any, session_id: str, node_name: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        session_id: str,
+        node_name: str,
+        patch: Callable[[bytes, str, str], bytes | None] = framing.with_emulation_fields,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._session_id: str | None = session_id
         self._node_name = node_name
+        # The wire's way of adding session and node to the connect reply.
+        self._patch = patch
 
     def push(self, message: bytes) -> bool:
         session_id = self._session_id
         if session_id is not None:  # until the connect reply went out
-            patched = framing.with_emulation_fields(message, session_id, self._node_name)
+            patched = self._patch(message, session_id, self._node_name)
             if patched is not None:
                 message, self._session_id = patched, None
         return super().push(message)

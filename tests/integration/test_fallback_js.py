@@ -37,7 +37,7 @@ FALLBACKS = {"http_stream": HTTP_STREAM_PATH, "sse": SSE_PATH}
 
 
 def fallback_options(
-    server_url: str, ws_url: str, transport: str, *, websocket: bool = False
+    server_url: str, ws_url: str, transport: str, *, websocket: bool = False, protobuf: bool = False
 ) -> dict[str, Any]:
     """The SDK's options for a transport list of WebSocket, then `transport`."""
     return {
@@ -48,6 +48,7 @@ def fallback_options(
         # Node's fetch needs an absolute URL (a browser resolves "/emulation" itself).
         "emulationEndpoint": server_url + EMULATION_PATH,
         "websocket": websocket,
+        "protobuf": protobuf,
         **FAST,
     }
 
@@ -59,9 +60,13 @@ async def server_api(server: RunningServer, method: str, body: dict[str, Any]) -
     return response.json().get("result")
 
 
-@pytest.mark.parametrize("transport", sorted(FALLBACKS))
+@pytest.mark.parametrize(
+    ("transport", "protobuf"),
+    [("http_stream", False), ("sse", False), ("http_stream", True)],
+    ids=["http_stream", "sse", "http_stream-protobuf"],
+)
 async def test_sdk_without_websocket_falls_back_and_does_everything(
-    signing_keys: tuple[str, str], transport: str
+    signing_keys: tuple[str, str], transport: str, protobuf: bool
 ) -> None:
     # A half-second grace past expiry: without the refresh (sent through /emulation)
     # the server would close the stream about 4.5 s after connecting.
@@ -70,7 +75,7 @@ async def test_sdk_without_websocket_falls_back_and_does_everything(
         JsClient(
             "",
             server.token("alice", ttl=4),
-            **fallback_options(server.url, server.ws_url, transport),
+            **fallback_options(server.url, server.ws_url, transport, protobuf=protobuf),
         ) as js,
     ):
         await js.call("setToken", token=server.token("alice", ttl=3600))
@@ -80,6 +85,7 @@ async def test_sdk_without_websocket_falls_back_and_does_everything(
         client_id = connected["client"]
         session = session_of(server, client_id)
         assert isinstance(session.transport, StreamPump)
+        assert session.wire.name == ("protobuf" if protobuf else "json")
         original_expiry = session.expires_at
 
         # Server-side subscription from connect: the personal channel.

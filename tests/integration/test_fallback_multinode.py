@@ -26,11 +26,15 @@ async def redis() -> AsyncIterator[RedisServer]:
         yield server
 
 
-@pytest.mark.parametrize("transport", ["http_stream", "sse"])
+@pytest.mark.parametrize(
+    ("transport", "protobuf"),
+    [("http_stream", False), ("sse", False), ("http_stream", True)],
+    ids=["http_stream", "sse", "http_stream-protobuf"],
+)
 async def test_commands_landing_on_another_node_reach_the_session(
-    redis: RedisServer, transport: str
+    redis: RedisServer, transport: str, protobuf: bool
 ) -> None:
-    await commands_reach_the_session_across_nodes([redis.url], {}, transport)
+    await commands_reach_the_session_across_nodes([redis.url], {}, transport, protobuf=protobuf)
 
 
 async def test_commands_reach_the_session_across_nodes_on_a_redis_cluster() -> None:
@@ -41,7 +45,11 @@ async def test_commands_reach_the_session_across_nodes_on_a_redis_cluster() -> N
 
 
 async def commands_reach_the_session_across_nodes(
-    redis_urls: Sequence[str], settings: Mapping[str, str], transport: str
+    redis_urls: Sequence[str],
+    settings: Mapping[str, str],
+    transport: str,
+    *,
+    protobuf: bool = False,
 ) -> None:
     async with start_nodes(2, redis_urls, settings=settings) as (a, b):
         path = HTTP_STREAM_PATH if transport == "http_stream" else SSE_PATH
@@ -49,6 +57,7 @@ async def commands_reach_the_session_across_nodes(
             "transports": [{"transport": transport, "endpoint": a.url + path}],
             "emulationEndpoint": b.url + EMULATION_PATH,  # every command goes to B
             "websocket": False,
+            "protobuf": protobuf,
             **FAST,
         }
         async with JsClient("", a.token("hana"), **options) as js:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shim.centrifuge import codec, codes
+from shim.centrifuge import codec, codes, pbcodec, pbschema, wire
 from shim.fallback import framing
 from shim.fallback.framing import RequestError
 from shim.fallback.outboxes import EmulationOutbox, UniOutbox
@@ -124,6 +124,44 @@ def test_query_param_and_commands_text() -> None:
     for bad in (b"", b" \n", b"\xff\xfe"):
         with pytest.raises(RequestError):
             framing.commands_text(bad)
+
+
+def test_protobuf_connect_reply_gets_session_and_node() -> None:
+    reply = wire.PROTOBUF.encode_connect_result(3, client="c-1", version="v", ping=25, pong=True)
+    patched = framing.pb_with_emulation_fields(reply, "s-1", "n-1")
+    assert patched is not None
+    (raw,) = pbcodec.split_frame(patched)
+    decoded = pbschema.Reply.FromString(raw)
+    assert decoded.id == 3
+    assert (decoded.connect.client, decoded.connect.session, decoded.connect.node) == (
+        "c-1",
+        "s-1",
+        "n-1",
+    )
+    assert decoded.connect.ping == 25 and decoded.connect.pong
+    for other in (wire.PROTOBUF.ping, wire.PROTOBUF.encode_rpc_result(2), b"\x05\x01"):
+        assert framing.pb_with_emulation_fields(other, "s", "n") is None
+
+
+def test_protobuf_emulation_requests_and_final_push() -> None:
+    request = pbschema.message_class("EmulationRequest")(
+        node="n", session="s", data=b"\x02\x08\x01"
+    )
+    parsed = framing.pb_emulation_request(request.SerializeToString())
+    assert (parsed.node, parsed.session, parsed.data) == ("n", "s", b"\x02\x08\x01")
+    for bad in (
+        b"\xff\xff",
+        pbschema.message_class("EmulationRequest")(node="n").SerializeToString(),
+    ):
+        with pytest.raises(RequestError) as exc:
+            framing.pb_emulation_request(bad)
+        assert exc.value.status == 400
+    final = framing.PROTOBUF_HTTP_STREAM.final(3001, "shutdown")
+    assert final == wire.PROTOBUF.encode_disconnect_push(codes.SHUTDOWN)
+    assert framing.JSON_HTTP_STREAM.final(3001, "shutdown") == (
+        b'{"push":{"disconnect":{"code":3001,"reason":"shutdown"}}}\n'
+    )
+    assert framing.SSE.final(3008, "slow").startswith(b"data: {")
 
 
 async def _nothing(_payload: bytes) -> None:
