@@ -30,7 +30,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -61,12 +61,32 @@ def node_url(seed_url: str, host: str, port: int | str) -> str:
     return urlunsplit((parts.scheme, netloc, "/0", "", ""))
 
 
+class _InitializingPubSub(ClusterPubSub):
+    """redis-py's cluster pub/sub looks the channel's slot up in a slot map that only
+    a first command fills: load it first, so a pub/sub can be a client's first use."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.cluster.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
+class _ControlCluster(RedisCluster):
+    def pubsub(
+        self,
+        node: ClusterNode | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> ClusterPubSub:
+        return _InitializingPubSub(self, node=node, host=host, port=port, **kwargs)
+
+
 def control_client(urls: Sequence[str]) -> Redis:
     """A cluster client for the node's control state and ingest stream (plain
     commands, which may retry: none of them adds anything twice)."""
     password = urlsplit(urls[0]).password
     username = urlsplit(urls[0]).username
-    cluster = RedisCluster(
+    cluster = _ControlCluster(
         startup_nodes=[ClusterNode(*_host_port(url)) for url in urls],
         protocol=2,
         username=username,
