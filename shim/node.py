@@ -263,6 +263,14 @@ class Node:
             raise
         return entry
 
+    def seed_delta_base(self, channel: str, pub: Publication) -> None:
+        """A delta subscriber recovered up to `pub`: when nothing was published here
+        since it attached, `pub` is the channel's latest, so the next publication can
+        go to it as a delta too (the channel may be new on this node)."""
+        entry = self._channels.get(channel)
+        if entry is not None and entry.delta_subscribers and entry.last is None:
+            entry.last = pub
+
     def detach(self, channel: str, subscriber: ChannelSubscriber) -> None:
         """Stop delivering; the broker unsubscribe of an emptied channel runs in the background."""
         entry = self._channels.get(channel)

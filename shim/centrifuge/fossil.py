@@ -18,6 +18,9 @@ from array import array
 _DIGITS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
 # Source blocks indexed for matching inside the changed middle part.
 _BLOCK = 16
+# Bytes of source beyond its own changed part that are indexed too: edits move text
+# around locally; indexing the whole source would cost time in what did not change.
+_MARGIN = 128
 
 
 def _int(value: int) -> bytes:
@@ -74,14 +77,18 @@ def _insert(literal: bytes) -> bytes:
     return _int(len(literal)) + b":" + literal
 
 
-def _middle(source: bytes, target: bytes, start: int, end: int, out: list[bytes]) -> None:
-    """Commands for target[start:end]: copies of source blocks found there, literals between."""
-    if end - start < 2 * _BLOCK or len(source) < _BLOCK:
+def _middle(
+    source: bytes, target: bytes, start: int, end: int, window: tuple[int, int], out: list[bytes]
+) -> None:
+    """Commands for target[start:end]: copies of blocks of source[window] found there,
+    literals between."""
+    low, high = max(0, window[0] - _MARGIN), min(len(source), window[1] + _MARGIN)
+    if end - start < 2 * _BLOCK or high - low < _BLOCK:
         if end > start:
             out.append(_insert(target[start:end]))
         return
     blocks: dict[bytes, int] = {}
-    for offset in range(0, len(source) - _BLOCK + 1, _BLOCK):
+    for offset in range(low, high - _BLOCK + 1, _BLOCK):
         blocks.setdefault(source[offset : offset + _BLOCK], offset)
     literal_from = start
     position = start
@@ -114,7 +121,7 @@ def create(source: bytes, target: bytes) -> bytes:
     suffix = _common_suffix(source, target, limit - prefix)
     if prefix:
         out.append(_copy(prefix, 0))
-    _middle(source, target, prefix, len(target) - suffix, out)
+    _middle(source, target, prefix, len(target) - suffix, (prefix, len(source) - suffix), out)
     if suffix:
         out.append(_copy(suffix, len(source) - suffix))
     out.append(_int(checksum(target)))

@@ -185,6 +185,8 @@ class Subscription:
         """Flush what arrived during the subscribe, skipping what the reply already held."""
         buffered, self.buffer = self.buffer or [], None
         self.epoch, self.offset = position.epoch, position.offset
+        if self.delta_last is not None:
+            self.session.node.seed_delta_base(self.channel, self.delta_last)
         for pub, epoch, prepared in buffered:
             if self.session.state is State.CLOSED:
                 return

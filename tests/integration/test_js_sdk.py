@@ -20,6 +20,7 @@ from shim.config import Settings
 from tests.conftest import RunningServer, run_server, sessions_of
 from tests.jsclient import Event, JsClient, JsError
 from tests.pyclient import CODECS, OUTAGES, cut_off, use_codec
+from tests.streams import content_event
 
 pytestmark = pytest.mark.js
 
@@ -363,3 +364,71 @@ async def test_two_hundred_broadcasts_in_one_request_arrive_in_order(
         await wait_until(lambda: len(publications(js, "task:batch")) >= 200)
         await asyncio.sleep(0.1)  # a duplicate would show up now
         assert_contiguous(publications(js, "task:batch"), 1, 200)
+
+
+# fossil delta ----------------------------------------------------------------------
+
+
+def with_quest_delta() -> dict[str, Any]:
+    namespaces = dict(Settings().namespaces)
+    namespaces["quest"] = replace(namespaces["quest"], allowed_delta_types=("fossil",))
+    return namespaces
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "no-delta"])
+async def test_growing_message_with_and_without_fossil_delta(
+    signing_keys: tuple[str, str], delta: bool
+) -> None:
+    channel = "quest:q1"
+    async with (
+        run_server(signing_keys, namespaces=with_quest_delta()) as server,
+        JsClient(server.ws_url, server.token("alice")) as js,
+    ):
+        await connect(js)
+        subscribed = await subscribe(js, channel, **({"delta": "fossil"} if delta else {}))
+        start = subscribed["streamPosition"]["offset"]
+        events = [content_event("q1", step) for step in range(1, 61)]
+        for event in events[:20]:
+            await broadcast_ok(server, event)
+        await broadcast_ok(server, events[20:])
+
+        await wait_until(lambda: len(publications(js, channel)) >= len(events))
+        pubs = publications(js, channel)
+        assert [p["data"]["content"] for p in pubs] == [e["payload"]["content"] for e in events]
+        assert [p["offset"] for p in pubs] == list(range(start + 1, start + len(events) + 1))
+        stats = await js.call("deltaStats", channel=channel)
+        if delta:
+            # In full after the subscribe, then every one a delta against the one before.
+            assert (stats["numFullPayloads"], stats["numDeltaPayloads"]) == (1, len(events) - 1)
+            # Payload bytes only, 60 updates (the 200-update wire figure is in test_delta_wire).
+            assert stats["compressionRatio"] > 0.8
+        else:
+            assert stats["numPublications"] == 0  # the SDK had nothing to decode
+
+
+async def test_delta_recovery_decodes_the_chain(signing_keys: tuple[str, str]) -> None:
+    channel = "quest:q3"
+    async with (
+        run_server(signing_keys, namespaces=with_quest_delta()) as server,
+        JsClient(server.ws_url, server.token("alice"), **FAST) as js,
+    ):
+        client_id = await connect(js)
+        await subscribe(js, channel, delta="fossil", recoverable=True)
+        stream = [content_event("q3", step) for step in range(1, 31)]
+        await broadcast_ok(server, stream[:10])
+        await wait_until(lambda: len(publications(js, channel)) >= 10)
+
+        mark = js.mark()
+        cut_off(session_of(server, client_id), "server closes 3011")
+        await broadcast_ok(server, stream[10:20])  # while the client is away
+        again = await js.wait_event(on(channel, "sub.subscribed"), timeout=5, since=mark)
+        assert again["recovered"] is True and again["hasRecoveredPublications"] is True
+        await wait_until(lambda: len(publications(js, channel)) >= 20)
+        await broadcast_ok(server, stream[20:])
+        await wait_until(lambda: len(publications(js, channel)) >= 30)
+
+        pubs = publications(js, channel)
+        assert [p["data"]["content"] for p in pubs] == [e["payload"]["content"] for e in stream]
+        stats = await js.call("deltaStats", channel=channel)
+        # Full: the first after the subscribe and the first recovered one.
+        assert (stats["numFullPayloads"], stats["numDeltaPayloads"]) == (2, 28)

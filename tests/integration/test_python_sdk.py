@@ -16,6 +16,7 @@ import pytest
 from centrifuge import (  # type: ignore[import-untyped]
     Client,
     ClientState,
+    DeltaType,
     ReplyError,
     StreamPosition,
     SubscriptionState,
@@ -35,6 +36,7 @@ from tests.pyclient import (
     new_subscription,
     use_codec,
 )
+from tests.streams import content_event
 
 
 @pytest.fixture(autouse=True, params=CODECS)
@@ -617,3 +619,78 @@ async def test_publish_allowed_for_subscribers(signing_keys: tuple[str, str]) ->
         with pytest.raises(ReplyError) as refused:
             await alice.publish("task:elsewhere", {"text": "no"})
         assert refused.value.code == codes.PERMISSION_DENIED.code
+
+
+# fossil delta ----------------------------------------------------------------------
+
+
+def with_quest_delta() -> dict[str, NamespaceOptions]:
+    namespaces = dict(Settings().namespaces)
+    namespaces["quest"] = replace(namespaces["quest"], allowed_delta_types=("fossil",))
+    return namespaces
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "no-delta"])
+async def test_growing_message_with_and_without_fossil_delta(
+    signing_keys: tuple[str, str], delta: bool
+) -> None:
+    async with (
+        run_server(signing_keys, namespaces=with_quest_delta()) as server,
+        connected(server, "alice") as (client, _),
+    ):
+        options = {"delta": DeltaType.FOSSIL} if delta else {}
+        sub, sub_events = new_subscription(client, "quest:q1", **options)
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+        events = [content_event("q1", step) for step in range(1, 61)]
+        # Some alone, some in a batch (several pushes in one frame).
+        for event in events[:20]:
+            await broadcast_ok(server, event)
+        await broadcast_ok(server, events[20:])
+
+        await sub_events.wait_for("publication", count=len(events))
+        pubs = [c.pub for c in sub_events.named("publication")]
+        assert [p.data["content"] for p in pubs] == [e["payload"]["content"] for e in events]
+        assert [p.data["delta"] for p in pubs] == [e["payload"]["delta"] for e in events]
+        # In full after the subscribe, then every one a delta against the one before.
+        assert [p.delta for p in pubs] == [False] + [delta] * (len(events) - 1)
+
+
+async def test_delta_not_allowed_by_the_namespace_sends_full_data(server: RunningServer) -> None:
+    async with connected(server, "alice") as (client, _):
+        sub, sub_events = new_subscription(client, "quest:q2", delta=DeltaType.FOSSIL)
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+        await broadcast_ok(server, [content_event("q2", step) for step in range(1, 6)])
+        await sub_events.wait_for("publication", count=5)
+        pubs = [c.pub for c in sub_events.named("publication")]
+        assert not any(p.delta for p in pubs)
+        assert pubs[-1].data["content"] == content_event("q2", 5)["payload"]["content"]
+
+
+async def test_delta_recovery_sends_a_delta_chain(signing_keys: tuple[str, str]) -> None:
+    async with (
+        run_server(signing_keys, namespaces=with_quest_delta()) as server,
+        connected(server, "alice", min_reconnect_delay=0.3) as (client, events),
+    ):
+        sub, sub_events = new_subscription(client, "quest:q3", delta=DeltaType.FOSSIL)
+        await sub.subscribe()
+        await sub_events.wait_for("subscribed")
+        stream = [content_event("q3", step) for step in range(1, 31)]
+        await broadcast_ok(server, stream[:10])
+        await sub_events.wait_for("publication", count=10)
+
+        (session,) = sessions_of(server, "alice")
+        cut_off(session, "server closes 3011")
+        await broadcast_ok(server, stream[10:20])  # while the client is away
+        again = await sub_events.wait_for("subscribed", count=2)
+        assert again.was_recovering and again.recovered
+        await sub_events.wait_for("publication", count=20)
+        await broadcast_ok(server, stream[20:])
+        await sub_events.wait_for("publication", count=30)
+
+        pubs = [c.pub for c in sub_events.named("publication")]
+        assert [p.data["content"] for p in pubs] == [e["payload"]["content"] for e in stream]
+        # Recovered: the first in full, the rest deltas; live ones go on as deltas.
+        assert [p.delta for p in pubs[10:]] == [False] + [True] * 19
+        assert len(events.named("connected")) == 2

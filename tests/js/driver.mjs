@@ -257,6 +257,9 @@ const commands = {
     await sub.ready(params.timeout ?? undefined);
     return { state: sub.state };
   },
+  deltaStats(params) {
+    return plain(subscriptionFor(params).deltaStats());
+  },
   unsubscribe(params) {
     const sub = subscriptionFor(params);
     sub.unsubscribe();
