@@ -70,5 +70,7 @@ async def overview(runtime: Runtime) -> dict[str, Any]:
         "legacy": {
             "malformed_commands": stats.malformed_commands,
             "unknown_actions": stats.unknown_actions,
+            "refused_subscriptions": stats.refused_subscriptions,
+            "unreadable_events": stats.unreadable_events,
         },
     }
