@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from adapters.auth.jwt import generate_signing_key, mint_token
 from shim.app import create_app
@@ -24,6 +25,11 @@ from tests.multinode import KEEPALIVE_UNDER_SERVERS
 
 API_KEY = "test-api-key-0123456789-abcdefghijklmnop"
 ADMIN_KEY = "test-admin-key-0123456789-abcdefghijklmnop"
+# Property tests judge outcomes, not speed: a shared, loaded machine must not turn
+# hypothesis's per-example deadline into a failure.
+hypothesis_settings.register_profile("suite", deadline=None)
+hypothesis_settings.load_profile("suite")
+
 # Every token minted by the suite: none may appear in the logs of the whole run.
 MINTED_TOKENS: set[str] = set()
 # Vendored from the product spec (see tests/data/README.md): a bare clone tests on its own.
