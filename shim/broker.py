@@ -83,6 +83,31 @@ class PresenceStats:
     num_users: int
 
 
+@dataclass(slots=True, frozen=True)
+class Fence:
+    """Keeps one ordered source's publications in order in every channel they reach.
+
+    `source` names a sequence that one writer at a time publishes in order (a
+    partition of the ingest stream); `position` is the item's place in it (a stream
+    entry id as milliseconds and sequence, then the item's index in the entry),
+    compared in that order. A fenced publish is stored only when the
+    channel has nothing at or after `position` from `source`: a writer that lost its
+    turn (paused, then resumed mid-publish) can repeat nothing and reorder nothing.
+    """
+
+    source: str
+    position: tuple[int, int, int]
+    # How long a channel remembers the source's last position after its last
+    # fenced publish: longer than any writer can stay paused and resume.
+    ttl_seconds: float = 24 * 3600.0
+
+
+@dataclass(slots=True, frozen=True)
+class Superseded:
+    """A fenced publish that was not made: the channel already had this position of
+    its source, or a later one (a duplicate, harmless to acknowledge)."""
+
+
 class UnrecoverablePosition(Exception):
     """A history `since` names an epoch that is not the stream's current one."""
 
@@ -116,12 +141,17 @@ class Broker(Protocol):
         history. Raises BrokerUnavailable when nothing was stored."""
 
     async def publish_many(
-        self, items: Sequence[tuple[str, Publication, PublishOptions]]
-    ) -> list[StreamPosition | BrokerUnavailable]:
+        self,
+        items: Sequence[tuple[str, Publication, PublishOptions]],
+        fences: Sequence[Fence | None] = (),
+    ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
         """Publish several, as `publish` would one by one in this order (a channel's
         publications keep their order), but in as few round trips as the engine can.
         Each item's result is its position, or the BrokerUnavailable it failed with
-        (a failed item was not stored; later items may still have been)."""
+        (a failed item was not stored; later items may still have been).
+        `fences`, when given, has one entry per item: a fenced item is checked and
+        recorded atomically with its publish, and is Superseded when the channel
+        already has its position or a later one from the same source."""
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None: ...
 

@@ -304,11 +304,15 @@ class Settings:
     # Largest request body of POST /api/v1/broadcast, in bytes.
     ingest_max_body_bytes: int = 8 * 1024 * 1024
     # Redis stream the backend may append legacy hub messages to (field `message`),
-    # consumed by every node in one consumer group; empty = no stream ingest. It lives
-    # on the first address of redis_url.
+    # published by every node, each channel in append order (docs/stream-ingest.md);
+    # empty = no stream ingest. It lives on the first address of redis_url.
     ingest_stream_key: str = ""
-    # Seconds an entry may stay pending with a silent node before another claims it.
+    # Seconds a silent node (dead, paused) keeps its share of the stream before other
+    # nodes take it over: its lease time.
     ingest_stream_claim_idle_seconds: float = 30.0
+    # Partitions of the stream: at most this many nodes publish it at once; a task's
+    # entries all go to one. Read at the stream's first start only (then kept in Redis).
+    ingest_stream_partitions: int = 8
 
     # Most items one POST /api/v1/broadcast may carry; more are refused whole with
     # HTTP 413 (split the batch). Large requests are published in chunks, so

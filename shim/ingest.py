@@ -16,7 +16,7 @@ from typing import Any
 
 from legacy.translate import Accepted, ParsedItem, channel_data, with_tool_use_id
 from legacy.wire import encode_legacy_frame, now_timestamp
-from shim.broker import BrokerUnavailable, LegacyTag
+from shim.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
 from shim.events import Event, new_event_id
 from shim.node import Node
 from shim.routing import Route, Router
@@ -34,6 +34,8 @@ class ItemResult:
     event_id: str = ""
     channels: tuple[str, ...] = ()
     missing_routes: tuple[str, ...] = ()
+    # Channels that already had this event (a fenced re-publish: see Fence).
+    superseded: tuple[str, ...] = ()
     error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -44,6 +46,8 @@ class ItemResult:
             body["channels"] = list(self.channels)
         if self.missing_routes:
             body["missing_routes"] = list(self.missing_routes)
+        if self.superseded:
+            body["superseded"] = list(self.superseded)
         if self.error:
             body["error"] = self.error
         return body
@@ -116,13 +120,17 @@ class Ingestor:
     async def publish_event(self, event: Event, *, index: int = 0) -> ItemResult:
         return (await self.publish_events([(index, event)]))[0]
 
-    async def publish_events(self, events: Sequence[tuple[int, Event]]) -> list[ItemResult]:
+    async def publish_events(
+        self, events: Sequence[tuple[int, Event]], fences: Sequence[Fence] = ()
+    ) -> list[ItemResult]:
         """Route and encode each event once, publish them all in order, and say per
         event whether every one of its channels stored it. An event whose channel is
-        over channel_publish_rate_limit is refused on its own; the others go on."""
+        over channel_publish_rate_limit is refused on its own; the others go on.
+        `fences`: one per event (every channel of an event gets its fence), or none."""
         batch: list[tuple[str, bytes, LegacyTag]] = []
+        channel_fences: list[Fence | None] = []
         routes: list[Route | str] = []
-        for _index, event in events:
+        for position, (_index, event) in enumerate(events):
             route = self.router.route(event)
             if route.unknown_type and event.type not in self._unknown_types_logged:
                 self._unknown_types_logged.add(event.type)
@@ -140,8 +148,10 @@ class Ingestor:
             )
             data = channel_data(event)
             batch.extend((channel, data, tag) for channel in route.channels)
+            if fences:
+                channel_fences.extend([fences[position]] * len(route.channels))
             routes.append(route)
-        outcomes = iter(await self.node.publish_many(batch) if batch else ())
+        outcomes = iter(await self.node.publish_many(batch, channel_fences) if batch else ())
 
         results = []
         for (index, event), routed in zip(events, routes, strict=True):
@@ -170,7 +180,10 @@ class Ingestor:
                     )
                 )
                 continue
+            superseded = tuple(c for c, o in stored if isinstance(o, Superseded))
             self.stats.count(event.type, "accepted")
+            if superseded:
+                self.stats.count(event.type, "superseded")
             if route.missing:
                 self.stats.count(event.type, "missing_route")
             if route.unknown_type:
@@ -182,6 +195,7 @@ class Ingestor:
                     event_id=event.id,
                     channels=route.channels,
                     missing_routes=route.missing,
+                    superseded=superseded,
                 )
             )
         return results

@@ -22,11 +22,13 @@ from shim.broker import (
     Broker,
     BrokerUnavailable,
     ClientInfo,
+    Fence,
     LegacyTag,
     PresenceManager,
     Publication,
     PublishOptions,
     StreamPosition,
+    Superseded,
 )
 from shim.centrifuge.fanout import PreparedControl, PreparedPublication
 from shim.config import NamespaceOptions, Settings
@@ -326,10 +328,13 @@ class Node:
             raise
 
     async def publish_many(
-        self, items: Sequence[tuple[str, bytes, LegacyTag | None]]
-    ) -> list[StreamPosition | BrokerUnavailable]:
+        self,
+        items: Sequence[tuple[str, bytes, LegacyTag | None]],
+        fences: Sequence[Fence | None] = (),
+    ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
         """Publish (channel, data, legacy tag) items in order, in as few round trips as
-        the engine allows; a result per item."""
+        the engine allows; a result per item. `fences`: one per item, or none (see
+        Broker.publish_many)."""
         time_ms = time.time_ns() // 1_000_000
         results = await self.broker.publish_many(
             [
@@ -339,7 +344,8 @@ class Node:
                     self.publish_options(channel),
                 )
                 for channel, data, legacy in items
-            ]
+            ],
+            fences,
         )
         for result in results:
             if isinstance(result, BrokerUnavailable):

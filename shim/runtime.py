@@ -207,7 +207,8 @@ class Runtime:
                 StreamOptions(
                     key=settings.ingest_stream_key,
                     consumer=self.node.name,
-                    claim_idle_seconds=settings.ingest_stream_claim_idle_seconds,
+                    partitions=settings.ingest_stream_partitions,
+                    lease_seconds=settings.ingest_stream_claim_idle_seconds,
                     max_item_bytes=settings.ingest_max_item_bytes,
                 ),
             )

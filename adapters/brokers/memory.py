@@ -28,11 +28,13 @@ from shim.broker import (
     BrokerEventHandler,
     BrokerUnavailable,
     ClientInfo,
+    Fence,
     HistoryResult,
     PresenceStats,
     Publication,
     PublishOptions,
     StreamPosition,
+    Superseded,
     UnrecoverablePosition,
 )
 
@@ -83,6 +85,10 @@ class MemoryBroker:
         # publish, and a dict's iteration from the front walks the holes that leaves
         # (the sweep looks at the front on every publish).
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # (channel, fence source) -> (last position, expiry), oldest refresh first.
+        self._fences: OrderedDict[tuple[str, str], tuple[tuple[int, int, int], float]] = (
+            OrderedDict()
+        )
 
     async def start(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
@@ -92,6 +98,7 @@ class MemoryBroker:
         self._handler = None
         self._subscribed.clear()
         self._streams.clear()
+        self._fences.clear()
 
     async def publish(
         self, channel: str, pub: Publication, options: PublishOptions
@@ -126,15 +133,38 @@ class MemoryBroker:
         return StreamPosition(stream.top, stream.epoch)
 
     async def publish_many(
-        self, items: Sequence[tuple[str, Publication, PublishOptions]]
-    ) -> list[StreamPosition | BrokerUnavailable]:
-        results: list[StreamPosition | BrokerUnavailable] = []
-        for channel, pub, options in items:
+        self,
+        items: Sequence[tuple[str, Publication, PublishOptions]],
+        fences: Sequence[Fence | None] = (),
+    ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
+        results: list[StreamPosition | Superseded | BrokerUnavailable] = []
+        for index, (channel, pub, options) in enumerate(items):
+            fence = fences[index] if fences else None
             try:
+                if fence is not None and not self._pass_fence(channel, fence):
+                    results.append(Superseded())
+                    continue
                 results.append(await self.publish(channel, pub, options))
             except BrokerUnavailable as error:
                 results.append(error)
         return results
+
+    def _pass_fence(self, channel: str, fence: Fence) -> bool:
+        """Record the fence's position for the channel unless it has it or a later one."""
+        self._check_open()
+        now = self._clock()
+        key = (channel, fence.source)
+        known = self._fences.pop(key, None)
+        # Oldest first, like _streams: drop up to two whose time passed.
+        for old_key, (_position, expires_at) in list(islice(self._fences.items(), _SWEEP_BATCH)):
+            if expires_at > now:
+                break
+            del self._fences[old_key]
+        if known is not None and known[1] > now and known[0] >= fence.position:
+            self._fences[key] = known
+            return False
+        self._fences[key] = (fence.position, now + fence.ttl_seconds)
+        return True
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         self._check_open()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from shim.broker import (
     BrokerUnavailable,
     ClientInfo,
+    Fence,
     LegacyTag,
     Publication,
     PublishOptions,
     StreamPosition,
+    Superseded,
     UnrecoverablePosition,
 )
 from tests.contract.conftest import EngineUnderTest
@@ -467,3 +470,53 @@ async def test_publish_many_after_close_reports_each_item_unavailable(
     await engine.broker.close()
     results = await engine.broker.publish_many([(channel, pub(1), KEEP_10)] * 2)
     assert all(isinstance(r, BrokerUnavailable) for r in results)
+
+
+async def test_fenced_publishes_of_one_source_never_repeat_or_go_back(
+    engine: EngineUnderTest, channel: str, other_channel: str
+) -> None:
+    """A writer that resumes with positions the channel already has (or older ones)
+    publishes nothing; another source's positions are independent."""
+    unkept_channel = other_channel + "-nohistory"
+    for name in (channel, unkept_channel):
+        await engine.broker.subscribe(name)
+    a, b = "ingest:p0", "ingest:p1"
+
+    def fenced(*items: tuple[str, int, str, tuple[int, int, int]]) -> Any:
+        return engine.broker.publish_many(
+            [(ch, pub(n), KEEP_10 if ch == channel else NO_HISTORY) for ch, n, _s, _p in items],
+            [Fence(source, position) for _c, _n, source, position in items],
+        )
+
+    first = await fenced(
+        (channel, 1, a, (5, 0, 0)),
+        (unkept_channel, 1, a, (5, 0, 0)),
+        (channel, 2, a, (5, 1, 0)),
+        (channel, 3, a, (5, 1, 1)),  # the entry's second item
+    )
+    assert [type(r) for r in first] == [StreamPosition] * 4
+    # The paused writer resumes: (5, 1, 1) again, older ones, then one the channel lacks.
+    again = await fenced(
+        (channel, 3, a, (5, 1, 1)),
+        (channel, 1, a, (5, 0, 0)),
+        (unkept_channel, 1, a, (5, 0, 0)),
+        (channel, 4, a, (6, 0, 0)),
+        (unkept_channel, 4, a, (6, 0, 0)),
+    )
+    assert [type(r) for r in again] == [Superseded] * 3 + [StreamPosition] * 2
+    # Another source's older position is its own sequence: published.
+    other = await fenced((channel, 5, b, (1, 0, 0)))
+    assert isinstance(other[0], StreamPosition)
+
+    history = await engine.broker.history(channel, limit=-1)
+    assert [p.data for p in history.publications] == [pub(n).data for n in range(1, 6)]
+    assert offsets(history.publications) == [1, 2, 3, 4, 5]
+    await engine.delivered(lambda: len(engine.handler.publications_of(unkept_channel)) == 2)
+    await engine.delivered(lambda: len(engine.handler.publications_of(channel)) == 5)
+    assert [p.data for p, _ in engine.handler.publications_of(unkept_channel)] == [
+        pub(1).data,
+        pub(4).data,
+    ]
+    # Unfenced publishes are not affected by a channel's fences.
+    plain = await engine.broker.publish_many([(channel, pub(6), KEEP_10)])
+    assert isinstance(plain[0], StreamPosition) and plain[0].offset == 6

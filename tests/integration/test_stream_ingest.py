@@ -64,11 +64,13 @@ async def test_stream_entries_are_published_then_acknowledged(
         await sub_events.wait_for("publication", count=20)
         assert [ctx.pub.data["n"] for ctx in sub_events.named("publication")] == list(range(20))
 
-        async def all_acknowledged() -> bool:
-            pending = await redis.xpending(STREAM, GROUP)
-            return bool(pending["pending"] == 0)
+        consumer = server.runtime.stream_consumer
+        assert consumer is not None
 
-        await _wait_until(all_acknowledged)
+        async def all_committed() -> bool:
+            return await consumer.backlog() == 0
+
+        await _wait_until(all_committed)
         refused = await redis.xrange(f"{STREAM}:refused")
         assert len(refused) == 1 and b"not valid JSON" in refused[0][1][b"error"]
         ready = (await server.http.get("/ready")).json()
@@ -79,8 +81,9 @@ async def test_stream_entries_are_published_then_acknowledged(
 async def test_entries_of_a_dead_consumer_are_claimed_and_published_once(
     signing_keys: tuple[str, str], redis_server: RedisServer, redis: Redis
 ) -> None:
-    # A node that read three entries and died before acknowledging them; it had
-    # published (and marked) the first one already.
+    # A node of the previous version (one consumer group, a "done" marker per entry)
+    # read three entries and died before acknowledging them; it had published (and
+    # marked) the first one already. The upgraded node starts where it stopped.
     await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     ids = [(await redis.xadd(STREAM, _message(n))).decode() for n in range(3)]
     taken = await redis.xreadgroup(GROUP, "dead-node", {STREAM: ">"}, count=3)
@@ -94,29 +97,84 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_published_once(
         ingest_stream_key=STREAM,
         ingest_stream_claim_idle_seconds=1,
     ) as server:
-        client, _events = new_client(server.ws_url, server.token("alice"))
-        await client.connect()
-        sub, sub_events = new_subscription(client, "task:s1")
-        await sub.subscribe()
-        await sub_events.wait_for("subscribed")
-
-        await sub_events.wait_for("publication", count=2, timeout=15)
-
-        async def nothing_pending() -> bool:
-            return bool((await redis.xpending(STREAM, GROUP))["pending"] == 0)
-
-        await _wait_until(nothing_pending, timeout=15)
-        await asyncio.sleep(0.3)
-        received = [ctx.pub.data["n"] for ctx in sub_events.named("publication")]
-        assert received == [1, 2]  # entry 0 was already published: not again
         consumer = server.runtime.stream_consumer
         assert consumer is not None
-        assert consumer.stats.claimed == 3
-        assert consumer.stats.skipped_already_published == 1
-        # The same event ids a republish would carry: derived from the entry ids.
+
+        async def nothing_pending() -> bool:
+            old_group = (await redis.xpending(STREAM, GROUP))["pending"]
+            return old_group == 0 and await consumer.backlog() == 0
+
+        await _wait_until(nothing_pending, timeout=15)
+        # Published before any client could subscribe: the channel's history shows it.
         history = await server.runtime.broker.history("task:s1", limit=-1)
-        assert len(history.publications) == 2
-        await client.disconnect()
+        received = [orjson.loads(pub.data)["n"] for pub in history.publications]
+        assert received == [1, 2]  # entry 0 was already published: not again
+        assert consumer.stats.split == 2
+        assert consumer.stats.skipped_already_published == 1
+
+
+async def test_a_node_resuming_mid_publish_after_losing_its_lease_repeats_and_reorders_nothing(
+    signing_keys: tuple[str, str], redis_server: RedisServer, redis: Redis
+) -> None:
+    """Node A has read entry 1 and is about to send its publish when it freezes (as
+    under SIGSTOP: no lease renewal either). Node B takes the partition over and
+    publishes entries 1 and 2. Then A wakes and sends its publish of entry 1: the
+    channel refuses it (fenced), and A's commit is refused, so A stops there."""
+    settings: dict[str, Any] = {
+        "engine": "redis",
+        "redis_url": redis_server.url,
+        "ingest_stream_key": STREAM,
+        "ingest_stream_claim_idle_seconds": 1,
+        "ingest_stream_partitions": 1,
+    }
+    async with run_server(signing_keys, node_name="a", **settings) as a:
+        consumer_a = a.runtime.stream_consumer
+        assert consumer_a is not None and consumer_a._task is not None
+        frozen, thaw = asyncio.Event(), asyncio.Event()
+        publish_events = a.runtime.ingestor.publish_events
+
+        async def freezing(events: Any, fences: Any = ()) -> Any:
+            frozen.set()
+            await thaw.wait()
+            return await publish_events(events, fences)
+
+        a.runtime.ingestor.publish_events = freezing  # type: ignore[method-assign]
+        await redis.xadd(STREAM, _message(1))
+        await asyncio.wait_for(frozen.wait(), 10)
+        consumer_a._task.cancel()  # its lease manager freezes too: the lease runs out
+
+        async with run_server(signing_keys, node_name="b", **settings) as b:
+            client, _events = new_client(b.ws_url, b.token("alice"))
+            await client.connect()
+            sub, sub_events = new_subscription(client, "task:s1")
+            await sub.subscribe()
+            await sub_events.wait_for("subscribed")
+            await redis.xadd(STREAM, _message(2))
+
+            async def stored() -> list[int]:
+                history = await b.runtime.broker.history("task:s1", limit=-1)
+                return [orjson.loads(pub.data)["n"] for pub in history.publications]
+
+            async def both_published_by_b() -> bool:
+                return await stored() == [1, 2]
+
+            await _wait_until(both_published_by_b, timeout=15)
+            thaw.set()
+
+            async def a_fenced() -> bool:
+                return consumer_a.stats.fenced == 1
+
+            await _wait_until(a_fenced)
+            await asyncio.sleep(0.3)
+            assert await stored() == [1, 2]
+            live = [ctx.pub.data["n"] for ctx in sub_events.named("publication")]
+            assert live in ([1, 2], [2])  # 1 may have come before the subscription
+            assert consumer_a.stats.superseded == 1
+            assert consumer_a.stats.consumed == 0
+            consumer_b = b.runtime.stream_consumer
+            assert consumer_b is not None and consumer_b.stats.consumed == 2
+            assert await consumer_b.backlog() == 0
+            await client.disconnect()
 
 
 async def test_stream_ingest_survives_a_redis_restart(

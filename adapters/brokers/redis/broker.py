@@ -30,10 +30,12 @@ from shim.broker import (
     BrokerEventHandler,
     BrokerUnavailable,
     ClientInfo,
+    Fence,
     HistoryResult,
     Publication,
     PublishOptions,
     StreamPosition,
+    Superseded,
     UnrecoverablePosition,
 )
 
@@ -192,20 +194,22 @@ class RedisBroker:
         return _position(reply)
 
     async def publish_many(
-        self, items: Sequence[tuple[str, Publication, PublishOptions]]
-    ) -> list[StreamPosition | BrokerUnavailable]:
+        self,
+        items: Sequence[tuple[str, Publication, PublishOptions]],
+        fences: Sequence[Fence | None] = (),
+    ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
         """One pipeline per shard (run concurrently); per channel the order holds."""
         if self._closed:
             return [BrokerUnavailable("redis broker is closed")] * len(items)
-        results: list[StreamPosition | BrokerUnavailable] = [BrokerUnavailable("not sent")] * len(
-            items
-        )
+        results: list[StreamPosition | Superseded | BrokerUnavailable] = [
+            BrokerUnavailable("not sent")
+        ] * len(items)
         by_shard: dict[int, list[int]] = {}
         for index, (channel, _pub, _options) in enumerate(items):
             by_shard.setdefault(self._shards.index(channel), []).append(index)
         await asyncio.gather(
             *(
-                self._publish_on_shard(shard, indexes, items, results)
+                self._publish_on_shard(shard, indexes, items, fences, results)
                 for shard, indexes in by_shard.items()
             )
         )
@@ -216,22 +220,13 @@ class RedisBroker:
         shard: int,
         indexes: list[int],
         items: Sequence[tuple[str, Publication, PublishOptions]],
-        results: list[StreamPosition | BrokerUnavailable],
+        fences: Sequence[Fence | None],
+        results: list[StreamPosition | Superseded | BrokerUnavailable],
     ) -> None:
-        commands: list[tuple[object, ...]] = []
-        for index in indexes:
-            channel, pub, options = items[index]
-            keys = self._keys(channel)
-            body = wire.encode_body(pub)
-            if options.history_size <= 0 or options.history_ttl_seconds <= 0:
-                message = wire.publication_message(body)
-                commands.append((self._publish_command, keys.pubsub, message))
-            else:
-                args = _publish_args(keys.pubsub, body, options, self._publish_command)
-                commands.append(("EVALSHA", scripts.PUBLISH.sha, 2, keys.meta, keys.history, *args))
+        commands = [self._command_for(*items[i], fences[i] if fences else None) for i in indexes]
         try:
             replies = await self._shards.pipeline(
-                self._shards.clients[shard], commands, (scripts.PUBLISH,)
+                self._shards.clients[shard], commands, (scripts.PUBLISH, scripts.FENCED_PUBLISH)
             )
         except BrokerUnavailable as error:
             for index in indexes:
@@ -242,8 +237,36 @@ class RedisBroker:
                 results[index] = BrokerUnavailable(f"redis: {reply}")
             elif command[0] == self._publish_command:
                 results[index] = StreamPosition(0, "")
+            elif int(reply[0]) < 0:
+                results[index] = Superseded()
             else:
                 results[index] = _position(reply)
+
+    def _command_for(
+        self, channel: str, pub: Publication, options: PublishOptions, fence: Fence | None
+    ) -> tuple[object, ...]:
+        """The pipeline command publishing `pub` (behind `fence` when given)."""
+        keys = self._keys(channel)
+        body = wire.encode_body(pub)
+        kept = options.history_size > 0 and options.history_ttl_seconds > 0
+        if fence is not None:
+            return (
+                "EVALSHA",
+                scripts.FENCED_PUBLISH.sha,
+                3,
+                keys.meta,
+                keys.history,
+                keys.fence,
+                *_publish_args(keys.pubsub, body, options, self._publish_command),
+                fence.source,
+                *fence.position,
+                _ms(fence.ttl_seconds),
+                1 if kept else 0,
+            )
+        if not kept:
+            return (self._publish_command, keys.pubsub, wire.publication_message(body))
+        args = _publish_args(keys.pubsub, body, options, self._publish_command)
+        return ("EVALSHA", scripts.PUBLISH.sha, 2, keys.meta, keys.history, *args)
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         await self._publish_presence(channel, True, info)

@@ -63,6 +63,8 @@ class ChannelKeys:
     presence_expiry: str
     # Hash client id -> user, for counting distinct users without reading infos.
     presence_users: str
+    # Hash: fenced source -> "<a>-<b>-<c>", its last position here (see shim.broker.Fence).
+    fence: str
     # Pub/sub channel (not a key; no slot constraint).
     pubsub: bytes
 
@@ -83,6 +85,7 @@ def channel_keys(prefix: str, channel: str, *, sharded_pubsub: bool = False) -> 
         presence=f"{base}:pres",
         presence_expiry=f"{base}:pexp",
         presence_users=f"{base}:puser",
+        fence=f"{base}:fence",
         pubsub=pubsub,
     )
 

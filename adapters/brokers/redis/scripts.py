@@ -29,9 +29,7 @@ class Script:
 # the publish command (SPUBLISH on a Redis Cluster with sharded pub/sub; PUBLISH).
 # Returns {offset, epoch}. Entry: "<expires_at_ms>:<offset>:<body>";
 # message: "p<offset>:<epoch>\n<body>" (see wire.py).
-PUBLISH = Script(
-    _NOW
-    + """
+_PUBLISH_BODY = """
 local meta, history = KEYS[1], KEYS[2]
 local size, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local epoch = redis.call('HGET', meta, 'e')
@@ -60,6 +58,41 @@ if redis.call('PTTL', history) < ttl then redis.call('PEXPIRE', history, ttl) en
 redis.call(ARGV[7] or 'PUBLISH', ARGV[1], string.format('p%d:', offset) .. epoch .. '\\n' .. ARGV[2])
 return {offset, epoch}
 """
+PUBLISH = Script(_NOW + _PUBLISH_BODY)
+
+# PUBLISH behind a fence (shim.broker.Fence). KEYS: meta, history, fence (hash: source
+# -> "<a>-<b>-<c>", the position of its last publish here). ARGV: PUBLISH's seven (the
+# publish command included), then source, the position's three numbers, fence ttl ms,
+# "1" when the channel keeps history ("0": publish only, offset 0).
+# Returns {-1, ""} when the channel already has this position of the source or a later
+# one (nothing published), else PUBLISH's reply. One script for both kinds of channel,
+# so a flushed script cache fails (and is retried) for every fenced item alike.
+FENCED_PUBLISH = Script(
+    _NOW
+    + """
+local fence, source = KEYS[3], ARGV[8]
+local new = {tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])}
+local last = redis.call('HGET', fence, source)
+if last then
+  local old = {string.match(last, '^(%d+)-(%d+)-(%d+)$')}
+  local later = false
+  for i = 1, 3 do
+    local o = tonumber(old[i])
+    if new[i] ~= o then
+      later = new[i] > o
+      break
+    end
+  end
+  if not later then return {-1, ''} end
+end
+redis.call('HSET', fence, source, ARGV[9] .. '-' .. ARGV[10] .. '-' .. ARGV[11])
+redis.call('PEXPIRE', fence, ARGV[12])
+if ARGV[13] ~= '1' then
+  redis.call(ARGV[7], ARGV[1], 'p0:\\n' .. ARGV[2])
+  return {0, ''}
+end
+"""
+    + _PUBLISH_BODY
 )
 
 # KEYS: meta, history. ARGV: epoch to use if the stream is new, meta ttl ms for a new
