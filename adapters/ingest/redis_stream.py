@@ -16,10 +16,12 @@ Order with several nodes comes from partitioning (docs/stream-ingest.md):
   that was paused (SIGSTOP) and wakes up mid-publish after losing its lease can
   therefore neither repeat nor reorder anything; its commit is refused and it stops.
 
-Leases are SET NX PX keys renewed every third of their time; each acquisition has
-its own token. Nodes announce themselves in a sorted set and take an equal share
-of the partitions; a node that holds more than its share hands the extra ones over
-after their current batch.
+Leases are SET NX PX keys with a token per acquisition, all of a node's renewed in
+one script every third of their time (one that ran out while nobody took it is
+taken again); commits check the token and the cursor they started from. Nodes
+announce themselves in a sorted set and take an equal share of the partitions; a
+node that holds more than its share hands the extra ones over after their current
+batch.
 
 Keys, beside the input stream `<key>`: `<key>:partitions` (the partition count, fixed
 at first start), `<key>:cursor` (last input entry copied), `<key>:p<n>` and
@@ -87,23 +89,17 @@ return {copied, skipped}
 """
 
 # KEYS: lease, partition cursor, partition stream, dead letters. ARGV: token, expected
-# cursor, new cursor, trim below (MINID), then (entry id, error) pairs refused.
-# Returns 1, or -1 (lease lost) / -2 (cursor moved).
+# cursor, new cursor, trim below (MINID), lease ttl ms, then (entry id, error) pairs
+# refused. Returns 1 (and extends the lease), or -1 (lease lost) / -2 (cursor moved).
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if (redis.call('GET', KEYS[2]) or '0-0') ~= ARGV[2] then return -2 end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('XADD', KEYS[4], 'MAXLEN', 10000, '*', 'entry', ARGV[i], 'error', ARGV[i + 1])
 end
-return 1
-"""
-
-# KEYS: lease. ARGV: token, ttl ms. 1 when still ours (and extended), else 0.
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -113,15 +109,29 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: nodes. ARGV: member, ttl ms. Returns how many nodes are alive (Redis clock).
-_HEARTBEAT = """
+# One round trip per manager tick. KEYS: nodes, then the leases held. ARGV: member, ttl
+# ms, then each lease's token. Announces the node (expiry on the Redis clock), then
+# extends each lease still ours, or takes it again with the same token if it ran out
+# and nobody took it (a stale holder is stopped by the cursor check of its next
+# commit). Returns {nodes alive, then 1 (held) or 0 (another node has it) per lease}.
+_RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%d', now + ttl), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return redis.call('ZCARD', KEYS[1])
+local result = {redis.call('ZCARD', KEYS[1])}
+for i = 2, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[i + 1] or not holder then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ttl)
+    result[i] = 1
+  else
+    result[i] = 0
+  end
+end
+return result
 """
 
 
@@ -238,7 +248,6 @@ class StreamConsumer:
         self._commit = redis.register_script(_COMMIT)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
-        self._heartbeat = redis.register_script(_HEARTBEAT)
 
     # -- keys ------------------------------------------------------------------
 
@@ -296,7 +305,9 @@ class StreamConsumer:
     async def _manage(self) -> None:
         """Heartbeat, renew what is held, take a fair share, hand back the excess."""
         interval = self.options.lease_seconds / 3
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await self._tick()
                 self.running = True
@@ -304,12 +315,33 @@ class StreamConsumer:
                 self.running = False
                 self.stats.failures += 1
                 log.warning("ingest stream unavailable: %s", exc.__class__.__name__)
-            await asyncio.sleep(interval * random.uniform(0.9, 1.0))
+            except Exception:  # a bug must not stop the renewals of every lease
+                self.running = False
+                self.stats.failures += 1
+                log.exception("ingest stream lease manager failed")
+            pause = interval * random.uniform(0.9, 1.0) - (loop.time() - started)
+            await asyncio.sleep(max(0.0, pause))
 
     async def _tick(self) -> None:
         key = self.options.key
-        await self.redis.set(f"{key}:partitions", self.options.partitions, nx=True)
-        stored = int(await self.redis.get(f"{key}:partitions") or self.options.partitions)
+        # Renewals first, in one round trip: they are what a slow tick would cost.
+        workers = list(self._workers.values())
+        reply = await self._renew(
+            keys=[f"{key}:nodes", *(self._lease_key(w.name) for w in workers)],
+            args=[self._member, self._ttl_ms, *(w.token for w in workers)],
+        )
+        alive = int(reply[0])
+        for worker, held_still in zip(workers, reply[1:], strict=True):
+            done = worker.task is None or worker.task.done()
+            if done or not int(held_still):
+                if not done and not worker.stopping:
+                    log.warning("ingest stream lease %s lost", worker.name)
+                await self._stop_worker(worker, release=done)
+
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{key}:partitions", self.options.partitions, nx=True)
+        pipe.get(f"{key}:partitions")
+        stored = int(_text((await pipe.execute())[1], str(self.options.partitions)))
         if stored != self.partitions:
             if stored != self.options.partitions:
                 log.warning(
@@ -321,16 +353,6 @@ class StreamConsumer:
                 )
             await self._stop_all()
             self.partitions = stored
-        alive = int(await self._heartbeat(keys=[f"{key}:nodes"], args=[self._member, self._ttl_ms]))
-
-        for worker in list(self._workers.values()):
-            done = worker.task is None or worker.task.done()
-            if done or not await self._renew(
-                keys=[self._lease_key(worker.name)], args=[worker.token, self._ttl_ms]
-            ):
-                if not done and not worker.stopping:
-                    log.warning("ingest stream lease %s lost", worker.name)
-                await self._stop_worker(worker, release=done)
 
         if self._stopping:
             return
@@ -342,13 +364,16 @@ class StreamConsumer:
         for worker in held[share:]:
             # Hand over after the batch in progress; released once the worker ends.
             worker.stopping = True
-        wanted = [f"p{n}" for n in range(self.partitions) if f"p{n}" not in self._workers]
-        random.shuffle(wanted)
-        for name in ["split", *wanted]:
-            if name != "split" and len(held) >= share:
-                break
+        names = ["split"] + [f"p{n}" for n in range(self.partitions)]
+        holders = await self.redis.mget([self._lease_key(name) for name in names])
+        free = [name for name, holder in zip(names, holders, strict=True) if holder is None]
+        random.shuffle(free)
+        free.sort(key=lambda name: name != "split")  # the splitter first
+        for name in free:
             if name in self._workers:
                 continue
+            if name != "split" and len(held) >= share:
+                break
             token = f"{self._member}:{secrets.token_hex(6)}"
             if await self.redis.set(self._lease_key(name), token, nx=True, px=self._ttl_ms):
                 worker = _Worker(name, token)
@@ -373,7 +398,7 @@ class StreamConsumer:
         self._workers.pop(worker.name, None)
         if worker.task is not None and not worker.task.done():
             worker.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, _LeaseLost):
+            with contextlib.suppress(asyncio.CancelledError):
                 await worker.task
         if release:
             with contextlib.suppress(RedisError, OSError):
@@ -398,6 +423,8 @@ class StreamConsumer:
                 return
             except (RedisError, OSError) as exc:
                 log.warning("ingest stream %s: %s", worker.name, exc.__class__.__name__)
+            except Exception:
+                log.exception("ingest stream %s failed", worker.name)
             self.stats.failures += 1
             await asyncio.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 5.0)
@@ -503,7 +530,7 @@ class StreamConsumer:
                 last = batch[-1][0].decode()
                 reply = await self._commit(
                     keys=[self._lease_key(worker.name), cursor_key, stream, self.dead_letter_key],
-                    args=[worker.token, cursor, last, next_id(last), *refused],
+                    args=[worker.token, cursor, last, next_id(last), self._ttl_ms, *refused],
                 )
             finally:
                 worker.idle.set()

@@ -62,10 +62,19 @@ async def append(producer: Redis, entries: list[tuple[str, int]]) -> None:
     await pipe.execute()
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
+async def until(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float,
+    explain: Callable[[], Awaitable[str]] | None = None,
+) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        if explain is None:
+            raise
+        raise AssertionError(await explain()) from None
 
 
 @pytest.fixture
@@ -171,7 +180,22 @@ async def run_with_faults(
                 await until(some_published, timeout=15)
                 resumed = await faults(nodes)
                 await append(producer, entries[500:])
-                await until(lambda: all_delivered(subs, entries), timeout=40)
+
+                async def explain() -> str:
+                    missing = {
+                        channel: len(wanted) - len(received(subs[channel]))
+                        for channel, wanted in expected_by_channel(entries).items()
+                    }
+                    leases = {
+                        p: await producer.get(f"{STREAM}:lease:p{p}")
+                        for p in range(int(SETTINGS["ingest_stream_partitions"]))
+                    }
+                    return (
+                        f"missing {missing}, backlog {await backlog(producer, STREAM)}, "
+                        f"leases {leases}\n{watcher_node.log_tail(40)}"
+                    )
+
+                await until(lambda: all_delivered(subs, entries), timeout=40, explain=explain)
                 await resumed()
                 await until(lambda: _drained(producer), timeout=15)
                 await asyncio.sleep(0.5)  # anything repeated late would show now
