@@ -546,6 +546,18 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{name}: must be at least 1")
     if settings.client_command_burst < 1 or settings.channel_publish_burst < 1:
         raise ConfigError("client_command_burst / channel_publish_burst: must be at least 1")
+    if settings.ingest_stream_partitions < 1 or settings.ingest_stream_claim_idle_seconds <= 0:
+        raise ConfigError(
+            "ingest_stream_partitions / ingest_stream_claim_idle_seconds: must be positive"
+        )
+    if settings.ingest_stream_key and settings.redis_cluster:
+        # The stream, its partitions, cursors and leases are touched together by
+        # scripts: one slot, so the key needs a hash tag.
+        opened, closed = settings.ingest_stream_key.find("{"), settings.ingest_stream_key.find("}")
+        if not 0 <= opened < closed - 1:
+            raise ConfigError(
+                "ingest_stream_key: on a Redis Cluster it needs a hash tag, e.g. '{dex-ingest}'"
+            )
     if settings.metrics_listen and not _host_port(settings.metrics_listen):
         raise ConfigError(f"metrics_listen: expected host:port, got {settings.metrics_listen!r}")
 

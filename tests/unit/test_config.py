@@ -81,11 +81,21 @@ def test_namespaces_from_json_environment() -> None:
         ({"DEX_SHIM_CUTOVER_CHANNELS_PERCENT": "101"}, "cutover_channels_percent"),
         ({"DEX_SHIM_WEBSOCKET_MAX_FRAME_BYTES": str(2 * 1024 * 1024)}, "websocket_max_frame_bytes"),
         ({"DEX_SHIM_NAMESPACES": '{"task": {"histroy_size": 1}}'}, "unknown keys"),
+        ({"DEX_SHIM_INGEST_STREAM_PARTITIONS": "0"}, "ingest_stream_partitions"),
+        (
+            {"DEX_SHIM_INGEST_STREAM_KEY": "dex:ingest", "DEX_SHIM_REDIS_CLUSTER": "true"},
+            "hash tag",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env=env)
+
+
+def test_a_hash_tagged_stream_key_is_accepted_on_a_cluster() -> None:
+    env = {"DEX_SHIM_INGEST_STREAM_KEY": "{dex-ingest}", "DEX_SHIM_REDIS_CLUSTER": "true"}
+    assert load_settings(env=env).ingest_stream_key == "{dex-ingest}"
 
 
 def test_unknown_setting_in_file_is_refused(tmp_path: Path) -> None:
