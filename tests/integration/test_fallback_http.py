@@ -374,3 +374,33 @@ async def test_allowed_origins_and_the_connection_limit_apply(
             assert posted.status_code == 204, (posted.text, reply)
             assert posted.headers["access-control-allow-origin"] == "https://dex.example"
             assert orjson.loads(await anext(lines)) == {"id": 2, "rpc": {"data": {"pong": True}}}
+
+
+async def test_legacy_cutover_mode_turns_fallback_clients_away(
+    signing_keys: tuple[str, str],
+) -> None:
+    async with run_server(signing_keys, cutover_mode="legacy", **UNI) as server:
+        connect = orjson.dumps({"id": 1, "connect": {"token": server.token("jo")}})
+        request = orjson.dumps({"token": server.token("jo")})
+        disabled = codes.CHANNELS_DISABLED
+        for path, body, expected in (
+            (
+                HTTP_STREAM_PATH,
+                connect,
+                {"push": {"disconnect": {"code": 3503, "reason": disabled.reason}}},
+            ),
+            (
+                UNI_HTTP_STREAM_PATH,
+                request,
+                {"disconnect": {"code": 3503, "reason": disabled.reason}},
+            ),
+        ):
+            # A disconnect push the SDK reads as "do not reconnect", then the end.
+            response = await server.http.post(path, content=body)
+            assert response.status_code == 200
+            assert [orjson.loads(line) for line in response.text.splitlines()] == [expected]
+        assert not sessions_of(server, "jo")
+        config = await server.http.get(
+            "/api/v1/realtime/config", headers={"Authorization": f"Bearer {server.token('jo')}"}
+        )
+        assert config.json()["protocol"] == "legacy" and config.json()["transports"] == []
