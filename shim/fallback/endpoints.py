@@ -3,7 +3,9 @@ paths (no framework on the per-message path).
 
 Bidirectional emulation, as centrifuge-js speaks it:
 - POST /connection/http_stream: the body holds the connect command; the response
-  streams replies and pushes as newline-delimited JSON.
+  streams replies and pushes as newline-delimited JSON, or as length-prefixed
+  Protobuf messages when the POST is `application/octet-stream` (the SDK's
+  Protobuf build; the emulation requests then are Protobuf too).
 - GET /connection/sse?cf_connect=<connect command> (or POST with it as the body):
   the response is an EventSource stream, one event per message.
 - POST /emulation {"session", "node", "data"}: the client's further commands
