@@ -129,6 +129,8 @@ class RuntimeCollector(Collector):
             ingested.add_metric([event_type, result], count)
         yield ingested
 
+        yield from _stream_metrics(runtime)
+
         broker_errors = CounterMetricFamily(
             f"{PREFIX}_broker_errors", "Failed broker operations.", labels=["operation"]
         )
@@ -204,3 +206,27 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _stream_metrics(runtime: Runtime) -> Iterator[Metric]:
+    """What this node did of the ingest stream (docs/stream-ingest.md), when configured."""
+    consumer = runtime.stream_consumer
+    if consumer is None:
+        return
+    stats = consumer.stats
+    activity = CounterMetricFamily(
+        f"{PREFIX}_ingest_stream",
+        "Stream ingest on this node: entries split to partitions, entries published and "
+        "committed, events superseded (already in a channel), entries refused, batches "
+        "fenced (lease lost), partition leases acquired and released, failures.",
+        labels=["kind"],
+    )
+    for kind in ("split", "consumed", "superseded", "refused", "fenced", "acquired", "released"):
+        activity.add_metric([kind], getattr(stats, kind))
+    activity.add_metric(["failures"], stats.failures)
+    yield activity
+    yield GaugeMetricFamily(
+        f"{PREFIX}_ingest_stream_partitions_held",
+        "Stream partitions this node publishes now.",
+        value=consumer.partitions_held,
+    )

@@ -191,6 +191,7 @@ def _text(value: Any, default: str = "") -> str:
 
 
 def id_position(entry_id: str) -> tuple[int, int]:
+    """(milliseconds, sequence) of a stream entry id; ValueError if it is none."""
     ms, seq = entry_id.split("-")
     return int(ms), int(seq)
 
@@ -248,6 +249,10 @@ class StreamConsumer:
         self._commit = redis.register_script(_COMMIT)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+
+    @property
+    def partitions_held(self) -> int:
+        return sum(1 for name in self._workers if name != "split")
 
     # -- keys ------------------------------------------------------------------
 
@@ -396,6 +401,8 @@ class StreamConsumer:
 
     async def _stop_worker(self, worker: _Worker, *, release: bool) -> None:
         self._workers.pop(worker.name, None)
+        # Also checked by its loop: redis-py's retries can swallow a cancel.
+        worker.stopping = True
         if worker.task is not None and not worker.task.done():
             worker.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -554,9 +561,13 @@ class StreamConsumer:
         sources: list[str] = []  # each event's input entry
         refused: list[str] = []
         ttl = self.options.fence_ttl_seconds
-        for _entry_id, fields in batch:
+        for entry_id, fields in batch:
             source = fields.get(SOURCE_FIELD, b"").decode()
-            ms, seq = id_position(source)
+            try:
+                ms, seq = id_position(source)
+            except ValueError:  # not written by the splitter: no place to fence it by
+                refused += [f"{stream}/{entry_id.decode()}", "no source entry id"]
+                continue
             try:
                 items = parse_broadcast(
                     with_stream_ids(fields.get(MESSAGE_FIELD, b""), source),

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import orjson
 import pytest
+from redis.asyncio import Redis
 
 from adapters.brokers.redis.keys import channel_keys
+from adapters.ingest.redis_stream import backlog
 from tests.integration.test_multinode import (
     Publisher,
     connected_subscription,
@@ -92,3 +95,45 @@ async def test_subscribers_recover_across_a_master_failover_during_publishing(
     # A planned failover loses nothing: every acknowledged publication arrived.
     assert silently_missing(events, publisher.acked) == []
     assert set(publisher.acked) <= set(got)
+
+
+async def test_stream_ingest_on_a_cluster_keeps_each_tasks_order(
+    cluster: RedisClusterProcesses,
+) -> None:
+    """The backend appends to a hash-tagged stream key; two nodes on the cluster publish
+    it (its partitions, cursors and leases share the key's slot)."""
+    stream = "{dex-ingest}"
+    settings = {
+        **CLUSTER,
+        "ingest_stream_key": stream,
+        "ingest_stream_partitions": "4",
+        "ingest_stream_claim_idle_seconds": "1",
+    }
+    tasks = [f"c{i}" for i in range(5)]
+    producer = Redis(host="127.0.0.1", port=cluster.master_of_key(stream))
+    try:
+        async with start_nodes(2, cluster.seed_urls, settings=settings) as (a, b):
+            await a.wait_ready(True, timeout=15)
+            await b.wait_ready(True, timeout=15)
+            watchers = [
+                await connected_subscription(b.ws_url, b.token("watcher"), f"task:{task}")
+                for task in tasks
+            ]
+            try:
+                pipe = producer.pipeline(transaction=False)
+                for n in range(200):
+                    body = {"type": "task.updated", "payload": {"task_id": tasks[n % 5], "n": n}}
+                    pipe.xadd(stream, {"message": orjson.dumps(body)})
+                await pipe.execute()
+                for (_client, events), task in zip(watchers, tasks, strict=True):
+                    await delivered(events, 195 + tasks.index(task), timeout=20)
+                async with asyncio.timeout(10):
+                    while await backlog(producer, stream):
+                        await asyncio.sleep(0.05)
+            finally:
+                await shut(*(client for client, _events in watchers))
+    finally:
+        await producer.aclose()
+
+    for (_client, events), task in zip(watchers, tasks, strict=True):
+        assert numbers(events) == list(range(tasks.index(task), 200, 5))
