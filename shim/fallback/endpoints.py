@@ -21,11 +21,9 @@ subscriptions), subscribe/unsubscribe pushes from the server API, `{}` pings.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
@@ -40,6 +38,8 @@ from shim.fallback.stream import FinalMessage, Frame, StreamPump
 from shim.outbox import Outbox
 from shim.runtime import Runtime
 from shim.ws_endpoints import (
+    _close,
+    _first_frame,
     _forget_request_headers,
     _offer_direct_write,
     _receive_queue,
@@ -59,6 +59,7 @@ EVENT_STREAM = b"text/event-stream; charset=utf-8"
 JSON = b"application/json"
 PROTOBUF_CONTENT = b"application/octet-stream"
 
+T = TypeVar("T")
 Handler = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
 
 
@@ -151,43 +152,52 @@ class FallbackEndpoints:
     async def http_stream(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> None:
-        settings = self.runtime.settings
         if await self._refused(scope, send, allowed=("POST",), new_connection=True):
             return
         # The SDK's Protobuf build says so in the content type, as Centrifugo reads it.
         protobuf = _content_type(scope) == PROTOBUF_CONTENT
-        codec = framing.PROTOBUF_HTTP_STREAM if protobuf else framing.JSON_HTTP_STREAM
-        try:
-            body = await _read_body(scope, receive, settings.http_stream_max_request_body_size)
-            commands: str | bytes = body if protobuf else framing.commands_text(body)
-            if not commands:
-                raise RequestError(400, "no connect command")
-        except RequestError as exc:
-            await _reply(send, exc, self._cors(scope))
-            return
-        except _ClientGone:
-            return
-        await self._emulated(scope, receive, send, commands, codec)
+        limit = self.runtime.settings.http_stream_max_request_body_size
+
+        async def commands() -> str | bytes:
+            body = await _read_body(scope, receive, limit)
+            if protobuf:
+                if not body:
+                    raise RequestError(400, "no connect command")
+                return body
+            return framing.commands_text(body)
+
+        initial = await self._input(scope, send, commands())
+        if initial is not None:
+            codec = framing.PROTOBUF_HTTP_STREAM if protobuf else framing.JSON_HTTP_STREAM
+            await self._emulated(scope, receive, send, initial, codec)
 
     async def sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        settings = self.runtime.settings
         if await self._refused(scope, send, allowed=("GET", "POST"), new_connection=True):
             return
+        limit = self.runtime.settings.sse_max_request_body_size
+
+        async def commands() -> str:
+            raw = await _connect_data(scope, receive, limit)
+            if not raw:
+                raise RequestError(400, "no connect command (cf_connect)")
+            return raw if isinstance(raw, str) else framing.commands_text(raw)
+
+        initial = await self._input(scope, send, commands())
+        if initial is not None:
+            await self._emulated(scope, receive, send, initial, framing.SSE)
+
+    async def _input(
+        self, scope: dict[str, Any], send: ASGISend, reading: Awaitable[T]
+    ) -> T | None:
+        """What `reading` makes of the request, or None when the request was answered
+        with its error instead (or the client left before it was read)."""
         try:
-            if scope["method"] == "GET":
-                text = framing.query_param(scope.get("query_string", b""), framing.CONNECT_PARAM)
-                if not text:
-                    raise RequestError(400, "no connect command (cf_connect)")
-                commands = text
-            else:
-                body = await _read_body(scope, receive, settings.sse_max_request_body_size)
-                commands = framing.commands_text(body)
+            return await reading
         except RequestError as exc:
             await _reply(send, exc, self._cors(scope))
-            return
         except _ClientGone:
-            return
-        await self._emulated(scope, receive, send, commands, framing.SSE)
+            pass
+        return None
 
     async def _emulated(
         self,
@@ -226,21 +236,18 @@ class FallbackEndpoints:
     async def emulation(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if await self._refused(scope, send, allowed=("POST",), new_connection=False):
             return
-        try:
-            body = await _read_body(
-                scope, receive, self.runtime.settings.emulation_max_request_body_size
-            )
+        limit = self.runtime.settings.emulation_max_request_body_size
+
+        async def deliver() -> bool:
+            body = await _read_body(scope, receive, limit)
             if _content_type(scope) == PROTOBUF_CONTENT:
-                request = framing.pb_emulation_request(body)
+                await self.runtime.emulation.deliver(framing.pb_emulation_request(body))
             else:
-                request = framing.emulation_request(body)
-            await self.runtime.emulation.deliver(request)
-        except RequestError as exc:
-            await _reply(send, exc, self._cors(scope))
-            return
-        except _ClientGone:
-            return
-        await _respond(send, 204, b"", self._cors(scope))
+                await self.runtime.emulation.deliver(framing.emulation_request(body))
+            return True
+
+        if await self._input(scope, send, deliver()):
+            await _respond(send, 204, b"", self._cors(scope))
 
     # -- unidirectional ----------------------------------------------------------------
 
@@ -250,37 +257,29 @@ class FallbackEndpoints:
         if await self._refused(scope, send, allowed=("POST",), new_connection=True):
             return
         limit = self.runtime.settings.uni_http_stream_max_request_body_size
-        try:
-            command = framing.uni_connect_command(await _read_body(scope, receive, limit))
-        except RequestError as exc:
-            await _reply(send, exc, self._cors(scope))
-            return
-        except _ClientGone:
-            return
-        await self._unidirectional(
-            scope, receive, send, command, NDJSON, framing.http_stream_chunk, b""
-        )
+
+        async def command() -> str:
+            return framing.uni_connect_command(await _read_body(scope, receive, limit))
+
+        initial = await self._input(scope, send, command())
+        if initial is not None:
+            await self._unidirectional(
+                scope, receive, send, initial, NDJSON, framing.http_stream_chunk, b""
+            )
 
     async def uni_sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if await self._refused(scope, send, allowed=("GET", "POST"), new_connection=True):
             return
         limit = self.runtime.settings.uni_sse_max_request_body_size
-        try:
-            if scope["method"] == "GET":
-                raw: bytes | str | None = framing.query_param(
-                    scope.get("query_string", b""), framing.CONNECT_PARAM
-                )
-            else:
-                raw = await _read_body(scope, receive, limit)
-            command = framing.uni_connect_command(raw)
-        except RequestError as exc:
-            await _reply(send, exc, self._cors(scope))
-            return
-        except _ClientGone:
-            return
-        await self._unidirectional(
-            scope, receive, send, command, EVENT_STREAM, framing.sse_chunk, framing.SSE_PREAMBLE
-        )
+
+        async def command() -> str:
+            return framing.uni_connect_command(await _connect_data(scope, receive, limit))
+
+        initial = await self._input(scope, send, command())
+        if initial is not None:
+            await self._unidirectional(
+                scope, receive, send, initial, EVENT_STREAM, framing.sse_chunk, framing.SSE_PREAMBLE
+            )
 
     async def _unidirectional(
         self,
@@ -369,19 +368,19 @@ class FallbackEndpoints:
         _forget_request_headers(scope)
         refusal = _refusal(runtime)
         if refusal is not None:
-            await _ws_close(send, refusal.code, refusal.reason)
+            await _close(send, refusal.code, refusal.reason)
             return
         if raw is None:
             # No cf_connect: the connect request is the client's first message.
-            message = await _first_ws_message(receive, settings.client_stale_close_delay_seconds)
+            message = await _first_frame(receive, settings.client_stale_close_delay_seconds)
             if message is None:
-                await _ws_close(send, codes.STALE.code, codes.STALE.reason)
+                await _close(send, codes.STALE.code, codes.STALE.reason)
                 return
             raw = message
         try:
             command = framing.uni_connect_command(raw)
         except RequestError:
-            await _ws_close(send, codes.BAD_PROTOCOL.code, codes.BAD_PROTOCOL.reason)
+            await _close(send, codes.BAD_PROTOCOL.code, codes.BAD_PROTOCOL.reason)
             return
         pump = SocketPump(send, _receive_queue(scope), direct)
         outbox = UniOutbox(
@@ -426,23 +425,6 @@ async def _ignore_frame(_frame: str | bytes) -> None:
     return None
 
 
-async def _first_ws_message(receive: ASGIReceive, timeout: float) -> str | bytes | None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    return None
-                if message["type"] == "websocket.receive":
-                    text = message.get("text")
-                    return text if text is not None else (message.get("bytes") or b"")
-    return None
-
-
-async def _ws_close(send: ASGISend, code: int, reason: str) -> None:
-    await send({"type": "websocket.close", "code": code, "reason": reason})
-
-
 # -- plain HTTP helpers ------------------------------------------------------------------
 
 
@@ -459,6 +441,16 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes:
 
 def _content_type(scope: dict[str, Any]) -> bytes:
     return _header(scope, b"content-type").split(b";", 1)[0].strip().lower()
+
+
+async def _connect_data(
+    scope: dict[str, Any], receive: ASGIReceive, limit: int
+) -> str | bytes | None:
+    """An SSE request's connect data: `cf_connect` of a GET (what an EventSource can
+    send), else the POST body."""
+    if scope["method"] == "GET":
+        return framing.query_param(scope.get("query_string", b""), framing.CONNECT_PARAM)
+    return await _read_body(scope, receive, limit)
 
 
 async def _read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> bytes:
