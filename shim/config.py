@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class NamespaceOptions:
     allow_presence_for_subscriber: bool = True
     # Delta formats a subscriber may ask for (`delta` in subscribe): only "fossil" exists.
     allowed_delta_types: tuple[str, ...] = ()
+    # Channels with Centrifugo's user boundary are for the users they list only:
+    # `dialog#42,43` for users 42 and 43, `#42` for user 42, whatever the channel policy.
+    allow_user_limited_channels: bool = False
 
     @property
     def history_enabled(self) -> bool:
@@ -255,6 +259,11 @@ class Settings:
     # Prefix of each user's personal channel; every connection is subscribed to
     # `<prefix>:<user id>` server-side.
     user_channel_prefix: str = "user"
+    # Centrifugo's personal channel, beside the one above: every connection with a user
+    # is also subscribed server-side to `#<user id>` (or `<namespace>:#<user id>`).
+    user_subscribe_to_personal: bool = False
+    # Namespace of that channel ("" = none: `#<user id>`); it must be configured.
+    user_personal_channel_namespace: str = ""
     # Channel every ingested event is also published to (legacy `*` clients read it),
     # except events routed to a personal channel: those reach only their user.
     global_channel: str = "global"
@@ -414,15 +423,58 @@ def _string_tuple(name: str, raw: Any) -> tuple[str, ...]:
     return values
 
 
+# Centrifugo's spelling of namespace options that ours name differently.
+_CENTRIFUGO_NAMES = {"history_ttl": "history_ttl_seconds"}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(name: str, raw: Any) -> float:
+    """A Centrifugo duration ("300s", "1h30m", "500ms") or a number of seconds."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    text = str(raw).strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ConfigError(f"{name}: expected a duration such as 300s or 1h30m, got {raw!r}")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def _centrifugo_names(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    renamed: dict[str, Any] = {}
+    for key, value in options.items():
+        ours = _CENTRIFUGO_NAMES.get(key)
+        if ours is None:
+            renamed[key] = value
+            continue
+        if ours in options:
+            raise ConfigError(f"namespaces.{name}: both {key} and {ours} given")
+        renamed[ours] = duration_seconds(f"namespaces.{name}.{key}", value)
+    return renamed
+
+
+def _namespace_table(raw: Any) -> Mapping[str, Any]:
+    """Ours is a table keyed by name; Centrifugo's is a list of objects with `name`."""
+    if isinstance(raw, Mapping):
+        return raw
+    if not isinstance(raw, list):
+        raise ConfigError("namespaces: expected a table of tables or a list with names")
+    table: dict[str, Any] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"namespaces[{index}]: expected an object with a `name`")
+        table[item["name"]] = {k: v for k, v in item.items() if k != "name"}
+    return table
+
+
 def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError("namespaces: expected a table of tables")
     known = {f.name for f in dataclasses.fields(NamespaceOptions)}
     hints = get_type_hints(NamespaceOptions)
     result: dict[str, NamespaceOptions] = {}
-    for name, options in raw.items():
-        if not isinstance(options, Mapping):
+    for name, given in _namespace_table(raw).items():
+        if not isinstance(given, Mapping):
             raise ConfigError(f"namespaces.{name}: expected a table")
+        options = _centrifugo_names(name, given)
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"namespaces.{name}: unknown keys {sorted(unknown)}")
@@ -557,6 +609,12 @@ def _validate(settings: Settings) -> None:
         if not 0 <= opened < closed - 1:
             raise ConfigError(
                 "ingest_stream_key: on a Redis Cluster it needs a hash tag, e.g. '{dex-ingest}'"
+            )
+    if settings.user_subscribe_to_personal:
+        personal = settings.user_personal_channel_namespace
+        if personal not in settings.namespaces:
+            raise ConfigError(
+                f"user_personal_channel_namespace: namespace {personal!r} is not configured"
             )
     if settings.metrics_listen and not _host_port(settings.metrics_listen):
         raise ConfigError(f"metrics_listen: expected host:port, got {settings.metrics_listen!r}")

@@ -239,19 +239,59 @@ def _read_answer(response: httpx.Response) -> Decision:
     return Decision.failure("callback answer has no boolean `allow`")
 
 
+# Centrifugo's user boundary and separator: `dialog#42,43` is for users 42 and 43 only.
+USER_BOUNDARY = "#"
+USER_SEPARATOR = ","
+
+
+def limited_to(channel: str) -> list[str] | None:
+    """The users a channel with a `#` boundary is limited to (after the last `#`),
+    None for a channel without one."""
+    if USER_BOUNDARY not in channel:
+        return None
+    return channel.rsplit(USER_BOUNDARY, 1)[1].split(USER_SEPARATOR)
+
+
 class ChannelAuthorizer:
-    """The one entry point sessions call to authorize a subscription."""
+    """The one entry point sessions call to authorize a subscription.
 
-    __slots__ = ("_policy", "_user_prefix")
+    Personal channels are decided here and never delegated: `<prefix>:<user>` and,
+    with Centrifugo's `user_subscribe_to_personal`, `#<user>` or `<namespace>:#<user>`.
+    So are user-limited channels (`dialog#42,43`) in namespaces that allow them
+    (`allow_user_limited_channels`): only the listed users, whatever the policy.
+    """
 
-    def __init__(self, policy: ChannelPolicy, *, user_channel_prefix: str = "user") -> None:
+    __slots__ = ("_limited_namespaces", "_personal_namespace", "_policy", "_user_prefix")
+
+    def __init__(
+        self,
+        policy: ChannelPolicy,
+        *,
+        user_channel_prefix: str = "user",
+        personal_namespace: str | None = None,
+        user_limited_namespaces: frozenset[str] = frozenset(),
+    ) -> None:
         self._policy = policy
         # An empty prefix turns the personal-channel rule off.
         self._user_prefix = f"{user_channel_prefix}:" if user_channel_prefix else ""
+        # Centrifugo's personal channel: None when off, "" for `#<user>`.
+        self._personal_namespace = personal_namespace
+        self._limited_namespaces = user_limited_namespaces
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChannelAuthorizer:
-        return cls(policy_from_settings(settings), user_channel_prefix=settings.user_channel_prefix)
+        return cls(
+            policy_from_settings(settings),
+            user_channel_prefix=settings.user_channel_prefix,
+            personal_namespace=settings.user_personal_channel_namespace
+            if settings.user_subscribe_to_personal
+            else None,
+            user_limited_namespaces=frozenset(
+                name
+                for name, options in settings.namespaces.items()
+                if options.allow_user_limited_channels
+            ),
+        )
 
     @property
     def policy(self) -> ChannelPolicy:
@@ -271,14 +311,44 @@ class ChannelAuthorizer:
         """The user's personal channel, or "" for anonymous users or when the rule is off."""
         return f"{self._user_prefix}{user}" if user and self._user_prefix else ""
 
+    def centrifugo_personal_channel(self, user: str) -> str:
+        """`#<user>` or `<namespace>:#<user>` when user_subscribe_to_personal is on, else ""."""
+        namespace = self._personal_namespace
+        if not user or namespace is None:
+            return ""
+        return f"{namespace}:{USER_BOUNDARY}{user}" if namespace else f"{USER_BOUNDARY}{user}"
+
+    def personal_channels(self, user: str) -> list[str]:
+        """Every personal channel the user is subscribed to server-side."""
+        return [
+            c for c in (self.personal_channel(user), self.centrifugo_personal_channel(user)) if c
+        ]
+
+    def _centrifugo_personal(self, channel: str) -> bool:
+        namespace = self._personal_namespace
+        if namespace is None:
+            return False
+        head = f"{namespace}:{USER_BOUNDARY}" if namespace else USER_BOUNDARY
+        rest = channel[len(head) :]
+        return channel.startswith(head) and USER_SEPARATOR not in rest and USER_BOUNDARY not in rest
+
+    def personal(self, channel: str) -> bool:
+        """A personal channel of some user, in either shape."""
+        return bool(self._user_prefix and channel.startswith(self._user_prefix)) or (
+            self._centrifugo_personal(channel)
+        )
+
     def foreign_personal_channel(self, channel: str, user: str) -> bool:
         """A personal channel that is not `user`'s: what no policy and no token may
         grant (every personal channel is foreign to an anonymous user)."""
-        return (
-            bool(self._user_prefix)
-            and channel.startswith(self._user_prefix)
-            and channel != self.personal_channel(user)
-        )
+        return self.personal(channel) and channel not in self.personal_channels(user)
+
+    def user_limited(self, channel: str) -> bool:
+        """A channel with a `#` boundary in a namespace that allows user-limited channels."""
+        if USER_BOUNDARY not in channel:
+            return False
+        name, sep, _ = channel.partition(":")
+        return (name if sep else "") in self._limited_namespaces
 
     def never_granted(self, channel: str, user: str) -> bool:
         """What no policy and no token may grant: another user's personal channel, or
@@ -290,11 +360,17 @@ class ChannelAuthorizer:
         None when only authorize_subscribe can tell."""
         if channel == PERSONAL_FANOUT_CHANNEL:
             return Decision.deny("internal channel")
-        if self._user_prefix and channel.startswith(self._user_prefix):
+        if self.personal(channel):
             # Never delegated: no policy may hand one user another's personal channel.
             if self.foreign_personal_channel(channel, credentials.user):
                 return Decision.deny("personal channel of another user")
             return Decision.allow("own personal channel")
+        if self.user_limited(channel):
+            # Centrifugo's rule, never delegated either: listed users only.
+            users = limited_to(channel) or []
+            if credentials.user and credentials.user in users:
+                return Decision.allow("listed in the user-limited channel")
+            return Decision.deny("user-limited channel of other users")
         policy = self._policy
         if isinstance(policy, AllowAuthenticated | ClaimsPolicy):
             return policy.decide(credentials, channel)
@@ -303,8 +379,10 @@ class ChannelAuthorizer:
     async def authorize_subscribe(
         self, credentials: Credentials, channel: str, client_id: str
     ) -> Decision:
-        if channel == PERSONAL_FANOUT_CHANNEL or (
-            self._user_prefix and channel.startswith(self._user_prefix)
+        if (
+            channel == PERSONAL_FANOUT_CHANNEL
+            or self.personal(channel)
+            or self.user_limited(channel)
         ):
             decision = self.decide_now(credentials, channel)
             assert decision is not None

@@ -24,7 +24,7 @@ from shim.fallback.emulation import EmulationHub
 from shim.ingest import Ingestor
 from shim.metrics import Metrics
 from shim.node import Node
-from shim.policy import ChannelAuthorizer, policy_from_settings
+from shim.policy import ChannelAuthorizer
 from shim.routing import Router
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ class Runtime:
         self.presence: PresenceManager = presence
         self.node = Node(settings, self.broker, self.presence)
         self.verifier = TokenVerifier.from_settings(settings)
-        self.authorizer = ChannelAuthorizer(
-            policy_from_settings(settings), user_channel_prefix=settings.user_channel_prefix
-        )
+        self.authorizer = ChannelAuthorizer.from_settings(settings)
         self.router = Router(
             settings.routes,
             default_channel=settings.default_channel,

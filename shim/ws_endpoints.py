@@ -215,7 +215,16 @@ async def serve_legacy(
     liveness = Liveness(settings.legacy_ping_interval_seconds)
     scope["extensions"][LIVENESS_EXTENSION] = liveness
     direct = _offer_direct_write(scope)
-    await send({"type": "websocket.accept"})
+    # A Centrifuge SDK in Protobuf mode says so in the handshake (the legacy hub never).
+    chosen, subprotocol = (
+        wire.select(scope.get("query_string", b""), scope.get("subprotocols") or ())
+        if detect
+        else (wire.JSON, None)
+    )
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if subprotocol is not None:
+        accept["subprotocol"] = subprotocol
+    await send(accept)
     _forget_request_headers(scope)
 
     first_frame: str | bytes | None = None
@@ -224,8 +233,10 @@ async def serve_legacy(
         if first_frame is None:
             await _close(send, codes.STALE.code, codes.STALE.reason)
             return
-        if looks_like_centrifuge(first_frame):
-            await _run_centrifuge(runtime, scope, receive, send, direct, first_frame=first_frame)
+        if chosen.binary or looks_like_centrifuge(first_frame):
+            await _run_centrifuge(
+                runtime, scope, receive, send, direct, first_frame=first_frame, wire_format=chosen
+            )
             return
         await _close(send, *LEGACY_MISSING_CLOSE)
         return

@@ -478,9 +478,8 @@ class CentrifugeSession:
             result["ttl"] = max(1, int(self.expires_at - time.time()))
 
         server_channels = []
-        personal = self.authorizer.personal_channel(credentials.user)
-        if personal and not self.console:
-            server_channels.append(personal)
+        if not self.console:
+            server_channels += self.authorizer.personal_channels(credentials.user)
         # Wildcard grants (`task:*`) in the token authorize, they do not subscribe;
         # another user's personal channel is never granted, not even by the token.
         server_channels += [

@@ -15,10 +15,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ADMIN_KEY, RunningServer, run_server
+from tests.conftest import ADMIN_KEY, RunningServer, run_server, sessions_of
 from tests.jsclient import JsClient
 from tests.legacyclient import SHORT_PINGS, LegacyClient, legacy_url, open_legacy, settle
-from tests.pyclient import new_client, new_subscription
+from tests.pyclient import CODECS, new_client, new_subscription, use_codec
 
 Keys = tuple[str, str]
 ADMIN = {"X-Admin-Key": ADMIN_KEY}
@@ -347,8 +347,12 @@ async def test_connection_counts_follow_clients(server: RunningServer) -> None:
 # --- SDKs on the legacy URL in `dual` ------------------------------------------------------
 
 
-async def test_python_sdk_on_the_legacy_url_is_served_centrifuge(server: RunningServer) -> None:
-    client, events = new_client(legacy_url(server.port), server.token("py"))
+@pytest.mark.parametrize("codec", CODECS)
+async def test_python_sdk_on_the_legacy_url_is_served_centrifuge(
+    server: RunningServer, codec: str
+) -> None:
+    with use_codec(codec):
+        client, events = new_client(legacy_url(server.port), server.token("py"))
     await client.connect()
     try:
         connected = await events.wait_for("connected")
@@ -358,6 +362,7 @@ async def test_python_sdk_on_the_legacy_url_is_served_centrifuge(server: Running
         await sub_events.wait_for("subscribed")
         await publish(server, {"type": "task.updated", "payload": {"task_id": "dual-py", "n": 3}})
         pub = await sub_events.wait_for("publication")
+        assert [s.wire.name for s in sessions_of(server, "py")] == [codec]
         assert pub.pub.data == {
             "task_id": "dual-py",
             "n": 3,
@@ -369,8 +374,13 @@ async def test_python_sdk_on_the_legacy_url_is_served_centrifuge(server: Running
 
 
 @pytest.mark.js
-async def test_js_sdk_on_the_legacy_url_is_served_centrifuge(server: RunningServer) -> None:
-    async with JsClient(legacy_url(server.port), server.token("js")) as js:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_js_sdk_on_the_legacy_url_is_served_centrifuge(
+    server: RunningServer, codec: str
+) -> None:
+    with use_codec(codec):
+        js_client = JsClient(legacy_url(server.port), server.token("js"))
+    async with js_client as js:
         await js.call("connect")
         connected = await js.wait_event("connected", timeout=5)
         assert connected["client"]
@@ -382,6 +392,7 @@ async def test_js_sdk_on_the_legacy_url_is_served_centrifuge(server: RunningServ
             timeout=5,
         )
         assert pub["data"]["n"] == 4 and pub["data"]["type"] == "task.updated"
+        assert [s.wire.name for s in sessions_of(server, "js")] == [codec]
 
 
 async def test_plain_http_client_is_not_a_websocket(server: RunningServer) -> None:

@@ -17,7 +17,7 @@ import pytest
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
-from tests.conftest import RunningServer, run_server, sessions_of
+from tests.conftest import API_KEY, RunningServer, run_server, sessions_of
 from tests.jsclient import Event, JsClient, JsError
 from tests.pyclient import CODECS, OUTAGES, cut_off, use_codec
 from tests.streams import content_event
@@ -432,3 +432,54 @@ async def test_delta_recovery_decodes_the_chain(signing_keys: tuple[str, str]) -
         stats = await js.call("deltaStats", channel=channel)
         # Full: the first after the subscribe and the first recovered one.
         assert (stats["numFullPayloads"], stats["numDeltaPayloads"]) == (2, 28)
+
+
+# Centrifugo's channel conventions ---------------------------------------------------
+
+
+def centrifugo_conventions() -> dict[str, Any]:
+    """`#` limits channels of the default namespace to the users they list; the
+    personal namespace holds Centrifugo's personal channels."""
+    namespaces = dict(Settings().namespaces)
+    namespaces[""] = replace(namespaces[""], allow_user_limited_channels=True)
+    namespaces["personal"] = namespaces[""]
+    return namespaces
+
+
+async def publish_api(server: RunningServer, channel: str, data: Any) -> None:
+    response = await server.http.post(
+        "/api/publish", json={"channel": channel, "data": data}, headers={"X-API-Key": API_KEY}
+    )
+    assert response.status_code == 200 and "error" not in response.json(), response.text
+
+
+async def test_centrifugo_personal_and_user_limited_channels(
+    signing_keys: tuple[str, str],
+) -> None:
+    async with (
+        run_server(
+            signing_keys,
+            namespaces=centrifugo_conventions(),
+            user_subscribe_to_personal=True,
+        ) as server,
+        JsClient(server.ws_url, server.token("42")) as js,
+    ):
+        await connect(js)
+        # Both personal channels, server-side: Centrifugo's `#42` beside today's `user:42`.
+        await js.wait_event(on("user:42", "subscribed"), timeout=5)
+        await js.wait_event(on("#42", "subscribed"), timeout=5)
+        await publish_api(server, "#42", {"hello": 42})
+        pub = await js.wait_event(on("#42", "publication"), timeout=5)
+        assert pub["data"] == {"hello": 42}
+
+        await subscribe(js, "dialog#42,43")
+        await publish_api(server, "dialog#42,43", {"text": "hi"})
+        said = await js.wait_event(on("dialog#42,43", "sub.publication"), timeout=5)
+        assert said["data"] == {"text": "hi"}
+
+        for channel in ("dialog#43,44", "#43"):
+            await js.call("newSubscription", channel=channel)
+            await js.call("subscribe", channel=channel)
+            refused = await js.wait_event(on(channel, "sub.unsubscribed"), timeout=5)
+            assert refused["code"] == codes.PERMISSION_DENIED.code, channel
+        assert (await js.call("state"))["client"] == "connected"

@@ -25,7 +25,7 @@ from centrifuge import (  # type: ignore[import-untyped]
 from adapters.auth.jwt import mint_token
 from shim.centrifuge import codes
 from shim.config import NamespaceOptions, Settings
-from tests.conftest import RunningServer, eventually, run_server, sessions_of
+from tests.conftest import API_KEY, RunningServer, eventually, run_server, sessions_of
 from tests.pyclient import (
     CODECS,
     OUTAGES,
@@ -694,3 +694,55 @@ async def test_delta_recovery_sends_a_delta_chain(signing_keys: tuple[str, str])
         # Recovered: the first in full, the rest deltas; live ones go on as deltas.
         assert [p.delta for p in pubs[10:]] == [False] + [True] * 19
         assert len(events.named("connected")) == 2
+
+
+# Centrifugo's channel conventions ---------------------------------------------------
+
+
+def centrifugo_conventions() -> dict[str, Any]:
+    """`#` limits channels of the default namespace to the users they list; the
+    personal namespace holds Centrifugo's personal channels."""
+    namespaces = dict(Settings().namespaces)
+    namespaces[""] = replace(namespaces[""], allow_user_limited_channels=True)
+    namespaces["personal"] = namespaces[""]
+    return namespaces
+
+
+async def publish_api(server: RunningServer, channel: str, data: Any) -> None:
+    response = await server.http.post(
+        "/api/publish", json={"channel": channel, "data": data}, headers={"X-API-Key": API_KEY}
+    )
+    assert response.status_code == 200 and "error" not in response.json(), response.text
+
+
+async def test_centrifugo_personal_and_user_limited_channels(
+    signing_keys: tuple[str, str],
+) -> None:
+    async with (
+        run_server(
+            signing_keys,
+            namespaces=centrifugo_conventions(),
+            user_subscribe_to_personal=True,
+            user_personal_channel_namespace="personal",
+        ) as server,
+        connected(server, "42") as (client, events),
+    ):
+        # Both personal channels, server-side: Centrifugo's shape beside today's.
+        for channel in ("user:42", "personal:#42"):
+            await events.wait_for("subscribed", lambda c, ch=channel: c.channel == ch)
+        await publish_api(server, "personal:#42", {"hello": 42})
+        pub = await events.wait_for("publication", lambda c: c.channel == "personal:#42")
+        assert pub.pub.data == {"hello": 42}
+
+        dialog, dialog_events = new_subscription(client, "dialog#42,43")
+        await dialog.subscribe()
+        await dialog_events.wait_for("subscribed")
+        await publish_api(server, "dialog#42,43", {"text": "hi"})
+        assert (await dialog_events.wait_for("publication")).pub.data == {"text": "hi"}
+
+        for channel in ("dialog#43,44", "#43", "personal:#43"):
+            sub, sub_events = new_subscription(client, channel)
+            await sub.subscribe()
+            denied = await sub_events.wait_for("unsubscribed")
+            assert denied.code == codes.PERMISSION_DENIED.code, channel
+        assert client.state is ClientState.CONNECTED
