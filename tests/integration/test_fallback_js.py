@@ -182,3 +182,30 @@ async def test_shutdown_tells_emulated_clients_to_reconnect(server: RunningServe
         await js.wait_event("connected", since=mark, timeout=10)
         async with httpx.AsyncClient(base_url=server.url) as http:
             assert (await http.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize("transport", sorted(FALLBACKS))
+async def test_pongs_through_emulation_keep_the_stream_alive(
+    signing_keys: tuple[str, str], transport: str
+) -> None:
+    # Pings every second, one second to answer: the SDK's pongs must come back
+    # through POST /emulation in time, again and again.
+    async with (
+        run_server(
+            signing_keys, client_ping_interval_seconds=1, client_pong_timeout_seconds=1
+        ) as server,
+        JsClient(
+            "", server.token("kim"), **fallback_options(server.url, server.ws_url, transport)
+        ) as js,
+    ):
+        await js.call("connect")
+        connected = await js.wait_event("connected", timeout=10)
+        mark = js.mark()
+        await asyncio.sleep(4)
+        assert not js.find_events("disconnected", since=mark)
+        assert not js.find_events("connecting", since=mark)
+        session = session_of(server, connected["client"])
+        assert session.state.value == "connected"
+        assert (
+            server.runtime.node.counters.disconnects.get(("channels", codes.NO_PONG.code)) is None
+        )

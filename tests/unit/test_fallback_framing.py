@@ -3,12 +3,15 @@ and the outboxes that apply them to what a session queues."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
 from shim.centrifuge import codec, codes, pbcodec, pbschema, wire
 from shim.fallback import framing
-from shim.fallback.framing import RequestError
+from shim.fallback.emulation import EmulatedConnection, EmulationHub
+from shim.fallback.framing import EmulationRequest, RequestError
 from shim.fallback.outboxes import EmulationOutbox, UniOutbox
 
 CONNECT_REPLY = codec.encode_connect_result(
@@ -191,3 +194,39 @@ async def test_uni_outbox_keeps_the_byte_cap() -> None:
         accepted += 1
     assert 0 < outbox.size <= 200 and accepted == outbox.size // (len(push) - 9)
     outbox.close(discard=True)
+
+
+class _SlowSession:
+    """Handles frames one at a time, each until released."""
+
+    def __init__(self) -> None:
+        self.handled: list[str | bytes] = []
+        self.release = asyncio.Event()
+
+    async def handle_frame(self, frame: str | bytes) -> None:
+        await self.release.wait()
+        self.handled.append(frame)
+
+
+async def test_emulated_commands_run_in_order_and_their_backlog_is_capped() -> None:
+    session = _SlowSession()
+    hub = EmulationHub("node-a")
+    hub.add("s-1", EmulatedConnection(session, cap_bytes=10))  # type: ignore[arg-type]
+    for frame in ("aaaa", "bbbb"):
+        await hub.deliver(EmulationRequest(node="node-a", session="s-1", data=frame))
+    with pytest.raises(RequestError) as full:
+        hub.feed_local("s-1", "ccc")  # 4 + 4 + 3 bytes waiting: over the cap
+    assert full.value.status == 429
+    with pytest.raises(RequestError) as unknown:
+        hub.feed_local("s-2", "x")
+    assert unknown.value.status == 404
+    with pytest.raises(RequestError) as elsewhere:  # no relay: the memory engine
+        await hub.deliver(EmulationRequest(node="node-b", session="s-1", data="x"))
+    assert elsewhere.value.status == 404
+    session.release.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert session.handled == ["aaaa", "bbbb"]
+    hub.feed_local("s-1", "cccc")  # room again once handled
+    hub.remove("s-1")
+    assert len(hub) == 0
