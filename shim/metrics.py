@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shim.centrifuge.session import CentrifugeSession
+from shim.fallback.stream import transport_name
+
 if TYPE_CHECKING:
     from shim.runtime import Runtime
 
@@ -70,6 +73,7 @@ class RuntimeCollector(Collector):
         for protocol, count in runtime.connection_counts().items():
             clients.add_metric([node_label, protocol], count)
         yield clients
+        yield _transport_clients(runtime, node_label)
 
         users: set[str] = set()
         queued = 0
@@ -185,6 +189,24 @@ class RuntimeCollector(Collector):
             "Users on the allow list (always channels).",
             len(cutover.allow_users),
         )
+
+
+def _transport_clients(runtime: Runtime, node_label: str) -> GaugeMetricFamily:
+    """Centrifuge clients by transport: how many users the fallbacks serve (those whose
+    network or browser broke WebSocket)."""
+    counts: dict[str, int] = {}
+    for session in runtime.node.sessions:
+        if isinstance(session, CentrifugeSession):
+            name = transport_name(session)
+            counts[name] = counts.get(name, 0) + 1
+    family = GaugeMetricFamily(
+        f"{PREFIX}_node_num_clients_by_transport",
+        "Connected Centrifuge clients by transport (websocket, http_stream, sse, uni_*).",
+        labels=["node", "transport"],
+    )
+    for name, count in sorted(counts.items()):
+        family.add_metric([node_label, name], count)
+    return family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -74,6 +74,13 @@ class UnidirectionalSession(CentrifugeSession):
         self.pong_deadline = 0.0
 
 
+class UniSocketPump(SocketPump):
+    """A unidirectional WebSocket: the WebSocket edge, named for metrics."""
+
+    __slots__ = ()
+    transport_name = "uni_websocket"
+
+
 class FallbackEndpoints:
     """Which fallback paths this node serves (by settings), and serving them."""
 
@@ -208,7 +215,7 @@ class FallbackEndpoints:
         codec: framing.StreamCodec,
     ) -> None:
         runtime = self.runtime
-        pump = StreamPump(scope, send, codec.frame, codec.final)
+        pump = StreamPump(scope, send, codec.frame, codec.final, transport_name=codec.name)
         session_id = str(uuid.uuid4())
         outbox = EmulationOutbox(
             runtime.settings.client_queue_max_size_bytes,
@@ -264,7 +271,7 @@ class FallbackEndpoints:
         initial = await self._input(scope, send, command())
         if initial is not None:
             await self._unidirectional(
-                scope, receive, send, initial, NDJSON, framing.http_stream_chunk, b""
+                scope, receive, send, initial, "uni_http_stream", NDJSON, framing.http_stream_chunk
             )
 
     async def uni_sse(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -278,7 +285,14 @@ class FallbackEndpoints:
         initial = await self._input(scope, send, command())
         if initial is not None:
             await self._unidirectional(
-                scope, receive, send, initial, EVENT_STREAM, framing.sse_chunk, framing.SSE_PREAMBLE
+                scope,
+                receive,
+                send,
+                initial,
+                "uni_sse",
+                EVENT_STREAM,
+                framing.sse_chunk,
+                framing.SSE_PREAMBLE,
             )
 
     async def _unidirectional(
@@ -287,13 +301,14 @@ class FallbackEndpoints:
         receive: ASGIReceive,
         send: ASGISend,
         command: str,
+        name: str,
         content_type: bytes,
         frame: Frame,
-        preamble: bytes,
+        preamble: bytes = b"",
     ) -> None:
         runtime = self.runtime
         final: FinalMessage = lambda code, reason: frame(framing.uni_disconnect_push(code, reason))  # noqa: E731
-        pump = StreamPump(scope, send, frame, final)
+        pump = StreamPump(scope, send, frame, final, transport_name=name)
         outbox = UniOutbox(
             runtime.settings.client_queue_max_size_bytes,
             pump.send_frame,
@@ -382,7 +397,7 @@ class FallbackEndpoints:
         except RequestError:
             await _close(send, codes.BAD_PROTOCOL.code, codes.BAD_PROTOCOL.reason)
             return
-        pump = SocketPump(send, _receive_queue(scope), direct)
+        pump = UniSocketPump(send, _receive_queue(scope), direct)
         outbox = UniOutbox(
             settings.client_queue_max_size_bytes,
             pump.send_frame,

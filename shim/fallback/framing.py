@@ -233,6 +233,7 @@ def pb_with_emulation_fields(message: bytes, session: str, node: str) -> bytes |
 class StreamCodec:
     """How an emulated stream speaks: its wire, its framing, its connect reply."""
 
+    name: str
     wire: wire.Wire
     content_type: bytes
     # Frames one batch of queued messages (joined by the outbox) for the response.
@@ -250,12 +251,13 @@ def _as_is(payload: bytes) -> bytes:
 
 
 JSON_HTTP_STREAM = StreamCodec(
-    wire.JSON, b"application/x-ndjson", http_stream_chunk, with_emulation_fields
+    "http_stream", wire.JSON, b"application/x-ndjson", http_stream_chunk, with_emulation_fields
 )
 PROTOBUF_HTTP_STREAM = StreamCodec(
-    wire.PROTOBUF, b"application/octet-stream", _as_is, pb_with_emulation_fields
+    "http_stream", wire.PROTOBUF, b"application/octet-stream", _as_is, pb_with_emulation_fields
 )
 SSE = StreamCodec(
+    "sse",
     wire.JSON,
     b"text/event-stream; charset=utf-8",
     sse_chunk,

@@ -56,11 +56,20 @@ class StreamPump:
         "_transport_of",
         "close_code",
         "close_reason",
+        "transport_name",
     )
 
     def __init__(
-        self, scope: dict[str, Any], send: ASGISend, frame: Frame, final: FinalMessage
+        self,
+        scope: dict[str, Any],
+        send: ASGISend,
+        frame: Frame,
+        final: FinalMessage,
+        *,
+        transport_name: str,
     ) -> None:
+        # Centrifugo's name of the transport ("http_stream", "uni_sse", ...), for metrics.
+        self.transport_name = transport_name
         self._send = send
         self._frame = frame
         self._final = final
@@ -143,6 +152,12 @@ class StreamPump:
                 self.abort()
         finally:
             outbox.close(discard=True)
+
+
+def transport_name(session: object) -> str:
+    """Centrifugo's name of the transport a Centrifuge session is served over
+    (pumps other than WebSocket's carry a `transport_name`)."""
+    return str(getattr(getattr(session, "transport", None), "transport_name", "websocket"))
 
 
 async def _within(awaitable: Awaitable[None], timeout: float) -> bool:

@@ -404,3 +404,32 @@ async def test_legacy_cutover_mode_turns_fallback_clients_away(
             "/api/v1/realtime/config", headers={"Authorization": f"Bearer {server.token('jo')}"}
         )
         assert config.json()["protocol"] == "legacy" and config.json()["transports"] == []
+
+
+async def test_metrics_count_clients_by_transport(signing_keys: tuple[str, str]) -> None:
+    async with run_server(signing_keys, **UNI) as server:
+        http = server.http
+        connect = orjson.dumps({"id": 1, "connect": {"token": server.token("lu")}})
+        request = orjson.dumps({"token": server.token("lu")})
+        url = f"ws://127.0.0.1:{server.port}"
+        async with (
+            http.stream("POST", HTTP_STREAM_PATH, content=connect) as bidirectional,
+            http.stream("POST", UNI_HTTP_STREAM_PATH, content=request) as unidirectional,
+            ws_connect(f"{url}/connection/websocket") as ws,
+            ws_connect(f"{url}{UNI_WEBSOCKET_PATH}") as uni_ws,
+        ):
+            await ws.send(connect.decode())
+            await uni_ws.send(request.decode())
+            kept = [bidirectional.aiter_lines(), unidirectional.aiter_lines()]
+            for lines in kept:
+                assert "connect" in orjson.loads(await anext(lines))
+            await ws.recv()
+            await uni_ws.recv()
+            text = (await http.get("/metrics")).text
+            node = server.runtime.node.name
+            for transport in ("websocket", "http_stream", "uni_http_stream", "uni_websocket"):
+                line = (
+                    f'dex_shim_node_num_clients_by_transport{{node="{node}",'
+                    f'transport="{transport}"}} 1.0'
+                )
+                assert line in text, text
