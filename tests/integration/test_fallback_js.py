@@ -209,3 +209,20 @@ async def test_pongs_through_emulation_keep_the_stream_alive(
         assert (
             server.runtime.node.counters.disconnects.get(("channels", codes.NO_PONG.code)) is None
         )
+
+
+async def test_expired_token_at_connect_is_refreshed_over_the_fallback(
+    server: RunningServer,
+) -> None:
+    options = fallback_options(server.url, server.ws_url, "sse")
+    async with JsClient("", server.token("lee", ttl=-10), **options) as js:
+        await js.call("setToken", token=server.token("lee", ttl=3600))
+        await js.call("connect")
+        error = await js.wait_event("error", timeout=10)
+        assert error["type"] == "connect"
+        assert error["error"]["code"] == codes.TOKEN_EXPIRED.code
+        connected = await js.wait_event("connected", timeout=10)
+        assert connected["transport"] == "sse"
+        # The refused attempt left nothing behind: one session, one emulated stream.
+        await wait_until(lambda: len(server.runtime.emulation) == 1)
+        assert [s.client_id for s in server.runtime.node.sessions] == [connected["client"]]
