@@ -164,6 +164,8 @@ class MemoryBroker:
             self._fences[key] = known
             return False
         self._fences[key] = (fence.position, now + fence.ttl_seconds)
+        if len(self._fences) > self.max_streams:  # bounded like the streams
+            self._fences.popitem(last=False)
         return True
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:

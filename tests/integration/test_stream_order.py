@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from adapters.ingest.redis_stream import backlog
 from tests.integration.test_multinode import shut
+from tests.integration.test_redis_ingest_faults import history
 from tests.multinode import NodeProcess, start_nodes
 from tests.pyclient import SubEvents, new_client, new_subscription
 from tests.redis_server import RedisServer
@@ -146,16 +147,6 @@ async def all_delivered(subs: dict[str, SubEvents], entries: list[tuple[str, int
     )
 
 
-async def history_numbers(node: NodeProcess, channel: str) -> list[int]:
-    response = await node.http.post(
-        "/api/history",
-        json={"channel": channel, "limit": -1},
-        headers={"X-API-Key": node.keys.api_key},
-    )
-    assert response.status_code == 200, response.text
-    return [pub["data"]["n"] for pub in response.json()["result"]["publications"]]
-
-
 async def run_with_faults(
     redis_server: RedisServer, count: int, faults: Callable[[list[NodeProcess]], Awaitable[Any]]
 ) -> None:
@@ -201,7 +192,7 @@ async def run_with_faults(
                 await asyncio.sleep(0.5)  # anything repeated late would show now
                 duplicates = check_order(subs, entries)
             assert sum(duplicates.values()) == 0, duplicates
-            stored = await history_numbers(watcher_node, "task:t00")
+            stored = await history(watcher_node, "task:t00")
             assert stored[-10:] == [n for t, n in entries if t == "t00"][-10:]
             assert await backlog(producer, STREAM) == 0
     finally:
