@@ -17,7 +17,9 @@ history, the default routes).
   every partition stream is empty).
 
 Setups run interleaved, --rounds times; the table gives each setup's median, and its
-ratio to the first (HTTP, one request at a time). Afterwards, for every setup that
+ratio to the first (HTTP, one request at a time), and the CPU time the nodes used
+per 1,000 entries (from /proc: less disturbed by the machine's other load than the
+wall clock). Afterwards, for every setup that
 promises order, a few task channels' histories are checked to hold their entries in
 append order (a measurement that reordered would be worthless).
 
@@ -35,10 +37,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 from redis.asyncio import Redis
 
+from loadtests.servers import parse_cpu_seconds
 from tests.multinode import NodeProcess, start_nodes
 from tests.redis_server import RedisServer
 
@@ -124,7 +128,7 @@ async def partitions_spread(producer: Redis, nodes: int) -> None:
             owners = set()
             for partition in range(PARTITIONS):
                 token = await producer.get(f"{STREAM}:lease:p{partition}")
-                if token is not None:
+                if isinstance(token, bytes):
                     owners.add(token.decode().rsplit(":", 2)[0])
             if len(owners) == nodes:
                 return
@@ -146,7 +150,12 @@ async def check_order(node: NodeProcess, count: int) -> None:
             raise RuntimeError(f"task:{task} history out of order or incomplete: {got[:20]}")
 
 
-async def measure(setup: Setup, count: int, batch: int, concurrency: int) -> float:
+def nodes_cpu_seconds(nodes: Sequence[NodeProcess]) -> float:
+    return sum(parse_cpu_seconds(Path(f"/proc/{n.pid}/stat").read_text()) for n in nodes)
+
+
+async def measure(setup: Setup, count: int, batch: int, concurrency: int) -> tuple[float, float]:
+    """(entries per second, node CPU milliseconds per 1,000 entries)."""
     bodies = messages(count)
     settings: dict[str, str] = {}
     if setup.path == "stream":
@@ -163,30 +172,36 @@ async def measure(setup: Setup, count: int, batch: int, concurrency: int) -> flo
             async with start_nodes(setup.nodes, [redis_server.url], settings=settings) as nodes:
                 for node in nodes:
                     await node.wait_ready(True, timeout=30)
+                if setup.path == "stream":
+                    await partitions_spread(producer, setup.nodes)
+                cpu_before = nodes_cpu_seconds(nodes)
                 if setup.path == "http":
                     in_flight = setup.concurrency or concurrency
                     seconds = await run_http(nodes[0], bodies, batch, in_flight)
                 else:
-                    await partitions_spread(producer, setup.nodes)
                     seconds = await run_stream(producer, bodies)
+                cpu = nodes_cpu_seconds(nodes) - cpu_before
                 if setup.concurrency:
                     await check_order(nodes[0], count)
         finally:
             await producer.aclose()
-    return count / seconds
+    return count / seconds, cpu * 1000 / count * 1000
 
 
-def table(results: dict[str, list[float]]) -> str:
-    base = statistics.median(results[SETUPS[0].label])
+def table(results: dict[str, list[tuple[float, float]]]) -> str:
+    base = statistics.median(rate for rate, _cpu in results[SETUPS[0].label])
     lines = [
-        "| setup | entries/s (median) | runs | vs the first |",
-        "|---|---|---|---|",
+        "| setup | entries/s (median) | runs | vs the first | node CPU ms per 1,000 entries (median) |",
+        "|---|---|---|---|---|",
     ]
     for setup in SETUPS:
         runs = results[setup.label]
-        median = statistics.median(runs)
-        shown = ", ".join(f"{r:,.0f}" for r in runs)
-        lines.append(f"| {setup.label} | {median:,.0f} | {shown} | {median / base:.2f}x |")
+        median = statistics.median(rate for rate, _cpu in runs)
+        cpu = statistics.median(cpu for _rate, cpu in runs)
+        shown = ", ".join(f"{rate:,.0f}" for rate, _cpu in runs)
+        lines.append(
+            f"| {setup.label} | {median:,.0f} | {shown} | {median / base:.2f}x | {cpu:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -197,11 +212,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="messages per HTTP request")
     parser.add_argument("--concurrency", type=int, default=4, help="HTTP requests at a time")
     args = parser.parse_args(argv)
-    results: dict[str, list[float]] = {setup.label: [] for setup in SETUPS}
+    results: dict[str, list[tuple[float, float]]] = {setup.label: [] for setup in SETUPS}
     for round_number in range(args.rounds):
         for setup in SETUPS:
-            rate = await measure(setup, args.entries, args.batch, args.concurrency)
-            results[setup.label].append(rate)
+            rate, cpu = await measure(setup, args.entries, args.batch, args.concurrency)
+            results[setup.label].append((rate, cpu))
             print(
                 f"round {round_number + 1}: {setup.label}: {rate:,.0f} entries/s", file=sys.stderr
             )

@@ -294,10 +294,10 @@ class StreamConsumer:
         workers = list(self._workers.values())
         for worker in workers:
             await self._stop_worker(worker, release=True)
-        for task in list(self._worker_tasks):  # one whose stop the manager's cancel cut short
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, _LeaseLost):
-                await task
+        for leftover in list(self._worker_tasks):  # its stop cut short by the cancel above
+            leftover.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leftover
         with contextlib.suppress(RedisError, OSError):
             await self.redis.zrem(f"{self.options.key}:nodes", self._member)
         self.running = False
