@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest clean chromium curl bench bench-quick bench-deps
+.PHONY: run test lint typecheck pytest clean chromium curl bench bench-quick bench-deps kit
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 
 tests/js/node_modules/.package-lock.json: tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+
+# The browser client kit (clients/js): built with esbuild, types checked by tsc, unit
+# tests on Node; the Python suite drives the built files (Chromium page, rehearsal).
+clients/js/node_modules/.package-lock.json: clients/js/package-lock.json
+	npm ci --prefix clients/js --no-audit --no-fund --loglevel=error
+
+kit: clients/js/node_modules/.package-lock.json
+	cd clients/js && node build.mjs && node node_modules/typescript/bin/tsc --noEmit -p tsconfig.json && node --test test/*.test.mjs
 
 run: $(VENV)/.run-installed
 	$(BIN)/dex-shim serve
@@ -39,7 +47,7 @@ chromium:
 curl:
 	@command -v curl >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq curl >/dev/null)
 
-pytest: $(VENV)/.test-installed tests/js/node_modules/.package-lock.json chromium curl
+pytest: $(VENV)/.test-installed tests/js/node_modules/.package-lock.json chromium curl kit
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
@@ -66,4 +74,4 @@ bench-quick: bench-deps $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) tests/js/node_modules clients/js/node_modules clients/js/dist clients/js/dist-test .mypy_cache .ruff_cache .pytest_cache

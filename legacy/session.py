@@ -36,7 +36,8 @@ from typing import Protocol
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
 from legacy.reads import LegacyReads
-from shim.broker import LegacyTag
+from legacy.wire import encode_go_json, now_timestamp
+from shim.broker import LegacyTag, StreamPosition
 from shim.hypercorn_compat import Liveness
 from shim.limits import TokenBucket, Verdict
 from shim.node import Node
@@ -63,6 +64,21 @@ RETIRED = (4410, "legacy protocol retired: reload the page")
 NO_PONG = (4408, "no pong within the read deadline")
 # Centrifuge's code for the same limit (client_command_rate_limit); the hook reconnects.
 TOO_MANY_REQUESTS = (3013, "too many requests")
+
+# The client kit's opt-in (docs/client-kit.md): a client that sends this action is
+# told where its `*` stream stands in the global channel (a `shim.position` frame,
+# then another whenever the stream does not continue from the last frame) and when
+# the cutover flag changes (`shim.cutover`). Its event frames stay byte-identical;
+# a client that never sends it (the legacy hook) never sees either frame type.
+POSITION_ACTION = "position"
+POSITION_TYPE = "shim.position"
+CUTOVER_TYPE = "shim.cutover"
+
+
+def notice_frame(kind: str, payload: dict[str, object]) -> bytes:
+    """A kit notice in the legacy envelope's shape."""
+    text = encode_go_json({"type": kind, "timestamp": now_timestamp(), "payload": payload})
+    return text.encode()
 
 
 class State(enum.Enum):
@@ -160,6 +176,7 @@ class LegacySession:
         "_held",
         "_held_bytes",
         "_personal",
+        "_positions",
         "_reads",
         "_resolver",
         "_seen",
@@ -221,6 +238,8 @@ class LegacySession:
             if settings.client_command_rate_limit > 0
             else None
         )
+        # The client asked for stream positions and cutover notices (the kit).
+        self._positions = False
         node.add_session(self)
         node.user_connected(user)
 
@@ -249,6 +268,25 @@ class LegacySession:
         else:
             self._apply(command)
         await self._sync_attachments()
+        if command.action == POSITION_ACTION and not self.closed:
+            self._positions = True
+            global_channel = self.node.settings.global_channel
+            position = (
+                self.node.dispatched_position(global_channel)
+                if self._attached == {global_channel} and WILDCARD in self.subscriptions
+                else None
+            )
+            self._send_position(position)
+
+    def _send_position(self, position: StreamPosition | None) -> None:
+        """Every event frame before this notice is at or before `position`, every one
+        after it follows on (offset null: unknown yet, ask again after an event)."""
+        payload: dict[str, object] = {
+            "channel": self.node.settings.global_channel,
+            "offset": None if position is None else position.offset,
+            "epoch": None if position is None else position.epoch,
+        }
+        self._push(notice_frame(POSITION_TYPE, payload))
 
     async def _add_authorized(self, names: set[str]) -> None:
         """_add_subscriptions, asking the channel policy about each name within the
@@ -280,6 +318,8 @@ class LegacySession:
             self.subscriptions.difference_update(_named(command))
         elif action == "unsubscribe_all":
             self.subscriptions.clear()
+        elif action == POSITION_ACTION:
+            return  # answered after the attachments are in place
         else:
             self.stats.unknown_actions += 1
 
@@ -415,6 +455,20 @@ class LegacySession:
             if self._held is held:
                 self._held, self._held_bytes = None, 0
             self._resolver = None
+
+    def stream_moved(self, channel: str, position: StreamPosition) -> None:
+        if (
+            self._positions
+            and not self.closed
+            and WILDCARD in self.subscriptions
+            and channel == self.node.settings.global_channel
+        ):
+            self._send_position(position)
+
+    def cutover_changed(self, version: int) -> None:
+        """Tell a kit client the flag changed, so it asks for its config again."""
+        if self._positions and not self.closed:
+            self._push(notice_frame(CUTOVER_TYPE, {"cutover_version": version}))
 
     def _first_copy(self, event_id: str) -> bool:
         """False for a copy of an event already sent. Ids are recorded while several

@@ -181,6 +181,20 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
             headers={"Sec-WebSocket-Version": "13"},
         )
 
+    routing_table = {
+        "global_channel": settings.global_channel,
+        "default_channel": settings.default_channel,
+        "routes": [
+            {
+                "match": rule.match,
+                "channels": list(rule.channels),
+                "optional": list(rule.optional),
+                "fallback": rule.fallback,
+            }
+            for rule in settings.routes
+        ],
+    }
+
     @app.get("/api/v1/realtime/config")
     async def realtime_config() -> Response:
         """Which protocol and URL the calling user should use now."""
@@ -214,6 +228,9 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
                 ),
                 "mode": cutover.mode.value,
                 "cutover_version": cutover.version,
+                # The route table, so a client kit shows a page the events of one channel
+                # whichever protocol brings them (docs/client-kit.md).
+                "routing": routing_table,
             }
         )
 

@@ -55,6 +55,11 @@ class LegacySubscriber(Protocol):
 
     def deliver_legacy(self, tag: LegacyTag) -> None: ...
 
+    def stream_moved(self, channel: str, position: StreamPosition) -> None:
+        """The channel's stream did not continue from the last event delivered (a
+        publication legacy clients do not get, a gap, a new epoch): the next event is
+        `position.offset + 1`. Only a client that asked for positions acts on it."""
+
 
 class Ticking(Protocol):
     """A session the node's ticker visits about once per `tick_interval`."""
@@ -109,7 +114,7 @@ class _NoObserver:
 
 
 class _Channel:
-    __slots__ = ("delta_subscribers", "last", "legacy", "ready", "subscribers")
+    __slots__ = ("delta_subscribers", "epoch", "last", "legacy", "offset", "ready", "subscribers")
 
     def __init__(self) -> None:
         # The broker subscribe, until it has succeeded (then None: a finished task
@@ -121,6 +126,10 @@ class _Channel:
         # subscriber wants deltas.
         self.delta_subscribers = 0
         self.last: Publication | None = None
+        # Stream position of the last publication dispatched here (offset 0: none yet,
+        # or the channel keeps no history).
+        self.offset = 0
+        self.epoch = ""
 
     def empty(self) -> bool:
         return not self.subscribers and not self.legacy
@@ -303,6 +312,15 @@ class Node:
         except Exception:
             log.warning("broker unsubscribe failed", extra={"channel": channel})
 
+    def dispatched_position(self, channel: str) -> StreamPosition | None:
+        """Where `channel`'s stream stands for this node's local clients: the position
+        of the last publication dispatched to them (None before the first one, or
+        without history). Every later publication is dispatched after this call."""
+        entry = self._channels.get(channel)
+        if entry is None or not entry.offset:
+            return None
+        return StreamPosition(entry.offset, entry.epoch)
+
     def channels(self) -> Iterable[str]:
         return self._channels.keys()
 
@@ -359,6 +377,9 @@ class Node:
         if entry is None:
             return
         counters = self.counters
+        moved = bool(pub.offset) and (pub.offset != entry.offset + 1 or epoch != entry.epoch)
+        if pub.offset:
+            entry.offset, entry.epoch = pub.offset, epoch
         if entry.subscribers:
             # Encoded lazily, once per wire and delta form, by the first subscriber needing it.
             prepared = PreparedPublication(channel, pub, entry.last)
@@ -369,9 +390,17 @@ class Node:
                 subscriber.deliver(pub, epoch, prepared)
             counters.publications["channels"] += 1
             counters.deliveries["channels"] += len(subscribers)
-        if entry.legacy and pub.legacy is not None:
+        if entry.legacy and pub.legacy is None and pub.offset:
+            # Not a legacy event (a server API publish): legacy clients skip it.
+            for legacy in list(entry.legacy):
+                legacy.stream_moved(channel, StreamPosition(pub.offset, epoch))
+        elif entry.legacy and pub.legacy is not None:
             tag = pub.legacy
             legacy_subscribers = list(entry.legacy)
+            if moved:
+                before = StreamPosition(pub.offset - 1, epoch)
+                for legacy in legacy_subscribers:
+                    legacy.stream_moved(channel, before)
             for legacy in legacy_subscribers:
                 legacy.deliver_legacy(tag)
             # Counts reach, before a legacy session drops a copy it already had.

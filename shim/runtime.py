@@ -12,12 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy.session import LegacySession, LegacyStats
 from shim.broker import Broker, PresenceManager
-from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession
+from shim.centrifuge import codec, codes
+from shim.centrifuge.session import CentrifugeSession, State
 from shim.config import Settings, origin_patterns
 from shim.cutover import CutoverState, Mode
 from shim.fallback.emulation import EmulationHub
@@ -142,6 +144,7 @@ class Runtime:
         reconnecting browsers do not arrive all at once."""
         previous, self.cutover = self.cutover, state
         log.info("cutover %s -> %s", previous.as_dict(), state.as_dict())
+        self._announce_cutover(state.version)
         draining = state.mode is Mode.CHANNELS
         if draining == (previous.mode is Mode.CHANNELS):
             return
@@ -152,6 +155,18 @@ class Runtime:
                     session.drain_by(now + random.uniform(0, state.drain_seconds))
                 else:
                     session.drain_by(0.0)
+
+    def _announce_cutover(self, version: int) -> None:
+        """Tell connected clients the flag changed, so a client kit asks for its
+        config again (docs/client-kit.md): a `message` push to Centrifuge clients
+        (SDKs without a message handler ignore it), a notice to legacy clients that
+        opted in. The legacy hook never opts in and sees nothing."""
+        push = codec.encode_message_push(orjson.dumps({"cutover_version": version}))
+        for session in list(self.node.sessions):
+            if isinstance(session, LegacySession):
+                session.cutover_changed(version)
+            elif isinstance(session, CentrifugeSession) and session.state is State.CONNECTED:
+                session.enqueue(push)
 
     def secrets(self) -> list[str]:
         """Strings that must never appear in a log line."""

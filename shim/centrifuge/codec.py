@@ -336,6 +336,16 @@ def publication_dict(pub: Publication) -> dict[str, Any]:
         body["info"] = client_info_dict(pub.info)
     if pub.offset:
         body["offset"] = pub.offset
+    legacy = pub.legacy
+    if legacy is not None and (legacy.task_id or legacy.project_id):
+        # The legacy envelope's top-level routing fields, which the flat data does not
+        # keep: the client kit rebuilds the legacy message from data and these.
+        tags = {}
+        if legacy.task_id:
+            tags["task_id"] = legacy.task_id
+        if legacy.project_id:
+            tags["project_id"] = legacy.project_id
+        body["tags"] = tags
     return body
 
 
@@ -514,6 +524,11 @@ def publication_push(channel: str, pub: Publication) -> bytes:
 
 def encode_publication_push(channel: str, pub: Publication) -> str:
     return publication_push(channel, pub).decode()
+
+
+def encode_message_push(data: bytes) -> bytes:
+    """An asynchronous message to the client (SDKs emit it as a `message` event)."""
+    return orjson.dumps({"push": {"message": {"data": _fragment(data)}}})
 
 
 def encode_join_push(channel: str, info: ClientInfo) -> str:

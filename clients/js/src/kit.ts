@@ -1,0 +1,411 @@
+import { backoffDelay } from './backoff.js';
+import { ChannelSource } from './channel-source.js';
+import { LegacySource, type SocketFactory } from './legacy-source.js';
+import { Router } from './routing.js';
+import type { Item, Source, SourceHooks } from './source.js';
+import type { ConnectionState, Delivery, KitMetrics, Protocol, RealtimeConfig } from './types.js';
+
+export interface KitOptions {
+  /** The shim's base URL, e.g. `https://dex.example.com`; defaults to the page's origin. */
+  baseUrl?: string;
+  /** A current token, asked for before every connection and config request. */
+  getToken: () => string | Promise<string>;
+  /** A WebSocket class (the browser's by default; `ws` in Node). */
+  WebSocket?: unknown;
+  fetch?: typeof fetch;
+  /** Where to ask for the config; defaults to `${baseUrl}/api/v1/realtime/config`. */
+  configUrl?: string;
+  legacyPath?: string;
+  channelsPath?: string;
+  /** Reconnect backoff (exponential, jittered, never giving up). */
+  minReconnectDelayMs?: number;
+  maxReconnectDelayMs?: number;
+  /** After a flag notice, the config is asked again within this many ms (spread). */
+  noticeJitterMs?: number;
+  /** Ask for the config this often anyway (0: never); the flag notice is the fast path. */
+  configPollMs?: number;
+  /** For tests: a clock in ms. */
+  now?: () => number;
+}
+
+type Handler = (delivery: Delivery) => void;
+type StateHandler = (state: ConnectionState) => void;
+
+const RETIRED_CODE = 4410;
+
+/**
+ * One realtime connection for a tab, following the cutover flag.
+ *
+ * It asks `/api/v1/realtime/config` which protocol to use and carries the global
+ * stream over it. When the answer changes it opens the new connection, and closes
+ * the old one only once the new one provides every position after the last one
+ * handed to the page: until then both run and each event goes to the handlers
+ * once, in stream order, from whichever connection brings it first
+ * (docs/client-kit.md).
+ */
+export class RealtimeKit {
+  config: RealtimeConfig | null = null;
+  router: Router | null = null;
+  state: ConnectionState = 'disconnected';
+  private readonly options: Required<Omit<KitOptions, 'WebSocket' | 'fetch' | 'baseUrl'>> & {
+    baseUrl: string;
+  };
+  private readonly socketClass: unknown;
+  private readonly fetcher: typeof fetch;
+  private readonly handlers = new Set<Handler>();
+  private readonly stateHandlers = new Set<StateHandler>();
+  private readonly sources = new Map<Protocol, Source>();
+  private readonly opening = new Set<Protocol>();
+  private desired: Protocol | null = null;
+  private last: number | null = null;
+  private epoch: string | null = null;
+  private switchStarted: number | null = null;
+  private attempt = 0;
+  private running = false;
+  private refreshing: Promise<void> | null = null;
+  private refreshAgain = false;
+  private retryTimer: ReturnType<typeof setTimeout> | null = null;
+  private noticeTimer: ReturnType<typeof setTimeout> | null = null;
+  private pollTimer: ReturnType<typeof setInterval> | null = null;
+  private fillerTried = false;
+  private readonly counts: KitMetrics = {
+    protocol: null,
+    state: 'disconnected',
+    switches: 0,
+    switchMs: [],
+    delivered: 0,
+    duplicatesDropped: 0,
+    gaps: 0,
+    skippedOffsets: 0,
+    connections: 0,
+    peakConnections: 0,
+    reconnects: 0,
+  };
+
+  constructor(options: KitOptions) {
+    const origin = (globalThis as { location?: { origin?: string } }).location?.origin ?? '';
+    this.options = {
+      baseUrl: (options.baseUrl ?? origin).replace(/\/$/, ''),
+      getToken: options.getToken,
+      configUrl: options.configUrl ?? `${(options.baseUrl ?? origin).replace(/\/$/, '')}/api/v1/realtime/config`,
+      legacyPath: options.legacyPath ?? '/api/v1/ws',
+      channelsPath: options.channelsPath ?? '/connection/websocket',
+      minReconnectDelayMs: options.minReconnectDelayMs ?? 500,
+      maxReconnectDelayMs: options.maxReconnectDelayMs ?? 20_000,
+      noticeJitterMs: options.noticeJitterMs ?? 5_000,
+      configPollMs: options.configPollMs ?? 120_000,
+      now: options.now ?? (() => Date.now()),
+    };
+    this.socketClass = options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
+    this.fetcher = options.fetch ?? globalThis.fetch.bind(globalThis);
+  }
+
+  // -- public surface ------------------------------------------------------------
+
+  /** Receive every event once, in stream order; returns the unsubscribe function. */
+  subscribe(handler: Handler): () => void {
+    this.handlers.add(handler);
+    return () => this.handlers.delete(handler);
+  }
+
+  onState(handler: StateHandler): () => void {
+    this.stateHandlers.add(handler);
+    return () => this.stateHandlers.delete(handler);
+  }
+
+  get protocol(): Protocol | null {
+    return this.desired;
+  }
+
+  /** The last stream position handed to the handlers. */
+  get position(): { offset: number; epoch: string } | null {
+    return this.last === null || this.epoch === null ? null : { offset: this.last, epoch: this.epoch };
+  }
+
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    this.setState('connecting');
+    void this.refresh();
+    const every = this.options.configPollMs;
+    if (every > 0) this.pollTimer = setInterval(() => void this.refresh(), every * (0.8 + 0.4 * Math.random()));
+  }
+
+  /** Close everything; nothing reconnects afterwards (the hook's leaked reconnect). */
+  stop(): void {
+    this.running = false;
+    for (const timer of [this.retryTimer, this.noticeTimer]) if (timer !== null) clearTimeout(timer);
+    if (this.pollTimer !== null) clearInterval(this.pollTimer);
+    this.retryTimer = this.noticeTimer = this.pollTimer = null;
+    for (const source of [...this.sources.values()]) source.close();
+    this.sources.clear();
+    this.setState('disconnected');
+  }
+
+  /** Reconnect now (the hook's manual reconnect): backoff starts over. */
+  reconnect(): void {
+    if (!this.running) {
+      this.start();
+      return;
+    }
+    if (this.retryTimer !== null) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.attempt = 0;
+    void this.refresh();
+  }
+
+  metrics(): KitMetrics {
+    return { ...this.counts, switchMs: [...this.counts.switchMs], protocol: this.desired, state: this.state };
+  }
+
+  /** The metrics, then start a new period for switch times and the peak. */
+  takeMetrics(): KitMetrics {
+    const snapshot = this.metrics();
+    this.counts.switchMs = [];
+    this.counts.peakConnections = this.counts.connections;
+    return snapshot;
+  }
+
+  // -- config --------------------------------------------------------------------
+
+  async refresh(): Promise<void> {
+    if (this.refreshing) {
+      this.refreshAgain = true;
+      return this.refreshing;
+    }
+    this.refreshing = this.fetchConfig().finally(() => {
+      this.refreshing = null;
+      if (this.refreshAgain) {
+        this.refreshAgain = false;
+        void this.refresh();
+      }
+    });
+    return this.refreshing;
+  }
+
+  private async fetchConfig(): Promise<void> {
+    let config: RealtimeConfig;
+    try {
+      const token = await this.options.getToken();
+      const response = await this.fetcher(this.options.configUrl, {
+        headers: { Authorization: `Bearer ${token}` },
+      });
+      if (!response.ok) throw new Error(`realtime config: HTTP ${response.status}`);
+      config = (await response.json()) as RealtimeConfig;
+    } catch {
+      if (this.running && !this.sources.has(this.desired ?? 'legacy')) this.scheduleRetry();
+      return;
+    }
+    if (this.running) this.apply(config);
+  }
+
+  private apply(config: RealtimeConfig): void {
+    this.config = config;
+    if (config.routing) this.router = new Router(config.routing);
+    if (config.protocol !== this.desired) {
+      if (this.desired !== null && this.last !== null) this.switchStarted = this.options.now();
+      this.desired = config.protocol;
+      this.fillerTried = false;
+    }
+    void this.open(config.protocol);
+    this.settle();
+  }
+
+  private notice(version: number): void {
+    if (this.noticeTimer !== null || (this.config && version <= this.config.cutover_version)) return;
+    this.noticeTimer = setTimeout(() => {
+      this.noticeTimer = null;
+      void this.refresh();
+    }, Math.random() * this.options.noticeJitterMs);
+  }
+
+  private scheduleRetry(): void {
+    if (!this.running || this.retryTimer !== null) return;
+    const delay = backoffDelay(this.attempt++, this.options.minReconnectDelayMs, this.options.maxReconnectDelayMs);
+    this.counts.reconnects++;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      void this.refresh();
+    }, delay);
+  }
+
+  // -- connections ---------------------------------------------------------------
+
+  private async open(protocol: Protocol): Promise<void> {
+    if (this.sources.has(protocol) || this.opening.has(protocol)) return;
+    this.opening.add(protocol);
+    let token: string;
+    try {
+      token = await this.options.getToken();
+    } catch {
+      this.opening.delete(protocol);
+      this.scheduleRetry();
+      return;
+    }
+    this.opening.delete(protocol);
+    if (!this.running || this.sources.has(protocol)) return;
+    const wsBase = this.options.baseUrl.replace(/^http/, 'ws');
+    let source: Source | null = null;
+    const hooks: SourceHooks = {
+      changed: () => this.settle(),
+      closed: (code) => source && this.closed(source, code),
+      notice: (version) => this.notice(version),
+      sockets: (delta) => this.sockets(delta),
+    };
+    if (protocol === 'legacy') {
+      const url = `${wsBase}${this.options.legacyPath}?token=${encodeURIComponent(token)}`;
+      source = new LegacySource(url, this.socketClass as SocketFactory, hooks);
+    } else {
+      source = new ChannelSource(
+        {
+          url: `${wsBase}${this.options.channelsPath}`,
+          channel: this.config?.routing?.global_channel ?? 'global',
+          getToken: async () => await this.options.getToken(),
+          since: this.position,
+          websocket: this.socketClass,
+          minReconnectDelay: this.options.minReconnectDelayMs,
+          maxReconnectDelay: this.options.maxReconnectDelayMs,
+        },
+        hooks,
+      );
+    }
+    this.sources.set(protocol, source);
+    this.settle();
+  }
+
+  private closed(source: Source, code: number): void {
+    if (this.sources.get(source.protocol) !== source) return;
+    this.sources.delete(source.protocol);
+    if (!source.retired && this.running) {
+      if (code === RETIRED_CODE) void this.refresh();
+      else if (source.protocol === this.desired) this.scheduleRetry();
+    }
+    this.settle();
+  }
+
+  private sockets(delta: number): void {
+    this.counts.connections += delta;
+    this.counts.peakConnections = Math.max(this.counts.peakConnections, this.counts.connections);
+  }
+
+  // -- the handover --------------------------------------------------------------
+
+  /** Deliver what can be delivered, then decide which connections stay. */
+  private settle(): void {
+    if (!this.running) return;
+    const target = this.desired === null ? undefined : this.sources.get(this.desired);
+    if (target?.ready) {
+      const waiting = [...this.sources.values()].some((s) => s !== target && s.unplaced > 0);
+      if (this.last === null && waiting) {
+        // Another connection holds events it cannot place yet: they may come first.
+        this.updateState();
+        return;
+      }
+      if (this.last === null || this.epoch !== target.epoch) {
+        // First start, or the stream lost continuity (a new epoch): begin at the target.
+        if (this.last !== null) this.counts.gaps++;
+        this.last = target.from - 1;
+        this.epoch = target.epoch;
+      }
+    }
+    this.pump();
+    if (!target?.ready || this.last === null) {
+      this.updateState();
+      return;
+    }
+    if (target.from > this.last + 1 && !this.fillable(target)) {
+      if (target.protocol === 'legacy' && this.config?.mode !== 'legacy' && !this.fillerTried) {
+        // Recover the hole from channel history (the legacy protocol has none).
+        this.fillerTried = true;
+        void this.open('channels');
+        this.updateState();
+        return;
+      }
+      this.counts.gaps++;
+      this.counts.skippedOffsets += target.from - 1 - this.last;
+      this.last = target.from - 1;
+      this.pump();
+    }
+    if (target.from <= this.last + 1) {
+      // The target provides every position from here on: the others can go.
+      for (const source of [...this.sources.values()]) {
+        if (source === target) continue;
+        this.sources.delete(source.protocol);
+        source.close();
+      }
+      this.fillerTried = false;
+      if (this.switchStarted !== null) {
+        this.counts.switches++;
+        this.counts.switchMs.push(this.options.now() - this.switchStarted);
+        this.switchStarted = null;
+      }
+      this.updateState();
+      return;
+    }
+    this.updateState();
+  }
+
+  /** Another connection may still bring the position after the last one delivered. */
+  private fillable(target: Source): boolean {
+    const wanted = (this.last ?? 0) + 1;
+    for (const source of this.sources.values()) {
+      if (source === target) continue;
+      if (!source.ready) return true;
+      if (source.epoch === this.epoch && source.from <= wanted) return true;
+    }
+    return this.opening.size > 0;
+  }
+
+  private pump(): void {
+    if (this.last === null) return;
+    let progressed = true;
+    while (progressed) {
+      progressed = false;
+      for (const source of this.sources.values()) {
+        if (!source.ready || source.epoch !== this.epoch) continue;
+        const queue = source.queue;
+        while (queue.length && queue[0].offset <= this.last) {
+          if (queue.shift()?.message) this.counts.duplicatesDropped++;
+        }
+        if (queue.length && queue[0].offset === this.last + 1) {
+          const item = queue.shift() as Item;
+          this.last = item.offset;
+          progressed = true;
+          if (item.message && item.data) this.deliver(item, source.protocol);
+        }
+      }
+    }
+  }
+
+  private deliver(item: Item, protocol: Protocol): void {
+    this.counts.delivered++;
+    const delivery: Delivery = {
+      message: item.message!,
+      data: item.data!,
+      offset: item.offset,
+      epoch: this.epoch ?? '',
+      protocol,
+    };
+    for (const handler of [...this.handlers]) {
+      try {
+        handler(delivery);
+      } catch (error) {
+        console.error('[realtime] handler failed', error);
+      }
+    }
+  }
+
+  /** Connected while any connection is up (one of them delivers during a handover). */
+  private updateState(): void {
+    const target = this.desired === null ? undefined : this.sources.get(this.desired);
+    if (target?.connected) this.attempt = 0;
+    const up = [...this.sources.values()].some((s) => s.connected);
+    this.setState(up ? 'connected' : this.running ? 'connecting' : 'disconnected');
+  }
+
+  private setState(state: ConnectionState): void {
+    if (state === this.state) return;
+    this.state = state;
+    for (const handler of [...this.stateHandlers]) handler(state);
+  }
+}

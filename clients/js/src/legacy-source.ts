@@ -1,0 +1,117 @@
+import { parseLegacyFrame, toChannelData } from './message.js';
+import { Source, type SourceHooks } from './source.js';
+import type { LegacyMessage } from './types.js';
+
+/** The minimal WebSocket surface the kit uses (browser WebSocket or `ws`). */
+export interface SocketLike {
+  readonly readyState: number;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+export type SocketFactory = new (url: string) => SocketLike;
+
+export const POSITION_TYPE = 'shim.position';
+export const CUTOVER_TYPE = 'shim.cutover';
+
+/**
+ * The legacy hub connection: `subscribe_all` as the hook sent it, then the kit's
+ * opt-in `position` action. The server answers with a `shim.position` notice:
+ * every event frame before it is at or before that offset of the global channel,
+ * every frame after it follows on one by one (another notice marks any jump). So
+ * each frame's offset is known by counting, and the frames stay byte-identical.
+ */
+export class LegacySource extends Source {
+  readonly protocol = 'legacy' as const;
+  private readonly socket: SocketLike;
+  private pending: LegacyMessage[] = [];
+  private askAgain = false;
+  private ended = false;
+
+  constructor(url: string, Socket: SocketFactory, private readonly hooks: SourceHooks) {
+    super();
+    this.socket = new Socket(url);
+    hooks.sockets(1);
+    this.socket.onopen = () => {
+      this.connected = true;
+      hooks.changed();
+      this.socket.send('{"action":"subscribe_all"}');
+      this.socket.send('{"action":"position"}');
+    };
+    this.socket.onmessage = (ev) => this.frame(typeof ev.data === 'string' ? ev.data : String(ev.data));
+    this.socket.onclose = (ev) => this.end(ev.code, ev.reason);
+    this.socket.onerror = () => {};
+  }
+
+  override get unplaced(): number {
+    return this.pending.length;
+  }
+
+  private frame(text: string): void {
+    const message = parseLegacyFrame(text);
+    if (message === null) return;
+    if (message.type === POSITION_TYPE) {
+      this.position(message.payload as { offset: number | null; epoch: string | null });
+      return;
+    }
+    if (message.type === CUTOVER_TYPE) {
+      this.hooks.notice(Number(message.payload.cutover_version));
+      return;
+    }
+    if (!this.ready) {
+      this.pending.push(message);
+      if (this.askAgain) {
+        this.askAgain = false;
+        this.socket.send('{"action":"position"}');
+      }
+      return;
+    }
+    this.queue.push({ offset: this.next++, message, data: toChannelData(message) });
+    this.hooks.changed();
+  }
+
+  private position(at: { offset: number | null; epoch: string | null }): void {
+    if (at.offset === null || at.epoch === null) {
+      // The node has dispatched nothing on the stream yet: ask after the next frame.
+      if (!this.ready) this.askAgain = true;
+      return;
+    }
+    if (!this.ready) {
+      // The frames already received are the ones right up to this position.
+      this.from = at.offset - this.pending.length + 1;
+      this.epoch = at.epoch;
+      this.ready = true;
+      this.next = this.from;
+      for (const message of this.pending) {
+        this.queue.push({ offset: this.next++, message, data: toChannelData(message) });
+      }
+      this.pending = [];
+    } else if (at.epoch !== this.epoch || at.offset + 1 < this.next) {
+      // A new epoch: the stream lost continuity; start a new chain.
+      this.queue.length = 0;
+      this.from = this.next = at.offset + 1;
+      this.epoch = at.epoch;
+    } else {
+      // Positions legacy clients do not get (not ingested events): nothing to deliver.
+      while (this.next <= at.offset) this.queue.push({ offset: this.next++, message: null, data: null });
+    }
+    this.hooks.changed();
+  }
+
+  private end(code: number, reason: string): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.connected = false;
+    this.hooks.sockets(-1);
+    this.hooks.closed(code, reason);
+  }
+
+  close(): void {
+    this.retired = true;
+    if (this.socket.readyState <= 1) this.socket.close(1000, 'switched');
+    this.end(1000, 'switched');
+  }
+}

@@ -1,0 +1,46 @@
+import type { ChannelData, LegacyMessage, Protocol } from './types.js';
+
+/** One event (or a position with nothing to deliver: `message` null) at `offset`. */
+export interface Item {
+  offset: number;
+  message: LegacyMessage | null;
+  data: ChannelData | null;
+}
+
+/** What a connection tells the kit. */
+export interface SourceHooks {
+  /** New items were queued, or the source became ready or rebased. */
+  changed(): void;
+  /** The connection ended for good (the kit decides what comes next). */
+  closed(code: number, reason: string): void;
+  /** The server announced a cutover flag change. */
+  notice(version: number): void;
+  /** A socket opened or closed (for the connection count). */
+  sockets(delta: number): void;
+}
+
+/**
+ * A connection that yields the global stream as contiguous offsets from `from`
+ * (once `ready`). Items are queued in offset order; the kit takes them.
+ */
+export abstract class Source {
+  abstract readonly protocol: Protocol;
+  ready = false;
+  /** The socket is open (the SDK may be reconnecting underneath otherwise). */
+  connected = false;
+  from = 0;
+  epoch = '';
+  /** Set by the kit when it closes the source on purpose. */
+  retired = false;
+  readonly queue: Item[] = [];
+
+  /** Events received whose offset is not known yet. */
+  get unplaced(): number {
+    return 0;
+  }
+
+  /** Offset of the next item this source will queue (its chain's end). */
+  next = 0;
+
+  abstract close(): void;
+}
