@@ -273,7 +273,7 @@ class LegacySession:
             global_channel = self.node.settings.global_channel
             position = (
                 self.node.dispatched_position(global_channel)
-                if self._attached == {global_channel} and WILDCARD in self.subscriptions
+                if global_channel in self._attached and WILDCARD in self.subscriptions
                 else None
             )
             self._send_position(position)
