@@ -10,7 +10,7 @@ against the one before when that is smaller).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -125,9 +125,6 @@ def delta_chain(pubs: Sequence[Publication]) -> list[tuple[Publication, bytes | 
     return chain
 
 
-# --- JSON ----------------------------------------------------------------------------
-
-
 def _json_delta_pub(pub: Publication, patch: bytes | None) -> dict[str, Any] | None:
     """A publication with `data` as a JSON string: the payload text, or the patch
     (then delta: true). None when the patch is not UTF-8 (a literal run may cut a
@@ -142,22 +139,80 @@ def _json_delta_pub(pub: Publication, patch: bytes | None) -> dict[str, Any] | N
     return body
 
 
-class JsonWire:
+# --- Both wires ---------------------------------------------------------------------
+
+
+class _CodecWire:
+    """What only encodes, delegated to the codec module; results as message bytes."""
+
+    def __init__(self, module: Any, as_bytes: Callable[[Any], bytes]) -> None:
+        self._codec = module
+        self._bytes = as_bytes
+
+    def encode_reply(self, command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
+        return self._bytes(self._codec.encode_reply(command_id, result_name, result))
+
+    def encode_error(self, command_id: int, error: ErrorCode, message: str | None = None) -> bytes:
+        return self._bytes(self._codec.encode_error(command_id, error, message))
+
+    def encode_history_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_history_result(command_id, **fields))
+
+    def encode_presence_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_presence_result(command_id, **fields))
+
+    def encode_presence_stats_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_presence_stats_result(command_id, **fields))
+
+    def encode_refresh_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_refresh_result(command_id, **fields))
+
+    def encode_sub_refresh_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_sub_refresh_result(command_id, **fields))
+
+    def encode_rpc_result(self, command_id: int, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_rpc_result(command_id, **fields))
+
+    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
+        return self._bytes(self._codec.encode_join_push(channel, info))
+
+    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes:
+        return self._bytes(self._codec.encode_leave_push(channel, info))
+
+    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes:
+        return self._bytes(self._codec.encode_unsubscribe_push(channel, code))
+
+    def encode_disconnect_push(self, code: DisconnectCode) -> bytes:
+        return self._bytes(self._codec.encode_disconnect_push(code))
+
+    def encode_subscribe_push(self, channel: str, **fields: Any) -> bytes:
+        return self._bytes(self._codec.encode_subscribe_push(channel, **fields))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode()
+
+
+def _same(message: bytes) -> bytes:
+    return message
+
+
+# --- JSON ----------------------------------------------------------------------------
+
+
+class JsonWire(_CodecWire):
     name = "json"
     index = 0
     binary = False
     ping = codec.PING.encode()
 
+    def __init__(self) -> None:
+        super().__init__(codec, _utf8)
+
     def decode_frame(self, data: str | bytes) -> list[Command]:
         if isinstance(data, bytes):
             raise codec.ProtocolError("binary frame on a JSON connection")
         return codec.decode_frame(data)
-
-    def encode_reply(self, command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
-        return codec.encode_reply(command_id, result_name, result).encode()
-
-    def encode_error(self, command_id: int, error: ErrorCode, message: str | None = None) -> bytes:
-        return codec.encode_error(command_id, error, message).encode()
 
     def _subscribe_result(self, result: Mapping[str, Any]) -> dict[str, Any]:
         fields = dict(result)
@@ -179,68 +234,13 @@ class JsonWire:
         return body
 
     def encode_connect_result(
-        self,
-        command_id: int,
-        *,
-        client: str,
-        version: str = "",
-        expires: bool = False,
-        ttl: int = 0,
-        data: bytes | None = None,
-        subs: Mapping[str, Mapping[str, Any]] | None = None,
-        ping: int = 0,
-        pong: bool = False,
+        self, command_id: int, *, subs: Mapping[str, Mapping[str, Any]] | None = None, **fields: Any
     ) -> bytes:
-        return codec.encode_connect_result(
-            command_id,
-            client=client,
-            version=version,
-            expires=expires,
-            ttl=ttl,
-            data=data,
-            subs={channel: self._subscribe_result(r) for channel, r in (subs or {}).items()},
-            ping=ping,
-            pong=pong,
-        ).encode()
+        results = {channel: self._subscribe_result(r) for channel, r in (subs or {}).items()}
+        return codec.encode_connect_result(command_id, subs=results, **fields).encode()
 
     def encode_subscribe_result(self, command_id: int, **result: Any) -> bytes:
         return orjson.dumps({"id": command_id, "subscribe": self._subscribe_result(result)})
-
-    def encode_history_result(
-        self, command_id: int, *, publications: Iterable[Publication], position: StreamPosition
-    ) -> bytes:
-        return codec.encode_history_result(
-            command_id, publications=publications, position=position
-        ).encode()
-
-    def encode_presence_result(
-        self, command_id: int, *, presence: Mapping[str, ClientInfo]
-    ) -> bytes:
-        return codec.encode_presence_result(command_id, presence=presence).encode()
-
-    def encode_presence_stats_result(self, command_id: int, *, stats: PresenceStats) -> bytes:
-        return codec.encode_presence_stats_result(command_id, stats=stats).encode()
-
-    def encode_refresh_result(
-        self,
-        command_id: int,
-        *,
-        client: str = "",
-        version: str = "",
-        expires: bool = False,
-        ttl: int = 0,
-    ) -> bytes:
-        return codec.encode_refresh_result(
-            command_id, client=client, version=version, expires=expires, ttl=ttl
-        ).encode()
-
-    def encode_sub_refresh_result(
-        self, command_id: int, *, expires: bool = False, ttl: int = 0
-    ) -> bytes:
-        return codec.encode_sub_refresh_result(command_id, expires=expires, ttl=ttl).encode()
-
-    def encode_rpc_result(self, command_id: int, *, data: bytes | None = None) -> bytes:
-        return codec.encode_rpc_result(command_id, data=data).encode()
 
     def publication_push(self, channel: str, pub: Publication) -> bytes:
         return codec.publication_push(channel, pub)
@@ -250,37 +250,6 @@ class JsonWire:
         if body is None:
             return None
         return orjson.dumps({"push": {"channel": channel, "pub": body}})
-
-    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
-        return codec.encode_join_push(channel, info).encode()
-
-    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes:
-        return codec.encode_leave_push(channel, info).encode()
-
-    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes:
-        return codec.encode_unsubscribe_push(channel, code).encode()
-
-    def encode_disconnect_push(self, code: DisconnectCode) -> bytes:
-        return codec.encode_disconnect_push(code).encode()
-
-    def encode_subscribe_push(
-        self,
-        channel: str,
-        *,
-        recoverable: bool = False,
-        epoch: str = "",
-        offset: int = 0,
-        positioned: bool = False,
-        data: bytes | None = None,
-    ) -> bytes:
-        return codec.encode_subscribe_push(
-            channel,
-            recoverable=recoverable,
-            epoch=epoch,
-            offset=offset,
-            positioned=positioned,
-            data=data,
-        ).encode()
 
 
 # --- Protobuf ---------------------------------------------------------------------------
@@ -296,84 +265,26 @@ def _pb_subscribe_result(result: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-class ProtobufWire:
+class ProtobufWire(_CodecWire):
     name = "protobuf"
     index = 1
     binary = True
     ping = pbcodec.PING
 
+    def __init__(self) -> None:
+        super().__init__(pbcodec, _same)
+
     def decode_frame(self, data: str | bytes) -> list[Command]:
         return pbcodec.decode_frame(data)
 
-    def encode_reply(self, command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
-        return pbcodec.encode_reply(command_id, result_name, result)
-
-    def encode_error(self, command_id: int, error: ErrorCode, message: str | None = None) -> bytes:
-        return pbcodec.encode_error(command_id, error, message)
-
     def encode_connect_result(
-        self,
-        command_id: int,
-        *,
-        client: str,
-        version: str = "",
-        expires: bool = False,
-        ttl: int = 0,
-        data: bytes | None = None,
-        subs: Mapping[str, Mapping[str, Any]] | None = None,
-        ping: int = 0,
-        pong: bool = False,
+        self, command_id: int, *, subs: Mapping[str, Mapping[str, Any]] | None = None, **fields: Any
     ) -> bytes:
-        return pbcodec.encode_connect_result(
-            command_id,
-            client=client,
-            version=version,
-            expires=expires,
-            ttl=ttl,
-            data=data,
-            subs={channel: _pb_subscribe_result(r) for channel, r in (subs or {}).items()},
-            ping=ping,
-            pong=pong,
-        )
+        results = {channel: _pb_subscribe_result(r) for channel, r in (subs or {}).items()}
+        return pbcodec.encode_connect_result(command_id, subs=results, **fields)
 
     def encode_subscribe_result(self, command_id: int, **result: Any) -> bytes:
         return pbcodec.encode_subscribe_result(command_id, _pb_subscribe_result(result))
-
-    def encode_history_result(
-        self, command_id: int, *, publications: Iterable[Publication], position: StreamPosition
-    ) -> bytes:
-        return pbcodec.encode_history_result(
-            command_id, publications=publications, position=position
-        )
-
-    def encode_presence_result(
-        self, command_id: int, *, presence: Mapping[str, ClientInfo]
-    ) -> bytes:
-        return pbcodec.encode_presence_result(command_id, presence=presence)
-
-    def encode_presence_stats_result(self, command_id: int, *, stats: PresenceStats) -> bytes:
-        return pbcodec.encode_presence_stats_result(command_id, stats=stats)
-
-    def encode_refresh_result(
-        self,
-        command_id: int,
-        *,
-        client: str = "",
-        version: str = "",
-        expires: bool = False,
-        ttl: int = 0,
-    ) -> bytes:
-        return pbcodec.encode_refresh_result(
-            command_id, client=client, version=version, expires=expires, ttl=ttl
-        )
-
-    def encode_sub_refresh_result(
-        self, command_id: int, *, expires: bool = False, ttl: int = 0
-    ) -> bytes:
-        return pbcodec.encode_sub_refresh_result(command_id, expires=expires, ttl=ttl)
-
-    def encode_rpc_result(self, command_id: int, *, data: bytes | None = None) -> bytes:
-        return pbcodec.encode_rpc_result(command_id, data=data)
 
     def publication_push(self, channel: str, pub: Publication) -> bytes:
         return pbcodec.publication_push(channel, pub)
@@ -382,37 +293,6 @@ class ProtobufWire:
         if patch is None:
             return pbcodec.publication_push(channel, pub)
         return pbcodec.publication_push(channel, pub, patch, True)
-
-    def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
-        return pbcodec.encode_join_push(channel, info)
-
-    def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes:
-        return pbcodec.encode_leave_push(channel, info)
-
-    def encode_unsubscribe_push(self, channel: str, code: UnsubscribeCode) -> bytes:
-        return pbcodec.encode_unsubscribe_push(channel, code)
-
-    def encode_disconnect_push(self, code: DisconnectCode) -> bytes:
-        return pbcodec.encode_disconnect_push(code)
-
-    def encode_subscribe_push(
-        self,
-        channel: str,
-        *,
-        recoverable: bool = False,
-        epoch: str = "",
-        offset: int = 0,
-        positioned: bool = False,
-        data: bytes | None = None,
-    ) -> bytes:
-        return pbcodec.encode_subscribe_push(
-            channel,
-            recoverable=recoverable,
-            epoch=epoch,
-            offset=offset,
-            positioned=positioned,
-            data=data,
-        )
 
 
 JSON = JsonWire()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import centrifuge.protocol.client_pb2 as sdk  # type: ignore[import-untyped]
@@ -20,8 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shim.centrifuge import pbcodec
-from shim.config import Settings
 from tests.conftest import RunningServer, run_server
+from tests.conventions import with_quest_delta
 from tests.streams import content_event
 
 UPDATES = 200
@@ -85,12 +84,6 @@ async def raw_client(server: RunningServer, codec: str) -> AsyncIterator[RawClie
         yield client
 
 
-def quest_delta_namespaces() -> dict[str, Any]:
-    namespaces = dict(Settings().namespaces)
-    namespaces["quest"] = replace(namespaces["quest"], allowed_delta_types=("fossil",))
-    return namespaces
-
-
 async def stream_bytes(server: RunningServer, codec: str, delta: bool) -> int:
     """Wire bytes a subscriber of quest:m reads for UPDATES growing updates; checks
     that every update rebuilds to the published text."""
@@ -129,7 +122,7 @@ async def stream_bytes(server: RunningServer, codec: str, delta: bool) -> int:
 async def test_bytes_for_200_growing_updates_with_and_without_delta(
     signing_keys: tuple[str, str],
 ) -> None:
-    async with run_server(signing_keys, namespaces=quest_delta_namespaces()) as server:
+    async with run_server(signing_keys, namespaces=with_quest_delta()) as server:
         figures = {}
         for codec in ("json", "protobuf"):
             full = await stream_bytes(server, codec, delta=False)

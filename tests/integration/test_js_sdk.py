@@ -17,7 +17,8 @@ import pytest
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
-from tests.conftest import API_KEY, RunningServer, run_server, sessions_of
+from tests.conftest import RunningServer, run_server, sessions_of
+from tests.conventions import centrifugo_conventions, publish_api, with_quest_delta
 from tests.jsclient import Event, JsClient, JsError
 from tests.pyclient import CODECS, OUTAGES, cut_off, use_codec
 from tests.streams import content_event
@@ -369,12 +370,6 @@ async def test_two_hundred_broadcasts_in_one_request_arrive_in_order(
 # fossil delta ----------------------------------------------------------------------
 
 
-def with_quest_delta() -> dict[str, Any]:
-    namespaces = dict(Settings().namespaces)
-    namespaces["quest"] = replace(namespaces["quest"], allowed_delta_types=("fossil",))
-    return namespaces
-
-
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "no-delta"])
 async def test_growing_message_with_and_without_fossil_delta(
     signing_keys: tuple[str, str], delta: bool
@@ -435,22 +430,6 @@ async def test_delta_recovery_decodes_the_chain(signing_keys: tuple[str, str]) -
 
 
 # Centrifugo's channel conventions ---------------------------------------------------
-
-
-def centrifugo_conventions() -> dict[str, Any]:
-    """`#` limits channels of the default namespace to the users they list; the
-    personal namespace holds Centrifugo's personal channels."""
-    namespaces = dict(Settings().namespaces)
-    namespaces[""] = replace(namespaces[""], allow_user_limited_channels=True)
-    namespaces["personal"] = namespaces[""]
-    return namespaces
-
-
-async def publish_api(server: RunningServer, channel: str, data: Any) -> None:
-    response = await server.http.post(
-        "/api/publish", json={"channel": channel, "data": data}, headers={"X-API-Key": API_KEY}
-    )
-    assert response.status_code == 200 and "error" not in response.json(), response.text
 
 
 async def test_centrifugo_personal_and_user_limited_channels(
