@@ -23,8 +23,9 @@ class PreparedPublication:
         self.pub = pub
         self.base = base
         self._plain: list[bytes | None] = [None] * len(WIRES)
-        self._full: list[bytes | None] = [None] * len(WIRES)
-        self._delta: list[bytes | None] = [None] * len(WIRES)
+        # Delta forms, allocated for the first delta subscriber only.
+        self._full: list[bytes | None] | None = None
+        self._delta: list[bytes | None] | None = None
         # The fossil patch against base: _UNSET until computed, None when not smaller.
         self._patch: bytes | None = _UNSET
 
@@ -37,6 +38,9 @@ class PreparedPublication:
 
     def delta_push(self, wire: Wire, last: Publication | None) -> bytes:
         """The push for a delta subscriber whose previous publication was `last`."""
+        if self._full is None:
+            self._full, self._delta = [None] * len(WIRES), [None] * len(WIRES)
+        assert self._delta is not None
         base = self.base
         if last is not None and base is not None and (last is base or last.data == base.data):
             push = self._delta[wire.index]

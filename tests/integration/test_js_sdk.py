@@ -405,7 +405,10 @@ async def test_delta_recovery_decodes_the_chain(signing_keys: tuple[str, str]) -
     channel = "quest:q3"
     async with (
         run_server(signing_keys, namespaces=with_quest_delta()) as server,
-        JsClient(server.ws_url, server.token("alice"), **FAST) as js,
+        # Back after 1 s: the ten publications made while away are surely all stored.
+        JsClient(
+            server.ws_url, server.token("alice"), minReconnectDelay=1000, maxReconnectDelay=1500
+        ) as js,
     ):
         client_id = await connect(js)
         await subscribe(js, channel, delta="fossil", recoverable=True)

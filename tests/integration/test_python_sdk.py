@@ -666,7 +666,8 @@ async def test_delta_not_allowed_by_the_namespace_sends_full_data(server: Runnin
 async def test_delta_recovery_sends_a_delta_chain(signing_keys: tuple[str, str]) -> None:
     async with (
         run_server(signing_keys, namespaces=with_quest_delta()) as server,
-        connected(server, "alice", min_reconnect_delay=0.3) as (client, events),
+        # Back after 1 s: the ten publications made while away are surely all stored.
+        connected(server, "alice", min_reconnect_delay=1.0) as (client, events),
     ):
         sub, sub_events = new_subscription(client, "quest:q3", delta=DeltaType.FOSSIL)
         await sub.subscribe()

@@ -109,3 +109,11 @@ def test_recovered_publications_form_a_chain() -> None:
         assert publication is expected and patch is not None
         data = apply_delta(data, patch)
         assert data == expected.data
+
+
+def test_each_wire_encodes_a_publication_once() -> None:
+    prepared = PreparedPublication("quest:q", pub(3, 3), pub(2, 2))
+    json_pushes = {id(prepared.push(JSON)) for _ in range(5)}
+    protobuf_pushes = {id(prepared.push(PROTOBUF)) for _ in range(5)}
+    assert len(json_pushes) == 1 and len(protobuf_pushes) == 1
+    assert prepared.push(JSON) != prepared.push(PROTOBUF)
