@@ -440,10 +440,11 @@ class StreamConsumer:
 
     async def _run_splitter(self, worker: _Worker) -> None:
         key = self.options.key
-        cursor = await self._start_cursor()
+        cursor = ""  # read on the first step (a Redis error there is retried too)
 
         async def step() -> bool:
             nonlocal cursor
+            cursor = cursor or await self._start_cursor()
             response: Any = await self.redis.xread(
                 {key: cursor}, count=self.options.batch, block=self.options.block_ms
             )
@@ -512,12 +513,13 @@ class StreamConsumer:
         partition = int(worker.name[1:])
         stream = self.partition_key(partition)
         cursor_key = f"{stream}:cursor"
-        cursor = _text(await self.redis.get(cursor_key), "0-0")
+        cursor = ""  # read on the first step (a Redis error there is retried too)
         # Read but not yet committed: retried as a whole after a failed publish.
         batch: list[tuple[bytes, dict[bytes, bytes]]] = []
 
         async def step() -> bool:
             nonlocal cursor, batch
+            cursor = cursor or _text(await self.redis.get(cursor_key), "0-0")
             if not batch:
                 response: Any = await self.redis.xread(
                     {stream: cursor}, count=self.options.batch, block=self.options.block_ms
