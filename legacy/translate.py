@@ -8,7 +8,10 @@ judged on its own, so one bad item never costs the rest of a batch its delivery.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,25 +58,81 @@ def parse_broadcast(
     """Parse one legacy hub message or a JSON array of them, in order.
 
     Raises BroadcastError when the body is not JSON or is neither an object nor an
-    array; every other problem refuses just the item concerned. Accepted events of
-    `activity.new` tool calls/results already carry their tool-use id for channels
-    (see with_tool_use_id).
+    array (TooManyItems past `max_items`); every other problem refuses just the item
+    concerned. Accepted events of `activity.new` tool calls/results already carry
+    their tool-use id for channels (see with_tool_use_id).
     """
+    return list(iter_broadcast(body, max_item_bytes=max_item_bytes, max_items=max_items))
+
+
+def iter_broadcast(
+    body: bytes, *, max_item_bytes: int, max_items: int | None = None
+) -> Iterator[ParsedItem]:
+    """parse_broadcast one item at a time. An array is cut into its items first and
+    each is read on its own, so a body past `max_items` is refused after reading
+    that many (not all of them), and a caller can pause between items."""
+    stripped = body.lstrip(b" \t\r\n")
+    if not stripped.startswith(b"["):
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BroadcastError(f"body is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise BroadcastError("body must be a JSON object or an array of objects")
+        yield _parse_item(0, document, max_item_bytes)
+        return
     try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        text = stripped.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise BroadcastError(f"body is not valid JSON: {exc}") from exc
-    if isinstance(document, dict):
-        items: list[Any] = [document]
-    elif isinstance(document, list):
-        items = document
-    else:
-        raise BroadcastError("body must be a JSON object or an array of objects")
-    if max_items is not None and len(items) > max_items:
-        raise TooManyItems(
-            f"body holds {len(items)} items; at most {max_items} per request (split the batch)"
-        )
-    return [_parse_item(index, item, max_item_bytes) for index, item in enumerate(items)]
+    for index, raw in enumerate(_array_items(text)):
+        if max_items is not None and index >= max_items:
+            raise TooManyItems(
+                f"body holds more than {max_items} items; at most {max_items} per request"
+                " (split the batch)"
+            )
+        try:
+            item = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            # As before: a body orjson cannot read is refused whole.
+            raise BroadcastError(f"body is not valid JSON: {exc}") from exc
+        yield _parse_item(index, item, max_item_bytes)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Only finds where each item ends (the items are then read by orjson).
+_SCANNER = json.JSONDecoder(parse_constant=_no_constant)
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _array_items(text: str) -> Iterator[str]:
+    """The JSON text of each element of the array `text`, in order."""
+    position = _SPACE.match(text, 1).end()  # type: ignore[union-attr]
+    if text.startswith("]", position):
+        _expect_end(text, position + 1)
+        return
+    while True:
+        try:
+            _value, end = _SCANNER.raw_decode(text, position)
+        except (ValueError, RecursionError) as exc:
+            raise BroadcastError(f"body is not valid JSON: {exc}") from None
+        yield text[position:end]
+        position = _SPACE.match(text, end).end()  # type: ignore[union-attr]
+        if text.startswith(",", position):
+            position = _SPACE.match(text, position + 1).end()  # type: ignore[union-attr]
+        elif text.startswith("]", position):
+            _expect_end(text, position + 1)
+            return
+        else:
+            raise BroadcastError("body is not valid JSON: expected ',' or ']'")
+
+
+def _expect_end(text: str, position: int) -> None:
+    if text[position:].strip(" \t\r\n"):
+        raise BroadcastError("body is not valid JSON: trailing characters")
 
 
 def _parse_item(index: int, item: Any, max_item_bytes: int) -> ParsedItem:

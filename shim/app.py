@@ -7,6 +7,7 @@ start and stop the runtime.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
@@ -16,7 +17,7 @@ from quart import Quart, Response, request
 
 from adapters.auth.jwt import TokenError
 from legacy.session import legacy_token
-from legacy.translate import BroadcastError, TooManyItems, parse_broadcast
+from legacy.translate import BroadcastError, ParsedItem, TooManyItems, iter_broadcast
 from shim import __version__
 from shim.broker import BrokerUnavailable
 from shim.console import console_blueprint
@@ -78,6 +79,20 @@ class ShimApp:
                 await streaming(scope, receive, send)
                 return
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+
+# Items of one ingest request read between two yields to the event loop.
+READ_CHUNK = 100
+
+
+async def _read_items(body: bytes, max_item_bytes: int, max_items: int) -> list[ParsedItem]:
+    """The request's items, read a chunk at a time so deliveries go on meanwhile."""
+    items: list[ParsedItem] = []
+    for item in iter_broadcast(body, max_item_bytes=max_item_bytes, max_items=max_items):
+        items.append(item)
+        if len(items) % READ_CHUNK == 0:
+            await asyncio.sleep(0)
+    return items
 
 
 def ambiguous_length(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -152,10 +167,8 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         assert isinstance(body, bytes)
         try:
-            items = parse_broadcast(
-                body,
-                max_item_bytes=settings.ingest_max_item_bytes,
-                max_items=settings.ingest_max_items,
+            items = await _read_items(
+                body, settings.ingest_max_item_bytes, settings.ingest_max_items
             )
         except TooManyItems as exc:
             return json_response({"error": str(exc), "max_items": settings.ingest_max_items}, 413)

@@ -34,6 +34,8 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 DIRECT_WRITE_HIGH_WATER = 64 * 1024
 # Seconds to wait for the client's close frame after ours, as Go's library does.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
+# Seconds a dropped flooder's close frame gets to arrive before its connection goes.
+CLOSE_LINGER_SECONDS = 0.3
 # How often a closing connection looks whether its close frame has left our buffer.
 DRAIN_POLL_SECONDS = 0.02
 # SO_LINGER on, zero seconds: close() resets the connection and frees the kernel's
@@ -129,12 +131,20 @@ class SocketPump:
         flush_timeout: float,
         read_limit_bytes: int,
         discard_on: frozenset[int] = frozenset(),
+        linger_on: frozenset[int] = frozenset(),
     ) -> None:
-        """Pump until the client leaves or a close is asked for; returns when done."""
+        """Pump until the client leaves or a close is asked for; returns when done.
+        Codes in `discard_on` drop what is queued and the connection right after the
+        close frame; for `linger_on` codes nothing more is read, what is queued and
+        the close frame go out, and the connection is dropped CLOSE_LINGER_SECONDS
+        later (no close handshake is waited for)."""
         try:
             await self._read(receive, on_frame, read_limit_bytes)
             if not self._closing:
                 return  # the client went away
+            linger = self.close_code in linger_on
+            if linger:
+                self._stop_reading()  # a flood is not read or parsed any further
             # Nothing more is queued once a close is decided, whoever decided it.
             discard = self.close_code in discard_on
             outbox.close(discard=discard)
@@ -156,7 +166,10 @@ class SocketPump:
             )
             # The close frame gets what is left of one write timeout to reach the kernel.
             flushed = await self._close_frame_flushed(max(0.0, deadline - loop.time()))
-            if discard or not flushed:
+            if linger and flushed:
+                # The close frame gets a moment to reach the client before the drop.
+                await asyncio.sleep(CLOSE_LINGER_SECONDS)
+            if discard or not flushed or linger:
                 # A slow client is not waited for: once its close frame is with the
                 # kernel (which still delivers it), the descriptor goes; a frame that
                 # never got there takes the kernel's queue with it.
@@ -187,6 +200,12 @@ class SocketPump:
                 await on_frame(frame)
             elif kind == "websocket.disconnect":
                 return
+
+    def _stop_reading(self) -> None:
+        pause = getattr(self.direct.transport, "pause_reading", None)
+        if pause is not None:
+            with contextlib.suppress(Exception):
+                pause()
 
 
 async def _until_disconnect(receive: ASGIReceive) -> None:

@@ -23,7 +23,10 @@ from shim.routing import Route, Router
 
 log = logging.getLogger("shim.ingest")
 
-# Events of one request published between two yields to the event loop.
+# Events of one request published between two yields to the event loop. Each chunk
+# leaves as (at least) one frame per subscriber: centrifuge-js under Node (ws) can
+# reorder publications of multi-message frames that arrive in one tick (its dispatch
+# chain is replaced before it runs), so a request of up to this many stays one frame.
 PUBLISH_CHUNK = 100
 
 

@@ -96,6 +96,9 @@ class RuntimeCollector(Collector):
             subscriptions,
         )
         yield _gauge("client_queue_bytes", "Bytes waiting in client queues.", queued)
+        streams = getattr(runtime.broker, "stream_count", None)
+        if isinstance(streams, int):
+            yield _gauge("memory_streams", "History streams the memory engine keeps.", streams)
 
         publications = CounterMetricFamily(
             f"{PREFIX}_node_publications",

@@ -44,6 +44,10 @@ LEGACY_INVALID = b'{"message":"invalid token"}\n'
 # Centrifuge SDK: the legacy answer would have been a 401 before the upgrade.
 LEGACY_MISSING_CLOSE = (4401, "missing authorization header")
 SLOW_CODE = codes.SLOW.code
+# A client flooding commands is no longer read once its close is decided, and is
+# dropped shortly after its close frame: waiting for its side of the close handshake
+# would mean reading and parsing its flood for up to 5 s.
+FLOODING = frozenset({codes.TOO_MANY_REQUESTS_DISCONNECT.code})
 SHUTTING_DOWN = b'{"message":"server shutting down"}\n'
 NO_CREDENTIALS = Credentials(user="")
 
@@ -300,6 +304,7 @@ async def _pump(
             flush_timeout=runtime.settings.websocket_write_timeout_seconds,
             read_limit_bytes=read_limit_bytes,
             discard_on=frozenset({SLOW_CODE}),
+            linger_on=FLOODING,
         )
     finally:
         runtime.open_sockets.discard(pump)

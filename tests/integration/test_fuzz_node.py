@@ -34,7 +34,7 @@ from tests.fuzz_strategies import (
 )
 from tests.multinode import ClusterKeys, _for_log_grep, _server_command, node_env
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 # What a fuzzed Centrifuge connection may be closed with: bad request, invalid
 # token, message too big, too many requests.
 CENTRIFUGE_CLOSES = {3501, 3500, 1009, 3013}

@@ -310,7 +310,7 @@ async def test_ingest_item_cap_answers_413_with_json(signing_keys: tuple[str, st
         too_many = await server.broadcast([task_event("cap", n) for n in range(11)])
         assert too_many.status_code == 413
         assert too_many.json() == {
-            "error": "body holds 11 items; at most 10 per request (split the batch)",
+            "error": "body holds more than 10 items; at most 10 per request (split the batch)",
             "max_items": 10,
         }
         assert server.runtime.ingestor.stats.total("accepted") == 0

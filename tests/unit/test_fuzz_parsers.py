@@ -32,7 +32,7 @@ from tests.fuzz_strategies import (
     json_values,
 )
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 PROTOCOL_CLOSE_CODES = {codes.BAD_PROTOCOL.code}
 
 

@@ -1,0 +1,101 @@
+"""The short version of `python -m loadtests.abuse` (issue 10's proof), run against a
+real `dex-shim serve` with bystanders on both protocols, and its verdict rules on
+literal numbers.
+
+The in-suite run allows P99_SLACK_MS over twice a bystander's baseline p99: this
+machine is shared and loaded, and a window of a second holds some fifty samples
+(the command itself allows no slack by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from loadtests.abuse import QUICK, ProbeResult, judge, p99_limit_ms
+
+REPO = Path(__file__).resolve().parents[2]
+P99_SLACK_MS = 250.0
+RUN_TIMEOUT_SECONDS = 150
+
+
+async def test_quick_abuse_scenario_passes() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtests.abuse",
+        "--quick",
+        "--json",
+        "--slack-ms",
+        str(P99_SLACK_MS),
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT_SECONDS)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    log = err.decode()[-4000:]
+    assert out, f"no report (exit {process.returncode}):\n{log}"
+    report: dict[str, Any] = orjson.loads(out)
+    probes = {p["probe"]: p for p in report["probes"]}
+    assert list(probes) == list(QUICK)
+    for name, probe in probes.items():
+        # The parts that do not depend on the machine's load, one by one.
+        assert probe["expected"], (name, probe["outcome"])
+        assert probe["lost"] == {"legacy": 0, "channels": 0}, (name, probe)
+        assert probe["rss_after_kib"] <= 1.2 * probe["rss_before_kib"], (name, probe)
+    assert report["passed"] and process.returncode == 0, log
+
+
+def _result(before: float, during: float, *, lost: int = 0, rss_after: int = 100) -> ProbeResult:
+    return ProbeResult(
+        probe="p",
+        outcome="as expected",
+        expected=True,
+        p99_before_ms={"legacy": before, "channels": before},
+        p99_during_ms={"legacy": during, "channels": before},
+        lost={"legacy": lost, "channels": 0},
+        rss_before_kib=100,
+        rss_after_kib=rss_after,
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "during", "passed"),
+    [(20.0, 40.0, True), (20.0, 40.1, False), (2.0, 20.0, True), (2.0, 20.1, False)],
+)
+def test_p99_may_double_a_baseline_floored_at_10_ms(
+    before: float, during: float, passed: bool
+) -> None:
+    result = _result(before, during)
+    judge(result)
+    assert result.passed is passed, result.failures
+
+
+def test_slack_widens_the_bound_for_small_baselines_only() -> None:
+    assert p99_limit_ms(20.0, 0.0) == 40.0
+    assert p99_limit_ms(20.0, 50.0) == 70.0
+    assert p99_limit_ms(200.0, 50.0) == 400.0
+
+
+def test_any_loss_or_unsettled_rss_fails_the_probe() -> None:
+    lost = _result(20.0, 20.0, lost=1)
+    judge(lost)
+    assert lost.failures == ["legacy bystander lost 1"]
+    grown = _result(20.0, 20.0, rss_after=121)
+    judge(grown)
+    assert grown.failures == ["RSS not back within 20 %"]
+    unexpected = _result(20.0, 20.0)
+    unexpected.expected = False
+    judge(unexpected)
+    assert unexpected.failures == ["unexpected outcome"]
