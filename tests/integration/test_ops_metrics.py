@@ -161,7 +161,10 @@ async def test_slow_disconnects_are_counted_by_protocol_and_code(
             total += 100
 
         assert await _drain_until_closed(stalled) == 3008
-        assert await _drain_until_closed(stalled_legacy) == 3008
+        # Legacy pings sit in the stalled client's buffer: answering one after the
+        # server aborted the cut-off connection meets a reset (1006) before the 3008
+        # frame is read (tests/integration/test_legacy_protocol.py explains).
+        assert await _drain_until_closed(stalled_legacy) in {3008, 1006}
         after = await scrape(server)
         for protocol in ("channels", "legacy"):
             assert (
