@@ -726,3 +726,29 @@ async def test_centrifugo_personal_and_user_limited_channels(
             denied = await sub_events.wait_for("unsubscribed")
             assert denied.code == codes.PERMISSION_DENIED.code, channel
         assert client.state is ClientState.CONNECTED
+
+
+async def test_personal_channel_recovers_missed_publications_through_connect(
+    server: RunningServer,
+) -> None:
+    # Back after 1 s: what is published while away is stored before the reconnect.
+    async with connected(server, "alice", min_reconnect_delay=1.0) as (_client, events):
+        await events.wait_for("subscribed", lambda c: c.channel == "user:alice")
+        approval = {"type": "approval.required", "payload": {"user_id": "alice"}}
+        await broadcast_ok(
+            server, {**approval, "payload": {"user_id": "alice", "approval_id": "a0"}}
+        )
+        await events.wait_for("publication", lambda c: c.channel == "user:alice")
+
+        (session,) = sessions_of(server, "alice")
+        cut_off(session, "server closes 3011")
+        missed = [
+            {**approval, "payload": {"user_id": "alice", "approval_id": f"a{n}"}}
+            for n in range(1, 4)
+        ]
+        await broadcast_ok(server, missed)
+        again = await events.wait_for("subscribed", lambda c: c.channel == "user:alice", count=2)
+        assert again.was_recovering and again.recovered
+        await events.wait_for("publication", lambda c: c.channel == "user:alice", count=4)
+        got = [c.pub.data["approval_id"] for c in events.named("publication")]
+        assert got == ["a0", "a1", "a2", "a3"]
