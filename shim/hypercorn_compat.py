@@ -15,8 +15,9 @@
    or pong messages. A connection whose scope carries a `Liveness` under
    LIVENESS_EXTENSION before it is accepted gets pings at its interval, and every
    pong it answers is recorded there for the app to read.
-5. The TCP transport of an HTTP request (see HTTP_TRANSPORT_EXTENSION), so the
-   fallback transports' streaming responses can drop a stalled peer.
+5. The connection of an HTTP request (see HttpWiring), so the fallback transports'
+   streaming responses can write chunks straight to an idle socket, as WebSocket
+   frames are, and drop a stalled peer.
 
 All are process-wide (one node per process) and checked against the hypercorn
 version they were written for.
@@ -32,6 +33,7 @@ from importlib.metadata import version
 from typing import Any
 
 import h11 as h11_lib
+from h11._writers import ChunkedWriter
 from hypercorn.asyncio import task_group, worker_context
 from hypercorn.protocol import h2, h11, ws_stream
 from wsproto.events import Event as WSEvent
@@ -46,10 +48,8 @@ DIRECT_WRITE_EXTENSION = "dex.direct_write"
 # message the app puts in it to wake its own parked reader.
 RECEIVE_QUEUE_EXTENSION = "dex.receive_queue"
 CLOSE_REQUESTED: dict[str, Any] = {"type": "dex.close_requested"}
-# The scope extension of an HTTP request holding a callable that returns its TCP
-# transport (None over HTTP/2), so a streaming response to a peer that stopped
-# reading can be dropped: closing would wait for the unsent bytes forever.
-HTTP_TRANSPORT_EXTENSION = "dex.http_transport"
+# The scope extension of an HTTP request holding its HttpWiring.
+HTTP_WIRING_EXTENSION = "dex.http_wiring"
 
 _ORIGINAL_HANDSHAKE = ws_stream.Handshake
 
@@ -253,19 +253,49 @@ class _PingingWSStream(ws_stream.WSStream):
             self._arm_ping(liveness)
 
 
-def _http_transport_of(send: Any) -> asyncio.Transport | None:
-    """hypercorn 0.18 wiring for HTTP/1.1: the app's send is HTTPStream.app_send, whose
-    `send` is H11Protocol.stream_send, whose `send` is TCPServer.protocol_send."""
-    stream = getattr(send, "__self__", None)
-    protocol = getattr(getattr(stream, "send", None), "__self__", None)
-    if not isinstance(protocol, h11.H11Protocol):
-        return None  # HTTP/2: the connection is shared by other requests
-    server = getattr(getattr(protocol, "send", None), "__self__", None)
-    writer = getattr(server, "writer", None)
-    if not isinstance(writer, asyncio.StreamWriter):
+class HttpWiring:
+    """What a streaming HTTP/1.1 response may reach of its connection (nothing over
+    HTTP/2, where the connection is shared by other requests). hypercorn 0.18: the
+    app's send is HTTPStream.app_send, whose `send` is H11Protocol.stream_send, whose
+    `send` is TCPServer.protocol_send."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+
+    def _protocol(self) -> h11.H11Protocol | None:
+        stream = getattr(self._send, "__self__", None)
+        protocol = getattr(getattr(stream, "send", None), "__self__", None)
+        return protocol if isinstance(protocol, h11.H11Protocol) else None
+
+    def _server(self) -> tuple[asyncio.StreamWriter, asyncio.Lock] | None:
+        server = getattr(getattr(self._protocol(), "send", None), "__self__", None)
+        writer, lock = getattr(server, "writer", None), getattr(server, "send_lock", None)
+        if isinstance(writer, asyncio.StreamWriter) and isinstance(lock, asyncio.Lock):
+            return writer, lock
         return None
-    transport = writer.transport
-    return transport if isinstance(transport, asyncio.Transport) else None
+
+    def transport(self) -> asyncio.Transport | None:
+        """The TCP transport, to drop a peer that stopped reading (closing would wait
+        for its unsent bytes forever)."""
+        server = self._server()
+        transport = server[0].transport if server is not None else None
+        return transport if isinstance(transport, asyncio.Transport) else None
+
+    def attach_chunked(self, direct: DirectWrite) -> bool:
+        """Let `direct` write body chunks straight to the socket, once the response
+        has started with a chunked body: h11 keeps no count of chunks (only its
+        writer's kind), so chunks it did not write leave it in a state it accepts,
+        and the end of the body still goes through it."""
+        connection = getattr(self._protocol(), "connection", None)
+        if not isinstance(getattr(connection, "_writer", None), ChunkedWriter):
+            return False  # HTTP/1.0 (no chunking) or not started
+        server = self._server()
+        if server is None:
+            return False
+        direct.attach(server[0], server[1], frames=True)
+        return True
 
 
 async def _spawn_app_with_lean_queue(
@@ -278,7 +308,7 @@ async def _spawn_app_with_lean_queue(
     if isinstance(extensions, dict):
         extensions[RECEIVE_QUEUE_EXTENSION] = queue
         if scope.get("type") == "http":
-            extensions[HTTP_TRANSPORT_EXTENSION] = functools.partial(_http_transport_of, send)
+            extensions[HTTP_WIRING_EXTENSION] = HttpWiring(send)
     loop = self._loop
 
     def call_soon(func: Any, *args: Any) -> Any:

@@ -71,6 +71,7 @@ class Outbox:
         "_direct",
         "_dirty",
         "_flusher",
+        "_frame",
         "_header",
         "_items",
         "_joined",
@@ -93,6 +94,7 @@ class Outbox:
         joined: bool = True,
         binary: bool = False,
         max_frame_bytes: int = 512 * 1024,
+        frame: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self._cap = cap_bytes
         # Writes one frame to the socket, awaiting it (the edge's send_frame).
@@ -112,6 +114,9 @@ class Outbox:
         self._header = binary_frame_header if binary else text_frame_header
         self._separator = b"" if binary else b"\n"
         self._max_frame = max_frame_bytes
+        # How a payload goes to the socket when written directly, when it is not a
+        # WebSocket frame (an HTTP stream's chunk).
+        self._frame = frame
         # Loop time when the writer began its current socket write, 0.0 when idle;
         # the node's ticker compares it with the write timeout.
         self.write_started = 0.0
@@ -157,13 +162,17 @@ class Outbox:
             # The common case at a steady rate: one message, one frame.
             message = items[0]
             self._items, self._size = [], 0
-            direct.write(self._header(len(message)) + message)
+            frame = self._frame
+            direct.write(self._header(len(message)) + message if frame is None else frame(message))
             self.frames_sent += 1
             return
         frames: list[bytes] = []
         while self._items:
             for payload in self._next_payloads():
-                frames += (self._header(len(payload)), payload)
+                if self._frame is None:
+                    frames += (self._header(len(payload)), payload)
+                else:
+                    frames += (self._frame(payload), b"")
         direct.write(b"".join(frames))
         self.frames_sent += len(frames) // 2
 

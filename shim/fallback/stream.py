@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.centrifuge import codes
-from shim.edge import ASGIReceive, ASGISend
+from shim.edge import DIRECT_WRITE_HIGH_WATER, ASGIReceive, ASGISend
 from shim.hypercorn_compat import (
     CLOSE_REQUESTED,
-    HTTP_TRANSPORT_EXTENSION,
+    HTTP_WIRING_EXTENSION,
     RECEIVE_QUEUE_EXTENSION,
+    DirectWrite,
+    HttpWiring,
 )
 from shim.lean import LeanQueue
 from shim.outbox import Outbox
@@ -53,9 +55,10 @@ class StreamPump:
         "_frame",
         "_queue",
         "_send",
-        "_transport_of",
+        "_wiring",
         "close_code",
         "close_reason",
+        "direct",
         "transport_name",
     )
 
@@ -79,9 +82,11 @@ class StreamPump:
         self._queue: LeanQueue[dict[str, Any]] | None = (
             queue if isinstance(queue, LeanQueue) else None
         )
-        self._transport_of: Callable[[], asyncio.Transport | None] | None = extensions.get(
-            HTTP_TRANSPORT_EXTENSION
-        )
+        wiring = extensions.get(HTTP_WIRING_EXTENSION)
+        self._wiring = wiring if isinstance(wiring, HttpWiring) else None
+        # Body chunks go straight to an idle socket once the response has started (as
+        # WebSocket frames do); through hypercorn otherwise.
+        self.direct = DirectWrite()
         self._closing = False
         self.close_code = 0
         self.close_reason = ""
@@ -98,7 +103,7 @@ class StreamPump:
     def abort(self) -> None:
         """Drop the TCP connection at once with a reset: our unsent bytes and the
         kernel's go with it (a peer with a zero window would hold those for minutes)."""
-        transport = self._transport_of() if self._transport_of is not None else None
+        transport = self._wiring.transport() if self._wiring is not None else None
         if transport is None:
             return
         sock = transport.get_extra_info("socket")
@@ -121,12 +126,30 @@ class StreamPump:
         )
         if preamble:
             await self.write(preamble)
+        if self._wiring is not None:
+            self._wiring.attach_chunked(self.direct)
 
     async def write(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
+    def chunk(self, payload: bytes) -> bytes:
+        """One batch of joined messages as a chunk of the chunked body, for direct
+        writes (a batch is never empty: an empty chunk would end the body)."""
+        data = self._frame(payload)
+        return b"%x\r\n" % len(data) + data + b"\r\n"
+
     async def send_frame(self, payload: bytes) -> None:
-        """The outbox's writer: one batch of joined messages, framed for the stream."""
+        """The outbox's writer: one batch of joined messages, framed for the stream;
+        straight to the socket when hypercorn is not writing (a drain only when the
+        socket's buffer is full), else through ASGI."""
+        direct = self.direct
+        if direct.usable():
+            direct.write(self.chunk(payload))
+            writer = direct.writer
+            assert writer is not None
+            if writer.transport.get_write_buffer_size() > DIRECT_WRITE_HIGH_WATER:
+                await writer.drain()
+            return
         await self.write(self._frame(payload))
 
     async def end(self, code: int, reason: str) -> None:

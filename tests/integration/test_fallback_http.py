@@ -433,3 +433,21 @@ async def test_metrics_count_clients_by_transport(signing_keys: tuple[str, str])
                     f'transport="{transport}"}} 1.0'
                 )
                 assert line in text, text
+
+
+async def test_an_http_1_0_client_streams_without_chunks(signing_keys: tuple[str, str]) -> None:
+    # HTTP/1.0 has no chunked bodies: the stream is the raw bytes until the close,
+    # written through hypercorn (direct chunk writes stay off).
+    async with run_server(signing_keys, **UNI) as server:
+        request = orjson.dumps({"token": server.token("max")}).decode()
+        async with curl_stream(
+            "--http1.0", "-X", "POST", "-d", request, server.url + UNI_HTTP_STREAM_PATH
+        ) as stream:
+            (connect,) = await json_lines(stream, 1, sse=False)
+            assert connect["connect"]["subs"].keys() == {"user:max"}
+            (session,) = sessions_of(server, "max")
+            assert isinstance(session.transport, StreamPump)
+            assert session.transport.direct.transport is None
+            await broadcast_ok(server, [approval("max", 1), approval("max", 2)])
+            pubs = await json_lines(stream, 2, sse=False)
+            assert [p["pub"]["data"]["n"] for p in pubs] == [1, 2]

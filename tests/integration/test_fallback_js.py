@@ -86,6 +86,8 @@ async def test_sdk_without_websocket_falls_back_and_does_everything(
         session = session_of(server, client_id)
         assert isinstance(session.transport, StreamPump)
         assert session.wire.name == ("protobuf" if protobuf else "json")
+        # Chunks go straight to the socket (h11 chose chunked framing for the body).
+        assert session.transport.direct.frames and session.transport.direct.transport
         original_expiry = session.expires_at
 
         # Server-side subscription from connect: the personal channel.
