@@ -278,11 +278,13 @@ class LegacySession:
             )
             self._send_position(position)
 
-    def _send_position(self, position: StreamPosition | None) -> None:
-        """Every event frame before this notice is at or before `position`, every one
-        after it follows on (offset null: unknown yet, ask again after an event)."""
+    def _send_position(self, position: StreamPosition | None, channel: str = "") -> None:
+        """Global channel: every event frame before this notice is at or before
+        `position`, every one after it follows on (offset null: unknown yet, ask again
+        after an event). Another channel: the next frame is that channel's, at
+        `position.offset + 1`."""
         payload: dict[str, object] = {
-            "channel": self.node.settings.global_channel,
+            "channel": channel or self.node.settings.global_channel,
             "offset": None if position is None else position.offset,
             "epoch": None if position is None else position.epoch,
         }
@@ -457,13 +459,14 @@ class LegacySession:
             self._resolver = None
 
     def stream_moved(self, channel: str, position: StreamPosition) -> None:
-        if (
-            self._positions
-            and not self.closed
-            and WILDCARD in self.subscriptions
-            and channel == self.node.settings.global_channel
-        ):
+        if not self._positions or self.closed or WILDCARD not in self.subscriptions:
+            return
+        if channel == self.node.settings.global_channel:
             self._send_position(position)
+        elif channel in self._attached:
+            # The next frame is this channel's (a personal event): a notice for that
+            # frame alone; the frames after it are the global stream's again.
+            self._send_position(position, channel)
 
     def cutover_changed(self, version: int) -> None:
         """Tell a kit client the flag changed, so it asks for its config again."""

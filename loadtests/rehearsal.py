@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +36,8 @@ from tests.multinode import ClusterKeys, NodeProcess, spawn_node
 from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
+# Where the simulated users' stderr goes (debug output of the kit), if anywhere.
+STDERR = Path(os.environ["REHEARSAL_STDERR"]) if os.environ.get("REHEARSAL_STDERR") else None
 USERS_SCRIPT = REPO / "clients" / "js" / "tools" / "rehearsal-users.mjs"
 
 STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -151,7 +154,7 @@ async def simulated_users() -> AsyncIterator[Users]:
         str(USERS_SCRIPT),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if STDERR is None else STDERR.open("ab"),
         limit=16 * 1024 * 1024,
     )
     try:
@@ -393,13 +396,15 @@ async def finish_step(
 
     await wait_for(caught_up, 30)
     check = await users.call("check", upTo=up_to)
+    if check["lost"] > _totals["lost"]:
+        print("  missing (user, first seqs):", json.dumps(check["examples"]), file=sys.stderr)
     status = await users.call("status")
     metrics = await users.call("metrics")
     # Loss and the counters are cumulative in the users' process: report this step's share.
     result.lost += check["lost"] - _totals["lost"]
     result.duplicated += check["duplicated"] - _totals["duplicated"]
     result.out_of_order += check["outOfOrder"] - _totals["outOfOrder"]
-    _totals.update(check)
+    _totals.update({k: check[k] for k in _totals})
     result.legacy = status["protocols"]["legacy"]
     result.channels = status["protocols"]["channels"]
     result.switches += metrics["switches"]

@@ -164,6 +164,11 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
         key = request.headers.get("X-API-Key", "")
         if not key or not hmac.compare_digest(key.encode(), runtime.api_key.encode()):
             return json_response({"error": "missing or invalid X-API-Key"}, 401)
+        if runtime.shutting_down:
+            # Clients are being let go: an event accepted now could reach none of them
+            # (and, on the memory engine, no history would keep it). The producer
+            # retries on another node or after the restart.
+            return json_response({"error": "server shutting down"}, 503)
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         assert isinstance(body, bytes)
         try:

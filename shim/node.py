@@ -57,7 +57,8 @@ class LegacySubscriber(Protocol):
 
     def stream_moved(self, channel: str, position: StreamPosition) -> None:
         """The channel's stream did not continue from the last event delivered (a
-        publication legacy clients do not get, a gap, a new epoch): the next event is
+        publication legacy clients do not get, a gap, a new epoch), or the next event
+        comes from a channel other than the global one: the next event of `channel` is
         `position.offset + 1`. Only a client that asked for positions acts on it."""
 
 
@@ -397,7 +398,9 @@ class Node:
         elif entry.legacy and pub.legacy is not None:
             tag = pub.legacy
             legacy_subscribers = list(entry.legacy)
-            if moved:
+            if moved or (pub.offset and channel != self.settings.global_channel):
+                # Outside the global channel (a legacy client's personal events) each
+                # event is announced: a kit client places it in that channel's stream.
                 before = StreamPosition(pub.offset - 1, epoch)
                 for legacy in legacy_subscribers:
                     legacy.stream_moved(channel, before)

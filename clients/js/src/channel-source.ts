@@ -46,6 +46,16 @@ export class ChannelSource extends Source {
     this.client.on('connecting', () => this.link(false));
     this.client.on('connected', () => this.link(true));
     this.client.on('disconnected', (ctx) => this.end(ctx.code, ctx.reason));
+    // Server-side subscriptions (the user's personal channel) arrive on the client.
+    const epochs = new Map<string, string>();
+    this.client.on('subscribed', (ctx) => {
+      if (ctx.streamPosition) epochs.set(ctx.channel, ctx.streamPosition.epoch);
+    });
+    this.client.on('publication', (ctx) => {
+      if (ctx.offset === undefined) return;
+      const data = ctx.data as ChannelData;
+      this.hooks.side(ctx.channel, ctx.offset, epochs.get(ctx.channel) ?? null, toLegacyMessage(data, ctx.tags), data);
+    });
     this.client.on('message', (ctx) => {
       const version = (ctx.data as { cutover_version?: unknown } | null)?.cutover_version;
       if (typeof version === 'number') this.hooks.notice(version);

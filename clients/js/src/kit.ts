@@ -3,7 +3,15 @@ import { ChannelSource } from './channel-source.js';
 import { LegacySource, type SocketFactory } from './legacy-source.js';
 import { Router } from './routing.js';
 import type { Item, Source, SourceHooks } from './source.js';
-import type { ConnectionState, Delivery, KitMetrics, Protocol, RealtimeConfig } from './types.js';
+import type {
+  ChannelData,
+  ConnectionState,
+  Delivery,
+  KitMetrics,
+  LegacyMessage,
+  Protocol,
+  RealtimeConfig,
+} from './types.js';
 
 export interface KitOptions {
   /** The shim's base URL, e.g. `https://dex.example.com`; defaults to the page's origin. */
@@ -68,6 +76,7 @@ export class RealtimeKit {
   private noticeTimer: ReturnType<typeof setTimeout> | null = null;
   private pollTimer: ReturnType<typeof setInterval> | null = null;
   private fillerTried = false;
+  private readonly sideLast = new Map<string, { offset: number; epoch: string | null }>();
   private readonly counts: KitMetrics = {
     protocol: null,
     state: 'disconnected',
@@ -158,9 +167,10 @@ export class RealtimeKit {
     return { ...this.counts, switchMs: [...this.counts.switchMs], protocol: this.desired, state: this.state };
   }
 
-  /** The metrics, then start a new period for switch times and the peak. */
+  /** The metrics, then start a new period for switches, their times and the peak. */
   takeMetrics(): KitMetrics {
     const snapshot = this.metrics();
+    this.counts.switches = 0;
     this.counts.switchMs = [];
     this.counts.peakConnections = this.counts.connections;
     return snapshot;
@@ -212,7 +222,8 @@ export class RealtimeKit {
   }
 
   private notice(version: number): void {
-    if (this.noticeTimer !== null || (this.config && version <= this.config.cutover_version)) return;
+    // Any other version is news: a restarted node on the memory engine counts from 0 again.
+    if (this.noticeTimer !== null || (this.config && version === this.config.cutover_version)) return;
     this.noticeTimer = setTimeout(() => {
       this.noticeTimer = null;
       void this.refresh();
@@ -250,11 +261,14 @@ export class RealtimeKit {
       changed: () => this.settle(),
       closed: (code) => source && this.closed(source, code),
       notice: (version) => this.notice(version),
+      side: (channel, offset, epoch, message, data) =>
+        source && this.side(source.protocol, channel, offset, epoch, message, data),
       sockets: (delta) => this.sockets(delta),
     };
     if (protocol === 'legacy') {
       const url = `${wsBase}${this.options.legacyPath}?token=${encodeURIComponent(token)}`;
-      source = new LegacySource(url, this.socketClass as SocketFactory, hooks);
+      const globalChannel = this.config?.routing?.global_channel ?? 'global';
+      source = new LegacySource(url, this.socketClass as SocketFactory, hooks, globalChannel);
     } else {
       source = new ChannelSource(
         {
@@ -301,11 +315,16 @@ export class RealtimeKit {
         this.updateState();
         return;
       }
-      if (this.last === null || this.epoch !== target.epoch) {
-        // First start, or the stream lost continuity (a new epoch): begin at the target.
-        if (this.last !== null) this.counts.gaps++;
+      if (this.last === null) {
         this.last = target.from - 1;
         this.epoch = target.epoch;
+      } else if (this.epoch !== target.epoch) {
+        // The stream lost continuity (a new epoch: history lost, e.g. a restarted node
+        // on the memory engine). The new epoch's history may still hold its start.
+        this.last = 0;
+        this.epoch = target.epoch;
+        this.fillerTried = false;
+        this.sideLast.clear();
       }
     }
     this.pump();
@@ -314,9 +333,15 @@ export class RealtimeKit {
       return;
     }
     if (target.from > this.last + 1 && !this.fillable(target)) {
-      if (target.protocol === 'legacy' && this.config?.mode !== 'legacy' && !this.fillerTried) {
-        // Recover the hole from channel history (the legacy protocol has none).
+      if (this.config?.mode !== 'legacy' && !this.fillerTried) {
+        // Recover the hole from channel history (the legacy protocol has none): a
+        // subscription from the last position, beside the legacy socket or instead
+        // of a channel subscription that started later.
         this.fillerTried = true;
+        if (target.protocol === 'channels') {
+          this.sources.delete('channels');
+          target.close();
+        }
         void this.open('channels');
         this.updateState();
         return;
@@ -375,6 +400,29 @@ export class RealtimeKit {
         }
       }
     }
+  }
+
+  /**
+   * An event of a channel outside the global stream (personal events): delivered
+   * unless that channel's stream already passed its offset. Both connections carry
+   * it during a handover, so copies are dropped; it is not used to decide handovers.
+   */
+  private side(
+    protocol: Protocol,
+    channel: string,
+    offset: number,
+    epoch: string | null,
+    message: LegacyMessage,
+    data: ChannelData,
+  ): void {
+    const seen = this.sideLast.get(channel);
+    const sameEpoch = !seen || epoch === null || seen.epoch === null || seen.epoch === epoch;
+    if (seen && sameEpoch && offset <= seen.offset) {
+      this.counts.duplicatesDropped++;
+      return;
+    }
+    this.sideLast.set(channel, { offset, epoch: epoch ?? seen?.epoch ?? null });
+    this.deliver({ offset, message, data }, protocol);
   }
 
   private deliver(item: Item, protocol: Protocol): void {

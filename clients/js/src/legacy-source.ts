@@ -30,8 +30,15 @@ export class LegacySource extends Source {
   private pending: LegacyMessage[] = [];
   private askAgain = false;
   private ended = false;
+  /** Set by a notice naming another channel: where the next frame belongs. */
+  private side: { channel: string; offset: number; epoch: string } | null = null;
 
-  constructor(url: string, Socket: SocketFactory, private readonly hooks: SourceHooks) {
+  constructor(
+    url: string,
+    Socket: SocketFactory,
+    private readonly hooks: SourceHooks,
+    private readonly globalChannel = 'global',
+  ) {
     super();
     this.socket = new Socket(url);
     hooks.sockets(1);
@@ -54,11 +61,17 @@ export class LegacySource extends Source {
     const message = parseLegacyFrame(text);
     if (message === null) return;
     if (message.type === POSITION_TYPE) {
-      this.position(message.payload as { offset: number | null; epoch: string | null });
+      this.position(message.payload as { channel: string; offset: number | null; epoch: string | null });
       return;
     }
     if (message.type === CUTOVER_TYPE) {
       this.hooks.notice(Number(message.payload.cutover_version));
+      return;
+    }
+    if (this.side) {
+      const { channel, offset, epoch } = this.side;
+      this.side = null;
+      this.hooks.side(channel, offset, epoch, message, toChannelData(message));
       return;
     }
     if (!this.ready) {
@@ -73,7 +86,11 @@ export class LegacySource extends Source {
     this.hooks.changed();
   }
 
-  private position(at: { offset: number | null; epoch: string | null }): void {
+  private position(at: { channel: string; offset: number | null; epoch: string | null }): void {
+    if (at.channel !== this.globalChannel) {
+      if (at.offset !== null && at.epoch !== null) this.side = { channel: at.channel, offset: at.offset + 1, epoch: at.epoch };
+      return;
+    }
     if (at.offset === null || at.epoch === null) {
       // The node has dispatched nothing on the stream yet: ask after the next frame.
       if (!this.ready) this.askAgain = true;

@@ -13,6 +13,8 @@ export interface SourceHooks {
   changed(): void;
   /** The connection ended for good (the kit decides what comes next). */
   closed(code: number, reason: string): void;
+  /** An event of another channel (the user's personal one): placed by its own offset. */
+  side(channel: string, offset: number, epoch: string | null, message: LegacyMessage, data: ChannelData): void;
   /** The server announced a cutover flag change. */
   notice(version: number): void;
   /** A socket opened or closed (for the connection count). */

@@ -58,7 +58,8 @@ export interface Delivery {
 export interface KitMetrics {
   protocol: Protocol | null;
   state: ConnectionState;
-  /** Handovers completed (the old connection closed after the new one covered it). */
+  /** Handovers completed (the old connection closed after the new one covered it),
+   *  since the last `takeMetrics()`. */
   switches: number;
   /** Duration of each completed handover, ms: flag seen to old connection closed. */
   switchMs: number[];

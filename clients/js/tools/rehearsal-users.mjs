@@ -7,7 +7,9 @@
 //   {"cmd":"metrics"}           -> switches, switch times, peak connections (new period)
 //   {"cmd":"check","upTo":S}    -> lost / duplicated / out-of-order among seqs 1..S
 //   {"cmd":"stop"}
-// Every ingested event carries payload.seq = 1, 2, 3, ... in ingest order.
+// Every ingested event carries payload.seq = 1, 2, 3, ... in ingest order. Events with
+// seq % 4 == 2 are personal (approval.required for users[seq % users.length]): only
+// that user is to get them.
 import { createInterface } from 'node:readline';
 import WebSocket from 'ws';
 import { RealtimeKit } from '../dist/index.js';
@@ -15,10 +17,13 @@ import { RealtimeKit } from '../dist/index.js';
 for (const level of ['log', 'info', 'debug', 'warn', 'error']) console[level] = (...a) => process.stderr.write(a.join(' ') + '\n');
 
 const users = [];
+globalThis.KIT_DEBUG = Boolean(process.env.REHEARSAL_STDERR);
 
 class Received {
   constructor() {
     this.max = 0;
+    // Order is per channel: the global stream, and the user's personal events.
+    this.maxOf = { global: 0, personal: 0 };
     this.duplicated = 0;
     this.outOfOrder = 0;
     this.seen = new Uint8Array(1024);
@@ -29,14 +34,16 @@ class Received {
       bigger.set(this.seen);
       this.seen = bigger;
     }
+    const stream = seq % 4 === 2 ? 'personal' : 'global';
     if (this.seen[seq]) this.duplicated++;
-    else if (seq < this.max) this.outOfOrder++;
+    else if (seq < this.maxOf[stream]) this.outOfOrder++;
+    this.maxOf[stream] = Math.max(this.maxOf[stream], seq);
     this.seen[seq] = 1;
     this.max = Math.max(this.max, seq);
   }
-  missing(upTo) {
+  missing(upTo, mine) {
     let lost = 0;
-    for (let seq = 1; seq <= upTo; seq++) if (!this.seen[seq]) lost++;
+    for (let seq = 1; seq <= upTo; seq++) if (!this.seen[seq] && mine(seq)) lost++;
     return lost;
   }
 }
@@ -85,13 +92,24 @@ const commands = {
   },
   check({ upTo }) {
     let lost = 0, duplicated = 0, outOfOrder = 0, behind = 0;
-    for (const { received } of users) {
-      lost += received.missing(upTo);
+    const examples = [];
+    const count = users.length;
+    for (const [index, { received }] of users.entries()) {
+      const mine = (seq) => seq % 4 !== 2 || seq % count === index;
+      const missing = received.missing(upTo, mine);
+      lost += missing;
+      if (missing && examples.length < 5) {
+        const seqs = [];
+        for (let seq = 1; seq <= upTo && seqs.length < 5; seq++) if (!received.seen[seq] && mine(seq)) seqs.push(seq);
+        examples.push({ user: users[index].name, seqs });
+      }
       duplicated += received.duplicated;
       outOfOrder += received.outOfOrder;
-      if (received.max < upTo) behind++;
+      let last = upTo;
+      while (last > 0 && !mine(last)) last--;
+      if (received.max < last) behind++;
     }
-    return { lost, duplicated, outOfOrder, behind };
+    return { lost, duplicated, outOfOrder, behind, examples };
   },
   inspect({ name }) {
     const user = users.find((u) => u.name === name) ?? users[0];
