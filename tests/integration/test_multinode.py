@@ -29,7 +29,7 @@ from shim.routing import Router
 from tests.conftest import free_port
 from tests.legacyclient import Frame, open_legacy, settle
 from tests.multinode import Balancer, NodeProcess, start_nodes
-from tests.pyclient import SubEvents, new_client, new_subscription
+from tests.pyclient import CODECS, SubEvents, new_client, new_subscription, use_codec
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -206,8 +206,9 @@ async def shut(*clients: Any) -> None:
 # --- 1. cross-node delivery -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("codec", CODECS)
 async def test_clients_on_one_node_get_what_another_node_ingests(
-    redis: RedisServer, corpus: Corpus
+    redis: RedisServer, corpus: Corpus, codec: str
 ) -> None:
     task_channel = f"task:{corpus_task(corpus)}"
     async with start_nodes(2, [redis.url]) as (a, b):
@@ -216,7 +217,8 @@ async def test_clients_on_one_node_get_what_another_node_ingests(
         try:
             # The hook's subscribe_all is in effect once it sees B's probes.
             await settle(publish_through(b), [hook], "task:settle")
-            client, _events = new_client(a.ws_url, a.token("py"))
+            with use_codec(codec):
+                client, _events = new_client(a.ws_url, a.token("py"))
             await client.connect()
             subs: dict[str, SubEvents] = {}
             for channel in ("global", task_channel):
@@ -253,14 +255,16 @@ async def test_clients_on_one_node_get_what_another_node_ingests(
 # --- 2. recovery on another node ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("codec", CODECS)
 async def test_a_client_moved_to_another_node_recovers_every_missed_publication(
-    redis: RedisServer,
+    redis: RedisServer, codec: str
 ) -> None:
     """The client sits behind a load balancer. Its node crashes (SIGKILL); the SDK
     reconnects by itself to the same URL, which now leads to node B, and resubscribes
     from its last offset while the backend keeps publishing through B."""
     async with start_nodes(2, [redis.url]) as (a, b), Balancer(a.port) as balancer:
-        client, events = new_client(balancer.ws_url, a.token("mover"))
+        with use_codec(codec):
+            client, events = new_client(balancer.ws_url, a.token("mover"))
         await client.connect()
         sub, sub_events = new_subscription(client, "task:move")
         await sub.subscribe()

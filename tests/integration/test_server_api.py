@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -37,7 +37,21 @@ from shim.config import Settings
 from tests.conftest import API_KEY, RunningServer, eventually, run_server, sessions_of
 from tests.jsclient import JsClient
 from tests.legacyclient import legacy_client, probe_event, probe_matcher, settle
-from tests.pyclient import ClientEvents, SubEvents, new_client, new_subscription
+from tests.pyclient import (
+    CODECS,
+    ClientEvents,
+    SubEvents,
+    new_client,
+    new_subscription,
+    use_codec,
+)
+
+
+@pytest.fixture(autouse=True, params=CODECS)
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The SDKs in these tests speak JSON, then Protobuf."""
+    with use_codec(request.param):
+        yield request.param
 
 
 @contextlib.asynccontextmanager
