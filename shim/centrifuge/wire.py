@@ -21,6 +21,7 @@ from shim.centrifuge.codec import Command
 from shim.centrifuge.codes import DisconnectCode, ErrorCode, UnsubscribeCode
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
+JSON_SUBPROTOCOL = "centrifuge-json"
 
 
 class Wire(Protocol):
@@ -303,13 +304,15 @@ WIRES: tuple[Wire, ...] = (JSON, PROTOBUF)
 def select(query_string: bytes, subprotocols: Sequence[str]) -> tuple[Wire, str | None]:
     """The wire of a new connection and the subprotocol to answer, as Centrifugo
     chooses: `cf_protocol=protobuf` (or `format=protobuf`) in the query, else the
-    `centrifuge-protobuf` subprotocol when offered, else JSON."""
+    `centrifuge-protobuf` subprotocol when offered, else JSON. A subprotocol is
+    answered only when the client offered it (a browser that offers one and gets
+    none aborts the handshake)."""
     offered = PROTOBUF_SUBPROTOCOL in subprotocols
-    answer = PROTOBUF_SUBPROTOCOL if offered else None
+    protobuf = offered
     for pair in query_string.split(b"&"):
         key, _, value = pair.partition(b"=")
         if key in (b"cf_protocol", b"format") and value == b"protobuf":
-            return PROTOBUF, answer
-    if offered:
-        return PROTOBUF, answer
-    return JSON, None
+            protobuf = True
+    if protobuf:
+        return PROTOBUF, PROTOBUF_SUBPROTOCOL if offered else None
+    return JSON, JSON_SUBPROTOCOL if JSON_SUBPROTOCOL in subprotocols else None

@@ -191,7 +191,8 @@ def test_replies_decode_with_the_sdk_classes() -> None:
     ("query", "offered", "wire", "answer"),
     [
         (b"", [], "json", None),
-        (b"", ["centrifuge-json"], "json", None),
+        (b"", ["centrifuge-json"], "json", "centrifuge-json"),
+        (b"", ["centrifuge-json", "centrifuge-protobuf"], "protobuf", "centrifuge-protobuf"),
         (b"", ["centrifuge-protobuf"], "protobuf", "centrifuge-protobuf"),
         (b"cf_protocol=protobuf", [], "protobuf", None),
         (b"a=1&format=protobuf", [], "protobuf", None),
