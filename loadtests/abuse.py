@@ -55,10 +55,15 @@ P99_FACTOR = 2.0
 DEFAULT_SLACK_MS = 0.0
 RSS_FACTOR = 1.2
 ALLOWED_ORIGIN = "https://dex.example"
+# A bystander's report (every sample of the run) is one JSON line.
+REPORT_LIMIT_BYTES = 64 * 1024 * 1024
 _READY_RE = re.compile(r"dex-shim listening on http://[^:]+:(\d+)")
 
-# The node's limits for the run (the bystander's channel stays under its publish rate).
+# The node's settings for the run: its limits, and reads authorized by token claims
+# (the bystanders' channel stays under the publish rate).
 NODE_SETTINGS = {
+    # Reads are authorized by the token's `channels` claim (wildcards like task:*).
+    "channel_policy": "claims",
     "client_user_connection_limit": "10",
     "channel_publish_rate_limit": "100",
     "channel_publish_burst": "200",
@@ -212,7 +217,14 @@ async def bystander_main(port: int, role: str) -> None:
     signing_key = os.environ["DEX_ABUSE_SIGNING_KEY"]
     samples = Samples()
     stop = asyncio.Event()
-    token = mint_token(signing_key, ALGORITHM, user=f"bystander-{role}", ttl_seconds=3600)
+    token = mint_token(
+        signing_key,
+        ALGORITHM,
+        user=f"bystander-{role}",
+        ttl_seconds=3600,
+        # A grant, not a server-side subscription (exact names in `channels` are both).
+        extra={"channels": ["task:*"]},
+    )
     if role == "legacy":
         task = asyncio.create_task(_legacy_reader(port, token, samples, stop))
     elif role == "channels":
@@ -258,6 +270,8 @@ class Run:
         return f"ws://127.0.0.1:{self.port}/api/v1/ws?token={token}"
 
     def token(self, user: str, **extra: Any) -> str:
+        """A token whose claims let it read every task channel (unless `channels` is given)."""
+        extra.setdefault("channels", ["task:*"])
         return self.keys.token(user, **extra)
 
     def rss_kib(self) -> int:
@@ -367,6 +381,7 @@ async def started_run(options: Options, workdir: Path) -> AsyncIterator[Run]:
                 env=env,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                limit=REPORT_LIMIT_BYTES,
             )
             bystanders[role] = process
             assert process.stdout is not None
@@ -817,6 +832,93 @@ async def public_metrics(run: Run) -> Outcome:
     )
 
 
+async def _frames_within(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for frame in ws:
+                frames.append(orjson.loads(frame))
+    return frames
+
+
+async def legacy_read_authorization(run: Run) -> Outcome:
+    """A token that grants nothing subscribes to task:secret and to `*` on the legacy
+    protocol (the issue's item 1); one granted task:secret reads it."""
+    nothing = run.token("nosy", channels=[])
+    granted = run.token("owner", channels=["task:secret"])
+    secret = {"type": "task.updated", "task_id": "secret", "payload": {"task_id": "secret"}}
+    async with (
+        connect(run.legacy_url(nothing), proxy=None) as named,
+        connect(run.legacy_url(nothing), proxy=None) as everything,
+        connect(run.legacy_url(granted), proxy=None) as owner,
+        connect(run.ws_url, proxy=None) as channel_client,
+    ):
+        await named.send('{"action":"subscribe","task_id":"secret"}')
+        await everything.send('{"action":"subscribe_all"}')
+        await owner.send('{"action":"subscribe","task_id":"secret"}')
+        await channel_client.send(
+            "\n".join(
+                [
+                    orjson.dumps({"id": 1, "connect": {"token": nothing}}).decode(),
+                    orjson.dumps({"id": 2, "subscribe": {"channel": "task:secret"}}).decode(),
+                ]
+            )
+        )
+        replies = [orjson.loads(line) for line in str(await channel_client.recv()).split("\n")]
+        while len(replies) < 2:
+            replies += [orjson.loads(line) for line in str(await channel_client.recv()).split("\n")]
+        await asyncio.sleep(0.3)
+        await run.broadcast(secret)
+        seen = [await _frames_within(ws, 0.7) for ws in (named, everything, owner)]
+    leaked = sum(1 for frames in seen[:2] for f in frames if f.get("task_id") == "secret")
+    delivered = sum(1 for f in seen[2] if f.get("task_id") == "secret")
+    code = next((r.get("error", {}).get("code") for r in replies if r.get("id") == 2), None)
+    return Outcome(
+        f"ungranted legacy subscribe and *: {leaked} events; granted: {delivered}; "
+        f"channel subscribe error {code}",
+        leaked == 0 and delivered == 1 and code == 103,
+    )
+
+
+async def personal_events(run: Run) -> Outcome:
+    """An approval for bob reaches bob only, on both protocols (the issue's item 3)."""
+    approval = {
+        "type": "approval.requested",
+        "payload": {"user_id": "bob", "approval_id": "a1", "title": "deploy?"},
+    }
+    alice = run.token("alice", channels=["global", "task:*"])
+    bob = run.token("bob")
+    async with (
+        connect(run.legacy_url(alice), proxy=None) as alice_legacy,
+        connect(run.legacy_url(bob), proxy=None) as bob_legacy,
+        connect(run.ws_url, proxy=None) as alice_channels,
+    ):
+        for ws in (alice_legacy, bob_legacy):
+            await ws.send('{"action":"subscribe_all"}')
+        await alice_channels.send(orjson.dumps({"id": 1, "connect": {"token": alice}}).decode())
+        await alice_channels.recv()
+        await alice_channels.send(
+            orjson.dumps({"id": 2, "subscribe": {"channel": "global"}}).decode()
+        )
+        await alice_channels.recv()
+        await asyncio.sleep(0.3)
+        await run.broadcast(approval)
+        frames = [await _frames_within(ws, 0.7) for ws in (alice_legacy, bob_legacy)]
+        pushes = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                async for frame in alice_channels:
+                    pushes += [orjson.loads(line) for line in str(frame).split("\n")]
+    to_alice = sum(1 for f in frames[0] if f.get("type") == "approval.requested")
+    to_bob = sum(1 for f in frames[1] if f.get("type") == "approval.requested")
+    on_global = sum(1 for p in pushes if "approval" in str(p.get("push", {}).get("pub", "")))
+    return Outcome(
+        f"approval for bob: bob's legacy * got {to_bob}, alice's legacy * {to_alice}, "
+        f"alice on global {on_global}",
+        to_bob == 1 and to_alice == 0 and on_global == 0,
+    )
+
+
 PROBES: dict[str, Probe] = {
     "command flood (channels)": command_flood,
     "frame flood (legacy)": legacy_frame_flood,
@@ -832,6 +934,8 @@ PROBES: dict[str, Probe] = {
     "admin key as login": admin_key_login,
     "server API batch": api_batch,
     "token without user id": token_without_user,
+    "legacy read authorization": legacy_read_authorization,
+    "personal events via global": personal_events,
     "zero-window reader": zero_window_reader,
     "short keys at start": short_keys,
     "public /metrics": public_metrics,
@@ -848,6 +952,8 @@ QUICK = (
     "foreign origin",
     "CL + TE smuggling",
     "zero-window reader",
+    "legacy read authorization",
+    "personal events via global",
 )
 
 

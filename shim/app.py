@@ -7,7 +7,6 @@ start and stop the runtime.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from typing import Any
@@ -24,6 +23,7 @@ from shim.console import console_blueprint
 from shim.cutover import CutoverError, Protocol
 from shim.edge import ASGIReceive, ASGISend, reject_http
 from shim.fallback.endpoints import FallbackEndpoints
+from shim.limits import Pacer
 from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.runtime import Runtime
 from shim.server_api import server_api_blueprint
@@ -81,17 +81,13 @@ class ShimApp:
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
 
-# Items of one ingest request read between two yields to the event loop.
-READ_CHUNK = 100
-
-
 async def _read_items(body: bytes, max_item_bytes: int, max_items: int) -> list[ParsedItem]:
-    """The request's items, read a chunk at a time so deliveries go on meanwhile."""
+    """The request's items, read in slices so deliveries go on meanwhile."""
     items: list[ParsedItem] = []
+    pacer = Pacer()
     for item in iter_broadcast(body, max_item_bytes=max_item_bytes, max_items=max_items):
         items.append(item)
-        if len(items) % READ_CHUNK == 0:
-            await asyncio.sleep(0)
+        await pacer.tick()
     return items
 
 

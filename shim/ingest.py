@@ -8,7 +8,6 @@ order, so a legacy client that reaches it through several channels sees it once
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ from legacy.translate import Accepted, ParsedItem, channel_data, with_tool_use_i
 from legacy.wire import encode_legacy_frame, now_timestamp
 from shim.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
 from shim.events import Event, new_event_id
+from shim.limits import Pacer
 from shim.node import Node
 from shim.routing import Route, Router
 
 log = logging.getLogger("shim.ingest")
 
-# Events of one request published between two yields to the event loop. Each chunk
+# Events of one request published between two chances to pause (see Pacer). Each chunk
 # leaves as (at least) one frame per subscriber: centrifuge-js under Node (ws) can
 # reorder publications of multi-message frames that arrive in one tick (its dispatch
 # chain is replaced before it runs), so a request of up to this many stays one frame.
@@ -102,9 +102,10 @@ class Ingestor:
         loop run between chunks: clients' sockets keep being written (and a healthy
         client is not taken for slow) while a big batch is published."""
         results: list[ItemResult] = []
+        pacer = Pacer()
         for start in range(0, len(events), PUBLISH_CHUNK):
             if start:
-                await asyncio.sleep(0)
+                await pacer.tick()
             results += await self.publish_events(events[start : start + PUBLISH_CHUNK])
         return results
 

@@ -1,5 +1,6 @@
 """Rate limits as pure state machines over an injected clock: a token bucket per
-connection (commands) and a bounded table of buckets per channel (publications).
+connection (commands) and a bounded table of buckets per channel (publications);
+and the Pacer that slices a large request's work.
 
 No I/O here: the sessions, the ingest path and the server API ask and act on the
 answer (Centrifugo's codes: error 111 "too many requests", disconnect 3013).
@@ -7,7 +8,9 @@ answer (Centrifugo's codes: error 111 "too many requests", disconnect 3013).
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -115,3 +118,23 @@ class ChannelRates:
             if now - at < self._refill_seconds:
                 return
             del buckets[channel]
+
+
+class Pacer:
+    """Cooperative slicing of one request's long work (a 1,000-item ingest, a large
+    server API batch): after `budget` seconds of work it pauses `pause` seconds. A
+    bare yield per chunk is not enough: another request needs a dozen loop
+    iterations to get through (parse, route, handler, publish, flush), and it would
+    get one per chunk; during a pause it gets all of them."""
+
+    __slots__ = ("_since", "budget", "pause")
+
+    def __init__(self, budget: float = 0.004, pause: float = 0.002) -> None:
+        self.budget = budget
+        self.pause = pause
+        self._since = time.perf_counter()
+
+    async def tick(self) -> None:
+        if time.perf_counter() - self._since >= self.budget:
+            await asyncio.sleep(self.pause)
+            self._since = time.perf_counter()

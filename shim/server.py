@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -139,6 +140,11 @@ def run(
         if redactor is not None:
             redactor.add(runtime.secrets())
         app = create_app(runtime)
+        # Everything built so far (modules, settings, the app) lives as long as the
+        # process: kept out of the collector's full passes, which otherwise walk it
+        # all and stalled the loop for 50-100 ms under ingest (measured, issue 10).
+        gc.collect()
+        gc.freeze()
         if on_ready is not None:
             loop.call_soon(on_ready, port)
 

@@ -45,6 +45,7 @@ from shim.broker import (
 from shim.centrifuge import codec, codes
 from shim.centrifuge.session import CentrifugeSession, State
 from shim.config import NamespaceOptions
+from shim.limits import Pacer
 from shim.runtime import Runtime
 
 log = logging.getLogger("shim.server_api")
@@ -77,10 +78,6 @@ class BadBody(Exception):
 
 class TooLarge(Exception):
     """More batch commands or broadcast channels than api_max_batch_size (HTTP 413)."""
-
-
-# Sequential batch commands handled between two yields to the event loop.
-BATCH_CHUNK = 50
 
 
 # --- field readers: a wrong type is a malformed body, as Go's decoder sees it --------
@@ -471,10 +468,10 @@ class ServerApi:
             replies = await asyncio.gather(*(self._batch_one(c) for c in commands))
             return {"replies": list(replies)}
         answers = []
-        for position, command in enumerate(commands):
-            if position and position % BATCH_CHUNK == 0:
-                await asyncio.sleep(0)  # deliveries go on during a long batch
+        pacer = Pacer()  # deliveries and other requests go on during a long batch
+        for command in commands:
             answers.append(await self._batch_one(command))
+            await pacer.tick()
         return {"replies": answers}
 
     def _check_size(self, what: str, count: int) -> None:
