@@ -137,3 +137,42 @@ async def test_stream_ingest_on_a_cluster_keeps_each_tasks_order(
 
     for (_client, events), task in zip(watchers, tasks, strict=True):
         assert numbers(events) == list(range(tasks.index(task), 200, 5))
+
+
+async def test_a_crashed_master_is_replaced_and_subscribers_get_what_follows(
+    cluster: RedisClusterProcesses,
+) -> None:
+    """SIGKILL of the channel's master while the backend publishes: ingest is refused
+    (503, nothing accepted) until a replica takes over, then goes on; the subscriber
+    gets everything acknowledged after the takeover, without duplicates or disorder."""
+    async with start_nodes(2, cluster.seed_urls, settings=CLUSTER) as (a, b):
+        client, events = await connected_subscription(a.ws_url, a.token("watcher"), "task:crash")
+        publisher = Publisher(b, "crash", interval=0.02)
+        try:
+            publisher.start()
+            await publisher.wait_for(15)
+            master = cluster.master_of_key(channel_keys("dex", "task:crash").meta)
+            replica = cluster.replicas_of(master)[0]
+            cluster.kill(master)
+            await publisher.wait_for(1, refused=True, timeout=20)
+            async with asyncio.timeout(30):
+                while "role:master" not in cluster.cli(replica, "INFO", "replication"):
+                    await asyncio.sleep(0.1)
+            await asyncio.to_thread(cluster.wait_ok)
+            taken_over_at = len(publisher.outcomes)
+            # Publications between the takeover and node A's move to the new master
+            # are missed by pub/sub; the next one shows the gap and recovery fills it.
+            await delivered(events, taken_over_at + 10, timeout=30)
+            await publisher.stop()
+            await delivered(events, publisher.acked[-1], timeout=20)
+        finally:
+            await publisher.stop()
+            await shut(client)
+
+    for outcome in publisher.refused:
+        assert outcome.status == 503, outcome
+        assert outcome.body["accepted"] == 0, outcome
+    got = numbers(events)
+    assert got == sorted(set(got)), "duplicates or disorder"
+    after = [n for n in publisher.acked if n > taken_over_at]
+    assert after and set(after) <= set(got)

@@ -43,6 +43,8 @@ from shim.broker import BrokerUnavailable
 
 log = logging.getLogger("adapters.brokers.redis")
 
+# Least time between two slot-map reads caused by failed commands.
+REFRESH_INTERVAL_SECONDS = 0.5
 # First wait before reading the topology again after a failure; doubles to the max.
 _FIRST_REMAP_DELAY_SECONDS = 0.05
 
@@ -124,13 +126,35 @@ class ClusterShards(Shards):
         # The cluster client fails at once past its per-node connection limit; callers
         # beyond it wait here instead, as they do for a lone Redis's blocking pool.
         self._in_flight = asyncio.Semaphore(max_connections)
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = float("-inf")
 
     async def call(self, client: Any, *args: Any) -> Any:
         async with self._in_flight:
             try:
                 return await super().call(client, *args)
             except RedisClusterException as error:  # e.g. a slot nobody serves
+                self._refresh_soon()
                 raise BrokerUnavailable(f"redis cluster: {error}") from error
+            except BrokerUnavailable:
+                self._refresh_soon()
+                raise
+
+    def _refresh_soon(self) -> None:
+        """After a failed command, read the slot map again in the background (at most
+        every REFRESH_INTERVAL_SECONDS): a crashed master's slots move to a replica,
+        and pipelines would keep going to the dead address until the map says so."""
+        now = asyncio.get_running_loop().time()
+        if self._refresh is not None and not self._refresh.done():
+            return
+        if now - self._refreshed_at < REFRESH_INTERVAL_SECONDS:
+            return
+        self._refreshed_at = now
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_topology())
+
+    async def _refresh_topology(self) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self.topology()
 
     async def load_script(self, client: Any, script: Script) -> None:
         """On every master: a pipeline's scripts may run on any of them."""
@@ -145,9 +169,16 @@ class ClusterShards(Shards):
     async def _pipeline_once(self, client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         async with self._in_flight:
             try:
-                return await super()._pipeline_once(client, commands)
+                replies = await super()._pipeline_once(client, commands)
             except RedisClusterException as error:
+                self._refresh_soon()
                 raise BrokerUnavailable(f"redis cluster: {error}") from error
+            except BrokerUnavailable:
+                self._refresh_soon()
+                raise
+        if any(isinstance(reply, (RedisError, OSError)) for reply in replies):
+            self._refresh_soon()
+        return replies
 
     def index(self, channel: str) -> int:
         return 0
@@ -192,6 +223,10 @@ class ClusterShards(Shards):
         return int(version.split(".")[0]) >= 7
 
     async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
         await self.cluster.aclose()
 
 
