@@ -271,12 +271,40 @@ class LegacySession:
         if command.action == POSITION_ACTION and not self.closed:
             self._positions = True
             global_channel = self.node.settings.global_channel
+            if WILDCARD in self.subscriptions:
+                await self._send_starts(self._attached - {global_channel})
+                if self.closed:
+                    return
             position = (
                 self.node.dispatched_position(global_channel)
                 if global_channel in self._attached and WILDCARD in self.subscriptions
                 else None
             )
             self._send_position(position)
+
+    async def _send_starts(self, channels: set[str]) -> None:
+        """Where the client's other streams (its personal events) stand, so that a kit
+        can recover them after a reconnect even before it received one: the last
+        position dispatched here, else the stream's top (a publication stored but not
+        yet dispatched at that instant would be taken as already seen)."""
+        for channel in sorted(channels):
+            position = self.node.dispatched_position(channel)
+            if position is None:
+                try:
+                    options = self.node.publish_options(channel)
+                    found = await self.node.broker.history(channel, limit=0, options=options)
+                except Exception:  # the engine is down: the kit just has no start then
+                    continue
+                if self.closed:
+                    return
+                position = found.position
+            payload = {
+                "channel": channel,
+                "offset": position.offset,
+                "epoch": position.epoch,
+                "start": True,
+            }
+            self._push(notice_frame(POSITION_TYPE, payload))
 
     def _send_position(self, position: StreamPosition | None, channel: str = "") -> None:
         """Global channel: every event frame before this notice is at or before

@@ -1,6 +1,6 @@
 """The cutover rehearsal: simulated users running the client kit follow the flag.
 
-    python -m loadtests.rehearsal                 # 1,000 users, 50 events/s, one node then two on Redis
+    python -m loadtests.rehearsal                 # 1,000 users, 50 events/s, one node then two, on Redis
     python -m loadtests.rehearsal --short         # the in-suite size (a few dozen users, seconds per step)
 
 Each user is the kit's core (clients/js/dist) in one Node process, as in a browser
@@ -258,78 +258,89 @@ async def restart(
 async def rehearse(node_count: int, plan: Plan, *, log: Any = print) -> list[StepResult]:
     keys = ClusterKeys.generate()
     names = [f"user-{i:04d}" for i in range(plan.users)]
-    redis = RedisServer() if node_count > 1 else None
+    _totals.update({"lost": 0, "duplicated": 0, "outOfOrder": 0})
+    # Redis for one node too: a restarted node on the memory engine loses its history
+    # (a new epoch), and with it what was published while clients reconnected.
     results: list[StepResult] = []
-    with tempfile.TemporaryDirectory(prefix="dex-rehearsal-") as tmp:
-        nodes: list[NodeProcess] = []
-        try:
-            redis_urls: list[str] = []
-            if redis is not None:
-                await redis.start()
-                redis_urls = [redis.url]
-            for index in range(node_count):
-                node = await spawn_node(
-                    f"node-{index}",
-                    keys,
-                    Path(tmp) / f"node-{index}",
-                    redis_urls=redis_urls,
-                    settings=NODE_SETTINGS,
-                )
-                nodes.append(node)
-            for node in nodes:
-                await node.wait_ready()
-            producer = Producer(nodes, keys.api_key, plan.rate, names)
-            async with simulated_users() as users:
-                specs = [
-                    {"name": name, "baseUrl": nodes[i % node_count].url, "token": keys.token(name)}
-                    for i, name in enumerate(names)
-                ]
-                options = {
-                    "noticeJitterMs": plan.notice_jitter_ms,
-                    "configPollMs": 60_000,
-                    "minReconnectDelayMs": 300,
-                    "maxReconnectDelayMs": 3000,
-                }
-                await users.call("start", users=specs, options=options)
-                state = CutoverState()
-
-                async def all_on_legacy() -> bool:
-                    status = await users.call("status")
-                    return bool(status["protocols"]["legacy"] == len(names))
-
-                if not await wait_for(all_on_legacy, plan.settle_timeout):
-                    raise RuntimeError("the users did not all connect")
-                producer.start()
-                try:
-                    previous: dict[str, str] = {name: "legacy" for name in names}
-                    for name, change in STEPS:
-                        state = state.updated(change)
-                        expected = {u: state.protocol_for(u).value for u in names}
-                        result = await run_step(
-                            name, change, expected, previous, nodes, users, producer, plan, keys
-                        )
-                        if name == RESTART_STEP:
-                            index = 0
-                            nodes[index] = await restart(
-                                nodes[index], Path(tmp) / f"node-{index}", redis_urls, state
-                            )
-                            result.restarted = True
-                            await finish_step(result, expected, users, producer, plan)
-                        previous = expected
-                        results.append(result)
-                        log(render("", [result]).splitlines()[-1])
-                finally:
-                    await producer.stop()
-                    with contextlib.suppress(Exception):
-                        await users.call("stop")
-        finally:
-            for node in nodes:
-                with contextlib.suppress(Exception):
-                    await node.stop()
-                    await node.http.aclose()
-            if redis is not None:
-                await redis.stop()
+    async with RedisServer() as redis:
+        with tempfile.TemporaryDirectory(prefix="dex-rehearsal-") as tmp:
+            await _rehearse_on(redis, node_count, plan, keys, names, Path(tmp), results, log)
     return results
+
+
+async def _rehearse_on(
+    redis: RedisServer,
+    node_count: int,
+    plan: Plan,
+    keys: ClusterKeys,
+    names: list[str],
+    tmp: Path,
+    results: list[StepResult],
+    log: Any,
+) -> None:
+    nodes: list[NodeProcess] = []
+    try:
+        redis_urls = [redis.url]
+        for index in range(node_count):
+            node = await spawn_node(
+                f"node-{index}",
+                keys,
+                tmp / f"node-{index}",
+                redis_urls=redis_urls,
+                settings=NODE_SETTINGS,
+            )
+            nodes.append(node)
+        for node in nodes:
+            await node.wait_ready()
+        producer = Producer(nodes, keys.api_key, plan.rate, names)
+        async with simulated_users() as users:
+            specs = [
+                {"name": name, "baseUrl": nodes[i % node_count].url, "token": keys.token(name)}
+                for i, name in enumerate(names)
+            ]
+            options = {
+                "noticeJitterMs": plan.notice_jitter_ms,
+                "configPollMs": 60_000,
+                "minReconnectDelayMs": 300,
+                "maxReconnectDelayMs": 3000,
+            }
+            await users.call("start", users=specs, options=options)
+            state = CutoverState()
+
+            async def all_on_legacy() -> bool:
+                status = await users.call("status")
+                return bool(status["protocols"]["legacy"] == len(names))
+
+            if not await wait_for(all_on_legacy, plan.settle_timeout):
+                raise RuntimeError("the users did not all connect")
+            producer.start()
+            try:
+                previous: dict[str, str] = {name: "legacy" for name in names}
+                for name, change in STEPS:
+                    state = state.updated(change)
+                    expected = {u: state.protocol_for(u).value for u in names}
+                    result = await run_step(
+                        name, change, expected, previous, nodes, users, producer, plan, keys
+                    )
+                    if name == RESTART_STEP:
+                        index = 0
+                        nodes[index] = await restart(
+                            nodes[index], tmp / f"node-{index}", redis_urls, state
+                        )
+                        result.restarted = True
+                        await finish_step(result, expected, users, producer, plan)
+                    previous = expected
+                    results.append(result)
+                    log(render("", [result]).splitlines()[-1])
+            finally:
+                await producer.stop()
+                with contextlib.suppress(Exception):
+                    await users.call("stop")
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                await node.stop()
+                await node.http.aclose()
 
 
 async def run_step(
@@ -431,9 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = (1, 2) if args.nodes == "both" else (int(args.nodes),)
     failed = False
     for count in runs:
-        _totals.update({"lost": 0, "duplicated": 0, "outOfOrder": 0})
         title = (
-            f"== {count} node{'s on Redis' if count > 1 else ' (memory engine)'}: "
+            f"== {count} node{'s' if count > 1 else ''} on Redis: "
             f"{plan.users} users, {plan.rate:g} events/s, node-0 restarted during {RESTART_STEP}"
         )
         print(title, flush=True)

@@ -1,5 +1,5 @@
-"""The client kit (clients/js) against the shim: the server's kit opt-ins and a browser
-page flipped between protocols.
+"""The client kit (clients/js) against the shim: the server's kit opt-ins, a browser
+page flipped between protocols, and the short rehearsal.
 
 The page test runs headless Chromium on a page that uses the kit's drop-in hook
 and useChannel, against a real `dex-shim serve`, while events are ingested and an
@@ -19,6 +19,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from loadtests.rehearsal import Plan, rehearse, render
 from tests.conftest import ADMIN_KEY, RunningServer
 from tests.integration.test_console import Browser, browser_available
 from tests.legacyclient import legacy_url
@@ -45,6 +46,14 @@ async def frames_until(ws: ClientConnection, kind: str, timeout: float = 5.0) ->
                 return seen
 
 
+async def global_notice(ws: ClientConnection) -> dict[str, Any]:
+    """The payload of the next position notice about the global stream."""
+    while True:
+        notice = orjson.loads((await frames_until(ws, "shim.position"))[-1])["payload"]
+        if notice["channel"] == "global":
+            return dict(notice)
+
+
 async def test_position_notice_places_legacy_frames_without_changing_them(
     server: RunningServer,
 ) -> None:
@@ -56,9 +65,13 @@ async def test_position_notice_places_legacy_frames_without_changing_them(
         await hook.send('{"action":"subscribe_all"}')
         await kit.send('{"action":"subscribe_all"}')
         await kit.send('{"action":"position"}')
-        first = orjson.loads((await frames_until(kit, "shim.position"))[-1])
-        # Nothing was published yet: the position is not known.
-        assert first["payload"] == {"channel": "global", "offset": None, "epoch": None}
+        start = orjson.loads((await frames_until(kit, "shim.position"))[-1])
+        # First where the personal channel stands (nothing published there yet)...
+        assert start["payload"]["channel"] == "user:kit-user"
+        assert start["payload"]["offset"] == 0 and start["payload"]["start"] is True
+        first = await global_notice(kit)
+        # ...then the global stream: nothing was published yet, the position is not known.
+        assert first == {"channel": "global", "offset": None, "epoch": None}
         event = {"type": "task.updated", "payload": {"task_id": "t1", "n": 1}, "task_id": "t1"}
         assert (await server.broadcast(event)).status_code == 200
         kit_frames = await frames_until(kit, "task.updated")
@@ -67,7 +80,7 @@ async def test_position_notice_places_legacy_frames_without_changing_them(
         # The first event after the node subscribed is announced as a new stream.
         assert [orjson.loads(f)["payload"]["offset"] for f in kit_frames[:-1]] == [0]
         await kit.send('{"action":"position"}')
-        placed = orjson.loads((await frames_until(kit, "shim.position"))[-1])["payload"]
+        placed = await global_notice(kit)
         history = await server.runtime.broker.history("global", limit=0)
         assert placed == {
             "channel": "global",
@@ -82,7 +95,7 @@ async def test_position_notice_places_legacy_frames_without_changing_them(
             headers={"X-API-Key": server.settings.api_key},
         )
         assert response.status_code == 200, response.text
-        moved = orjson.loads((await frames_until(kit, "shim.position"))[-1])["payload"]
+        moved = await global_notice(kit)
         assert moved["offset"] == placed["offset"] + 1
         assert (await server.broadcast(event)).status_code == 200
         assert orjson.loads(await asyncio.wait_for(kit.recv(), 5))["type"] == "task.updated"
@@ -285,3 +298,16 @@ async def test_a_page_flipped_between_protocols_gets_every_event_once_in_order(
     assert metrics["peakConnections"] == 2, metrics
     assert metrics["connections"] == 1, metrics
     assert not problems, problems
+
+
+async def test_short_rehearsal_hands_everyone_over_and_back_losing_nothing() -> None:
+    """The rehearsal at in-suite size: two nodes on Redis, one restarted mid-run."""
+    assert kit_built(), "make kit builds clients/js (make test does)"
+    plan = Plan(users=30, rate=20.0, hold_seconds=0.5, settle_timeout=30.0, notice_jitter_ms=300)
+    results = await rehearse(2, plan, log=lambda line: None)
+    table = render("short rehearsal", results)
+    assert [r.name for r in results] == ["0%", "10%", "50%", "100%", "channels", "legacy"]
+    assert all(r.ok for r in results), table
+    assert any(r.restarted for r in results)
+    assert sum(r.switches for r in results) > 0
+    assert all(r.peak_connections <= 2 for r in results), table

@@ -10,6 +10,8 @@ export interface ChannelSourceOptions {
   /** Recover from here (the last position handed to the page), if known. */
   since: Position | null;
   websocket?: unknown;
+  /** Positions the tab has in channels the server subscribes it to (its personal one). */
+  serverSubs?: Map<string, Position>;
   minReconnectDelay: number;
   maxReconnectDelay: number;
 }
@@ -49,7 +51,11 @@ export class ChannelSource extends Source {
     // Server-side subscriptions (the user's personal channel) arrive on the client.
     const epochs = new Map<string, string>();
     this.client.on('subscribed', (ctx) => {
-      if (ctx.streamPosition) epochs.set(ctx.channel, ctx.streamPosition.epoch);
+      if (!ctx.recovered) this.hooks.sideReset(ctx.channel);
+      if (ctx.streamPosition) {
+        epochs.set(ctx.channel, ctx.streamPosition.epoch);
+        this.hooks.sideStart(ctx.channel, ctx.streamPosition.offset, ctx.streamPosition.epoch);
+      }
     });
     this.client.on('publication', (ctx) => {
       if (ctx.offset === undefined) return;
@@ -66,8 +72,26 @@ export class ChannelSource extends Source {
     });
     // One connection from the dial to the end, across the SDK's own reconnects.
     hooks.sockets(1);
+    this.recoverServerSubs(options.serverSubs);
     this.sub.subscribe();
     this.client.connect();
+  }
+
+  /**
+   * The SDK recovers server-side subscriptions across its own reconnects from the
+   * positions it keeps for them, and sends those in its connect command. A new client
+   * (a handover, a hole to fill) is given the positions the tab already has, so the
+   * server recovers what the personal channel published meanwhile. That table is the
+   * SDK's internal state (the pinned version's shape): without it there is no
+   * recovery of personal events, as for any new client.
+   */
+  private recoverServerSubs(positions: Map<string, Position> | undefined): void {
+    type Known = Record<string, { offset: number; epoch: string; recoverable: boolean }>;
+    const known = (this.client as unknown as { _serverSubs?: Known })._serverSubs;
+    if (!positions || typeof known !== 'object' || known === null) return;
+    for (const [channel, position] of positions) {
+      known[channel] = { offset: position.offset, epoch: position.epoch, recoverable: true };
+    }
   }
 
   private link(up: boolean): void {

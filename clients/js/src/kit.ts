@@ -253,14 +253,20 @@ export class RealtimeKit {
       this.scheduleRetry();
       return;
     }
-    this.opening.delete(protocol);
-    if (!this.running || this.sources.has(protocol)) return;
+    if (!this.running || this.sources.has(protocol)) {
+      this.opening.delete(protocol);
+      return;
+    }
     const wsBase = this.options.baseUrl.replace(/^http/, 'ws');
     let source: Source | null = null;
     const hooks: SourceHooks = {
       changed: () => this.settle(),
       closed: (code) => source && this.closed(source, code),
       notice: (version) => this.notice(version),
+      sideReset: (channel) => this.sideLast.delete(channel),
+      sideStart: (channel, offset, epoch) => {
+        if (!this.sideLast.has(channel)) this.sideLast.set(channel, { offset, epoch });
+      },
       side: (channel, offset, epoch, message, data) =>
         source && this.side(source.protocol, channel, offset, epoch, message, data),
       sockets: (delta) => this.sockets(delta),
@@ -276,6 +282,7 @@ export class RealtimeKit {
           channel: this.config?.routing?.global_channel ?? 'global',
           getToken: async () => await this.options.getToken(),
           since: this.position,
+          serverSubs: this.sidePositions(),
           websocket: this.socketClass,
           minReconnectDelay: this.options.minReconnectDelayMs,
           maxReconnectDelay: this.options.maxReconnectDelayMs,
@@ -283,7 +290,10 @@ export class RealtimeKit {
         hooks,
       );
     }
+    // Still "opening" until registered: the SDK reports its first state change from
+    // inside the constructor, and the kit must not take the hole for unfillable.
     this.sources.set(protocol, source);
+    this.opening.delete(protocol);
     this.settle();
   }
 
@@ -423,6 +433,14 @@ export class RealtimeKit {
     }
     this.sideLast.set(channel, { offset, epoch: epoch ?? seen?.epoch ?? null });
     this.deliver({ offset, message, data }, protocol);
+  }
+
+  private sidePositions(): Map<string, { offset: number; epoch: string }> {
+    const positions = new Map<string, { offset: number; epoch: string }>();
+    for (const [channel, seen] of this.sideLast) {
+      if (seen.epoch !== null) positions.set(channel, { offset: seen.offset, epoch: seen.epoch });
+    }
+    return positions;
   }
 
   private deliver(item: Item, protocol: Protocol): void {

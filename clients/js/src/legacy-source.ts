@@ -61,7 +61,7 @@ export class LegacySource extends Source {
     const message = parseLegacyFrame(text);
     if (message === null) return;
     if (message.type === POSITION_TYPE) {
-      this.position(message.payload as { channel: string; offset: number | null; epoch: string | null });
+      this.position(message.payload as { channel: string; offset: number | null; epoch: string | null; start?: boolean });
       return;
     }
     if (message.type === CUTOVER_TYPE) {
@@ -86,9 +86,11 @@ export class LegacySource extends Source {
     this.hooks.changed();
   }
 
-  private position(at: { channel: string; offset: number | null; epoch: string | null }): void {
+  private position(at: { channel: string; offset: number | null; epoch: string | null; start?: boolean }): void {
     if (at.channel !== this.globalChannel) {
-      if (at.offset !== null && at.epoch !== null) this.side = { channel: at.channel, offset: at.offset + 1, epoch: at.epoch };
+      if (at.offset === null || at.epoch === null) return;
+      if (at.start) this.hooks.sideStart(at.channel, at.offset, at.epoch);
+      else this.side = { channel: at.channel, offset: at.offset + 1, epoch: at.epoch };
       return;
     }
     if (at.offset === null || at.epoch === null) {

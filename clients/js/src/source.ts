@@ -15,6 +15,10 @@ export interface SourceHooks {
   closed(code: number, reason: string): void;
   /** An event of another channel (the user's personal one): placed by its own offset. */
   side(channel: string, offset: number, epoch: string | null, message: LegacyMessage, data: ChannelData): void;
+  /** Where that channel's stream stands now (before any of its events arrived). */
+  sideStart(channel: string, offset: number, epoch: string): void;
+  /** That channel's stream starts over (a subscription that did not recover). */
+  sideReset(channel: string): void;
   /** The server announced a cutover flag change. */
   notice(version: number): void;
   /** A socket opened or closed (for the connection count). */
