@@ -33,7 +33,6 @@ from importlib.metadata import version
 from typing import Any
 
 import h11 as h11_lib
-from h11._writers import ChunkedWriter
 from hypercorn.asyncio import task_group, worker_context
 from hypercorn.protocol import h2, h11, ws_stream
 from wsproto.events import Event as WSEvent
@@ -52,6 +51,19 @@ CLOSE_REQUESTED: dict[str, Any] = {"type": "dex.close_requested"}
 HTTP_WIRING_EXTENSION = "dex.http_wiring"
 
 _ORIGINAL_HANDSHAKE = ws_stream.Handshake
+
+
+def _chunked_writer_class() -> type | None:
+    """h11's writer of chunked bodies (a private class: with an h11 that lacks it,
+    stream chunks simply go through hypercorn)."""
+    try:
+        from h11._writers import ChunkedWriter
+    except ImportError:
+        return None
+    return ChunkedWriter
+
+
+_CHUNKED_WRITER = _chunked_writer_class()
 
 
 class Liveness:
@@ -289,8 +301,9 @@ class HttpWiring:
         writer's kind), so chunks it did not write leave it in a state it accepts,
         and the end of the body still goes through it."""
         connection = getattr(self._protocol(), "connection", None)
-        if not isinstance(getattr(connection, "_writer", None), ChunkedWriter):
-            return False  # HTTP/1.0 (no chunking) or not started
+        body_writer = getattr(connection, "_writer", None)
+        if _CHUNKED_WRITER is None or not isinstance(body_writer, _CHUNKED_WRITER):
+            return False  # HTTP/1.0 (no chunking), not started, or an unknown h11
         server = self._server()
         if server is None:
             return False
