@@ -85,7 +85,7 @@ class Options:
 
 def options_for(quick: bool, as_json: bool = False) -> Options:
     if quick:
-        return Options(True, 1.0, 1.0, 0.7, 3.0, as_json)
+        return Options(True, 0.8, 0.8, 0.5, 3.0, as_json)
     return Options(False, 3.0, 3.0, 1.5, 12.0, as_json)
 
 
@@ -560,7 +560,7 @@ async def huge_ingest(run: Run) -> Outcome:
     started = time.monotonic()
     big = await run.broadcast(big_body)
     refused_ms = (time.monotonic() - started) * 1000
-    batches = 2 if run.options.quick else 5
+    batches = 1 if run.options.quick else 2
     accepted = 0
     for _ in range(batches):
         answer = await run.broadcast(batch_body)

@@ -54,11 +54,16 @@ NO_CREDENTIALS = Credentials(user="")
 
 ORIGIN_REFUSED = b'{"message":"origin not allowed"}\n'
 CONNECTION_LIMIT = b'{"message":"connection limit"}\n'
+AMBIGUOUS_LENGTH = b'{"message":"both Content-Length and Transfer-Encoding given"}\n'
 
 
 def upgrade_refusal(runtime: Runtime, scope: dict[str, Any]) -> tuple[int, bytes] | None:
     """(status, body) when an upgrade on either path is refused before anything else:
-    an Origin outside allowed_origins (403), or the node's connection limit (503)."""
+    both Content-Length and Transfer-Encoding (400, as for any request), an Origin
+    outside allowed_origins (403), or the node's connection limit (503)."""
+    names = {name.lower() for name, _ in scope["headers"]}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, AMBIGUOUS_LENGTH
     patterns = runtime.origin_patterns
     if patterns:
         origin = next((v for k, v in scope["headers"] if k.lower() == b"origin"), None)

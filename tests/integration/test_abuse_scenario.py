@@ -2,9 +2,12 @@
 real `dex-shim serve` with bystanders on both protocols, and its verdict rules on
 literal numbers.
 
-The in-suite run allows P99_SLACK_MS over twice a bystander's baseline p99: this
-machine is shared and loaded, and a window of a second holds some fifty samples
-(the command itself allows no slack by default).
+The in-suite run allows P99_SLACK_MS over twice a bystander's baseline p99: the
+suite's machine is shared (other suites, the scenario's own flooding client and
+three bystander processes on two cores), and a window of under a second holds some
+forty samples; the command itself allows no slack by default. Half a second still
+catches what issue 10 measured before the fixes: a ping flood delaying a bystander
+by up to 1 s, a 100,000-item request blocking the loop for 6.2 s.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pytest
 from loadtests.abuse import QUICK, ProbeResult, judge, p99_limit_ms
 
 REPO = Path(__file__).resolve().parents[2]
-P99_SLACK_MS = 250.0
+P99_SLACK_MS = 500.0
 RUN_TIMEOUT_SECONDS = 150
 
 

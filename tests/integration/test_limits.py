@@ -500,3 +500,21 @@ async def test_subscribing_to_fresh_channels_leaves_no_stream_behind(
         assert not [m for m in ann.skipped if "unsubscribe" in m.get("push", {})]
         # Published to: task:first and the global channel.
         assert broker.stream_count == 2
+
+
+async def test_a_websocket_upgrade_with_both_lengths_is_refused(server: RunningServer) -> None:
+    for path in ("/connection/websocket", f"/api/v1/ws?token={server.token('ann')}"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode()
+            )
+            await writer.drain()
+            async with asyncio.timeout(TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 400"), head
