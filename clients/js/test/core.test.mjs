@@ -170,3 +170,29 @@ test('the router applies the served route table like the server', () => {
   assert.deepEqual(router.channels(m('approval.required', { user_id: 'u1' })), ['user:u1', 'global']);
   assert.deepEqual(router.channels(m('other.thing', {})), ['system', 'global']);
 });
+
+test('one kit per tab: every page shares one socket, the last release stops it for good', async () => {
+  sockets.length = 0;
+  const { acquireKit, sharedKit } = await import('../dist/index.js');
+  const options = {
+    baseUrl: 'http://127.0.0.1:2',
+    getToken: () => 'tok',
+    WebSocket: FakeSocket,
+    fetch: async () => ({ ok: true, json: async () => config() }),
+    configPollMs: 0,
+  };
+  const home = acquireKit(options, 20);
+  const detail = acquireKit(options, 20);
+  assert.equal(home.kit, detail.kit);
+  await tick();
+  assert.equal(sockets.length, 1, 'two pages, one connection');
+  home.release();
+  detail.release();
+  detail.release(); // a second release of the same hold changes nothing
+  assert.equal(sharedKit('http://127.0.0.1:2'), home.kit, 'kept for the linger time');
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  assert.equal(sharedKit('http://127.0.0.1:2'), null);
+  assert.equal(sockets[0].readyState, 3);
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  assert.equal(sockets.length, 1, 'nothing reconnects after the last page left');
+});
