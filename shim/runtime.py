@@ -18,8 +18,9 @@ from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy.session import LegacySession, LegacyStats
 from shim.broker import Broker, PresenceManager
-from shim.centrifuge import codec, codes
+from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession, State
+from shim.centrifuge.wire import WIRES
 from shim.config import Settings, origin_patterns
 from shim.cutover import CutoverState, Mode
 from shim.fallback.emulation import EmulationHub
@@ -161,12 +162,13 @@ class Runtime:
         config again (docs/client-kit.md): a `message` push to Centrifuge clients
         (SDKs without a message handler ignore it), a notice to legacy clients that
         opted in. The legacy hook never opts in and sees nothing."""
-        push = codec.encode_message_push(orjson.dumps({"cutover_version": version}))
+        data = orjson.dumps({"cutover_version": version})
+        pushes = [wire.encode_message_push(data) for wire in WIRES]
         for session in list(self.node.sessions):
             if isinstance(session, LegacySession):
                 session.cutover_changed(version)
             elif isinstance(session, CentrifugeSession) and session.state is State.CONNECTED:
-                session.enqueue(push)
+                session.enqueue(pushes[session.wire.index])
 
     def secrets(self) -> list[str]:
         """Strings that must never appear in a log line."""

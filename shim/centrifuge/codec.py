@@ -526,9 +526,9 @@ def encode_publication_push(channel: str, pub: Publication) -> str:
     return publication_push(channel, pub).decode()
 
 
-def encode_message_push(data: bytes) -> bytes:
+def encode_message_push(data: bytes) -> str:
     """An asynchronous message to the client (SDKs emit it as a `message` event)."""
-    return orjson.dumps({"push": {"message": {"data": _fragment(data)}}})
+    return _dumps({"push": {"message": {"data": _fragment(data)}}})
 
 
 def encode_join_push(channel: str, info: ClientInfo) -> str:

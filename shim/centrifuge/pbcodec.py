@@ -351,6 +351,13 @@ def publication_push(
     return varint(len(message)) + message
 
 
+def encode_message_push(data: bytes) -> bytes:
+    """An asynchronous message to the client (SDKs emit it as a `message` event)."""
+    reply = _Reply()
+    reply.push.message.data = data
+    return _reply(reply)
+
+
 def encode_join_push(channel: str, info: ClientInfo) -> bytes:
     reply = _Reply()
     reply.push.channel = channel

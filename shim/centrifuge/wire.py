@@ -89,6 +89,8 @@ class Wire(Protocol):
         """A publication to a delta subscriber: in full when `patch` is None, else as
         that fossil delta; None when this wire cannot carry the patch."""
 
+    def encode_message_push(self, data: bytes) -> bytes: ...
+
     def encode_join_push(self, channel: str, info: ClientInfo) -> bytes: ...
 
     def encode_leave_push(self, channel: str, info: ClientInfo) -> bytes: ...
@@ -173,6 +175,9 @@ class _CodecWire:
 
     def encode_rpc_result(self, command_id: int, **fields: Any) -> bytes:
         return self._bytes(self._codec.encode_rpc_result(command_id, **fields))
+
+    def encode_message_push(self, data: bytes) -> bytes:
+        return self._bytes(self._codec.encode_message_push(data))
 
     def encode_join_push(self, channel: str, info: ClientInfo) -> bytes:
         return self._bytes(self._codec.encode_join_push(channel, info))

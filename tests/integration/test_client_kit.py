@@ -14,16 +14,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import centrifuge.protocol.client_pb2 as sdk  # type: ignore[import-untyped]
 import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from loadtests.rehearsal import Plan, rehearse, render
+from shim.centrifuge import pbcodec
 from tests.conftest import ADMIN_KEY, RunningServer
 from tests.integration.test_console import Browser, browser_available
 from tests.legacyclient import legacy_url
 from tests.multinode import ClusterKeys, NodeProcess, spawn_node
+from tests.rawcentrifuge import raw_client
 
 KIT = Path(__file__).resolve().parents[2] / "clients" / "js"
 PAGE_DIR = KIT / "test" / "page"
@@ -135,6 +138,24 @@ async def test_publications_carry_legacy_top_level_ids_as_tags(server: RunningSe
         assert message == {
             "push": {"message": {"data": {"cutover_version": server.runtime.cutover.version}}}
         }
+
+
+async def test_protobuf_clients_hear_flag_changes_in_protobuf(server: RunningServer) -> None:
+    async with raw_client(server.ws_url, server.token(), "protobuf") as client:
+        response = await server.http.post(
+            "/api/v1/admin/cutover",
+            json={"channels_percent": 1},
+            headers={"X-Admin-Key": ADMIN_KEY},
+        )
+        assert response.status_code == 200
+        frame = await asyncio.wait_for(client.ws.recv(), 5)
+        assert isinstance(frame, bytes)
+        (raw,) = pbcodec.split_frame(frame)
+        message = sdk.Reply.FromString(raw).push.message
+        assert orjson.loads(message.data) == {"cutover_version": server.runtime.cutover.version}
+        # The connection goes on: a subscribe is answered.
+        await client.send({"id": 2, "subscribe": {"channel": "global"}})
+        assert "subscribe" in (await client.replies())[0]
 
 
 async def test_realtime_config_serves_the_route_table(server: RunningServer) -> None:

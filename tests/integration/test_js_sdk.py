@@ -17,7 +17,7 @@ import pytest
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
 from shim.config import Settings
-from tests.conftest import RunningServer, run_server, sessions_of
+from tests.conftest import ADMIN_KEY, RunningServer, run_server, sessions_of
 from tests.conventions import centrifugo_conventions, publish_api, with_quest_delta
 from tests.jsclient import Event, JsClient, JsError
 from tests.pyclient import CODECS, OUTAGES, cut_off, use_codec
@@ -465,3 +465,22 @@ async def test_centrifugo_personal_and_user_limited_channels(
             refused = await js.wait_event(on(channel, "sub.unsubscribed"), timeout=5)
             assert refused["code"] == codes.PERMISSION_DENIED.code, channel
         assert (await js.call("state"))["client"] == "connected"
+
+
+async def test_a_flag_change_reaches_the_sdk_as_a_message(server: RunningServer) -> None:
+    async with JsClient(server.ws_url, server.token("alice")) as js:
+        await connect(js)
+        response = await server.http.post(
+            "/api/v1/admin/cutover",
+            json={"channels_percent": 5},
+            headers={"X-Admin-Key": ADMIN_KEY},
+        )
+        assert response.status_code == 200
+        message = await js.wait_event("message", timeout=5)
+        assert message["data"] == {"cutover_version": server.runtime.cutover.version}
+        # The connection goes on: a subscription is served on it.
+        await subscribe(js, "task:t1")
+        await broadcast_ok(server, task_event("t1", 1))
+        pub = await js.wait_event(on("task:t1", "sub.publication"), timeout=5)
+        assert pub["data"]["seq"] == 1
+        assert not js.find_events("disconnected")

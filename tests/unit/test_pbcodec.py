@@ -8,6 +8,7 @@ import contextlib
 from typing import Any
 
 import centrifuge.protocol.client_pb2 as sdk  # type: ignore[import-untyped]
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -204,3 +205,12 @@ def test_wire_selection_as_centrifugo(
 ) -> None:
     chosen, subprotocol = select(query, offered)
     assert (chosen.name, subprotocol) == (wire, answer)
+
+
+def test_message_push_decodes_with_the_sdk_classes() -> None:
+    (reply,) = replies(PROTOBUF.encode_message_push(b'{"cutover_version":3}'))
+    assert reply.id == 0
+    assert reply.push.message.data == b'{"cutover_version":3}'
+    assert orjson.loads(JSON.encode_message_push(b'{"cutover_version":3}')) == {
+        "push": {"message": {"data": {"cutover_version": 3}}}
+    }
