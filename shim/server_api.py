@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import hmac
 import logging
 import time
@@ -271,7 +272,7 @@ class ServerApi:
                 return {"error": exc.as_dict()}
             return {"result": result}
 
-        return {"responses": list(await asyncio.gather(*(one(c) for c in channels)))}
+        return {"responses": await _gather_paced([functools.partial(one, c) for c in channels])}
 
     # -- user connections ---------------------------------------------------------------
 
@@ -465,7 +466,7 @@ class ServerApi:
             raise BadBody("commands: wrong type")
         self._check_size("commands", len(commands))
         if parallel:
-            replies = await asyncio.gather(*(self._batch_one(c) for c in commands))
+            replies = await _gather_paced([functools.partial(self._batch_one, c) for c in commands])
             return {"replies": list(replies)}
         answers = []
         pacer = Pacer()  # deliveries and other requests go on during a long batch
@@ -500,6 +501,22 @@ class ServerApi:
 # --- server-side subscriptions of a live session ---------------------------------------
 # These use the session's own subscribe/unsubscribe steps (`_open`, `_announce`,
 # `_drop_subscription`); they belong on CentrifugeSession as public methods.
+
+
+# Concurrent commands of one request started together (Redis round trips overlap).
+GATHER_CHUNK = 100
+
+
+async def _gather_paced(calls: list[Callable[[], Awaitable[Result]]]) -> list[Result]:
+    """Run `calls` concurrently a chunk at a time, pausing between chunks (see Pacer):
+    gathering a thousand at once would run them all in one loop iteration."""
+    results: list[Result] = []
+    pacer = Pacer()
+    for start in range(0, len(calls), GATHER_CHUNK):
+        chunk = calls[start : start + GATHER_CHUNK]
+        results += await asyncio.gather(*(call() for call in chunk))
+        await pacer.tick()
+    return results
 
 
 # --- HTTP ------------------------------------------------------------------------------
