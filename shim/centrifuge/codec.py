@@ -327,6 +327,21 @@ def client_info_dict(info: ClientInfo) -> dict[str, Any]:
     return body
 
 
+def publication_tags(pub: Publication) -> dict[str, str] | None:
+    """The legacy envelope's top-level routing fields, which the flat data does not
+    keep (the client kit rebuilds the legacy message from data and these); None for
+    a publication without them. Both wires send them as the publication's tags."""
+    legacy = pub.legacy
+    if legacy is None or not (legacy.task_id or legacy.project_id):
+        return None
+    tags = {}
+    if legacy.task_id:
+        tags["task_id"] = legacy.task_id
+    if legacy.project_id:
+        tags["project_id"] = legacy.project_id
+    return tags
+
+
 def publication_dict(pub: Publication) -> dict[str, Any]:
     """A Publication in proto field order; `time` left out (SDKs ignore it)."""
     body: dict[str, Any] = {}
@@ -336,15 +351,8 @@ def publication_dict(pub: Publication) -> dict[str, Any]:
         body["info"] = client_info_dict(pub.info)
     if pub.offset:
         body["offset"] = pub.offset
-    legacy = pub.legacy
-    if legacy is not None and (legacy.task_id or legacy.project_id):
-        # The legacy envelope's top-level routing fields, which the flat data does not
-        # keep: the client kit rebuilds the legacy message from data and these.
-        tags = {}
-        if legacy.task_id:
-            tags["task_id"] = legacy.task_id
-        if legacy.project_id:
-            tags["project_id"] = legacy.project_id
+    tags = publication_tags(pub)
+    if tags is not None:
         body["tags"] = tags
     return body
 

@@ -32,6 +32,7 @@ from shim.centrifuge.codec import (
     SubRefreshRequest,
     SubscribeRequest,
     UnsubscribeRequest,
+    publication_tags,
 )
 from shim.centrifuge.codes import DisconnectCode, ErrorCode, UnsubscribeCode
 
@@ -201,6 +202,9 @@ def fill_publication(
         fill_client_info(target.info, pub.info)
     if pub.offset:
         target.offset = pub.offset
+    tags = publication_tags(pub)
+    if tags is not None:
+        target.tags.update(tags)
     if delta:
         target.delta = True
 

@@ -484,3 +484,14 @@ async def test_a_flag_change_reaches_the_sdk_as_a_message(server: RunningServer)
         pub = await js.wait_event(on("task:t1", "sub.publication"), timeout=5)
         assert pub["data"]["seq"] == 1
         assert not js.find_events("disconnected")
+
+
+async def test_publications_carry_the_legacy_routing_ids_as_tags(server: RunningServer) -> None:
+    async with JsClient(server.ws_url, server.token("alice")) as js:
+        await connect(js)
+        await subscribe(js, "global")
+        event = {"type": "session.started", "payload": {"session_id": "s1"}, "task_id": "t9"}
+        await broadcast_ok(server, event)
+        pub = await js.wait_event(on("global", "sub.publication"), timeout=5)
+        assert pub["tags"] == {"task_id": "t9"}
+        assert pub["data"]["session_id"] == "s1"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
+from shim.broker import ClientInfo, LegacyTag, PresenceStats, Publication, StreamPosition
 from shim.centrifuge import codes, pbcodec
 from shim.centrifuge.codec import (
     Command,
@@ -214,3 +214,18 @@ def test_message_push_decodes_with_the_sdk_classes() -> None:
     assert orjson.loads(JSON.encode_message_push(b'{"cutover_version":3}')) == {
         "push": {"message": {"data": {"cutover_version": 3}}}
     }
+
+
+def test_legacy_routing_ids_travel_as_tags_on_both_wires() -> None:
+    legacy = LegacyTag(event_id="e1", frame=b"{}", task_id="t9", project_id="p2")
+    pub = Publication(data=b'{"x":1}', offset=4, legacy=legacy)
+    (reply,) = replies(PROTOBUF.publication_push("task:t9", pub))
+    assert dict(reply.push.pub.tags) == {"task_id": "t9", "project_id": "p2"}
+    json_pub = orjson.loads(JSON.publication_push("task:t9", pub))["push"]["pub"]
+    assert json_pub["tags"] == {"task_id": "t9", "project_id": "p2"}
+    (history,) = replies(
+        PROTOBUF.encode_history_result(1, publications=[pub], position=StreamPosition(4, "e"))
+    )
+    assert dict(history.history.publications[0].tags) == {"task_id": "t9", "project_id": "p2"}
+    (untagged,) = replies(PROTOBUF.publication_push("task:t9", Publication(data=b"{}")))
+    assert not untagged.push.pub.tags
