@@ -379,13 +379,8 @@ class ChannelAuthorizer:
     async def authorize_subscribe(
         self, credentials: Credentials, channel: str, client_id: str
     ) -> Decision:
-        if (
-            channel == PERSONAL_FANOUT_CHANNEL
-            or self.personal(channel)
-            or self.user_limited(channel)
-        ):
-            decision = self.decide_now(credentials, channel)
-            assert decision is not None
+        decision = self.decide_now(credentials, channel)
+        if decision is not None:
             return decision
         try:
             return await self._policy.can_subscribe(credentials, channel, client_id)
