@@ -78,6 +78,9 @@ class StepResult:
     out_of_order: int
     switch_ms: list[float] = field(default_factory=list)
     peak_connections: int = 0
+    # What the kits reported: positions no connection could provide, and reconnects.
+    gaps: int = 0
+    reconnects: int = 0
     settled: bool = True
     restarted: bool = False
 
@@ -102,7 +105,7 @@ def quantile_ms(values: Sequence[float], q: float) -> float | None:
 def render(title: str, results: Sequence[StepResult]) -> str:
     head = (
         f"{'step':<9} {'legacy':>6} {'channels':>8} {'switches':>9} {'lost':>5} {'dup':>4} "
-        f"{'ooo':>4} {'p50 ms':>7} {'p99 ms':>7} {'peak/user':>9}  verdict"
+        f"{'ooo':>4} {'p50 ms':>7} {'p99 ms':>7} {'peak/user':>9} {'gaps':>5} {'reconn':>6}  verdict"
     )
     lines = [title, head]
     for r in results:
@@ -114,7 +117,7 @@ def render(title: str, results: Sequence[StepResult]) -> str:
             f"{r.name:<9} {r.legacy:>6} {r.channels:>8} "
             f"{f'{r.switches}/{r.expected_switches}':>9} {r.lost:>5} {r.duplicated:>4} "
             f"{r.out_of_order:>4} {'-' if p50 is None else p50:>7} {'-' if p99 is None else p99:>7} "
-            f"{r.peak_connections:>9}  {note}"
+            f"{r.peak_connections:>9} {r.gaps:>5} {r.reconnects:>6}  {note}"
         )
     return "\n".join(lines)
 
@@ -251,7 +254,7 @@ async def restart(
     fresh = await spawn_node(
         node.name, node.keys, workdir, redis_urls=redis_urls, settings=settings
     )
-    await fresh.wait_ready()
+    await fresh.wait_ready(timeout=60)
     return fresh
 
 
@@ -421,6 +424,8 @@ async def finish_step(
     result.switches += metrics["switches"]
     result.switch_ms += metrics["switchMs"]
     result.peak_connections = max(result.peak_connections, metrics["peakConnectionsPerUser"])
+    result.gaps += metrics["gaps"]
+    result.reconnects += metrics["reconnects"]
 
 
 _totals: dict[str, int] = {"lost": 0, "duplicated": 0, "outOfOrder": 0}

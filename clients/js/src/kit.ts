@@ -167,12 +167,19 @@ export class RealtimeKit {
     return { ...this.counts, switchMs: [...this.counts.switchMs], protocol: this.desired, state: this.state };
   }
 
-  /** The metrics, then start a new period for switches, their times and the peak. */
+  /** The metrics, then start a new period: every counter and the peak start over. */
   takeMetrics(): KitMetrics {
     const snapshot = this.metrics();
-    this.counts.switches = 0;
-    this.counts.switchMs = [];
-    this.counts.peakConnections = this.counts.connections;
+    Object.assign(this.counts, {
+      switches: 0,
+      switchMs: [],
+      delivered: 0,
+      duplicatesDropped: 0,
+      gaps: 0,
+      skippedOffsets: 0,
+      reconnects: 0,
+      peakConnections: this.counts.connections,
+    });
     return snapshot;
   }
 

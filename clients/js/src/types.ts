@@ -54,7 +54,8 @@ export interface Delivery {
   protocol: Protocol;
 }
 
-/** What the kit reports about itself (for the page's telemetry). */
+/** What the kit reports about itself (for the page's telemetry): counts since the last
+ *  `takeMetrics()` (or the start). */
 export interface KitMetrics {
   protocol: Protocol | null;
   state: ConnectionState;
