@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -105,33 +106,10 @@ async def memory_engine() -> AsyncIterator[EngineUnderTest]:
 
 
 @asynccontextmanager
-async def redis_engine() -> AsyncIterator[EngineUnderTest]:
-    """A fresh redis-server per test; time passes for real."""
-    async with RedisServer() as server:
-        broker = RedisBroker([server.url])
-        presence = RedisPresenceManager([server.url])
-        handler = RecordingHandler()
-        await broker.start(handler)
-        try:
-            yield EngineUnderTest(
-                broker=broker,
-                presence=presence,
-                handler=handler,
-                advance_time=asyncio.sleep,
-                synchronous_delivery=False,
-            )
-        finally:
-            await broker.close()
-            await presence.close()
-
-
-@asynccontextmanager
-async def redis_cluster_engine(cluster: RedisClusterProcesses) -> AsyncIterator[EngineUnderTest]:
-    """The session's three-master Redis Cluster, a fresh key prefix per test; sharded
-    pub/sub (the servers are Redis 7)."""
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    broker = RedisBroker(cluster.seed_urls, prefix=prefix, cluster=True)
-    presence = RedisPresenceManager(cluster.seed_urls, prefix=prefix, cluster=True)
+async def _redis_engine_on(urls: list[str], **options: Any) -> AsyncIterator[EngineUnderTest]:
+    """The Redis engine (broker and presence) on `urls`; time passes for real."""
+    broker = RedisBroker(urls, **options)
+    presence = RedisPresenceManager(urls, **options)
     handler = RecordingHandler()
     await broker.start(handler)
     try:
@@ -145,6 +123,22 @@ async def redis_cluster_engine(cluster: RedisClusterProcesses) -> AsyncIterator[
     finally:
         await broker.close()
         await presence.close()
+
+
+@asynccontextmanager
+async def redis_engine() -> AsyncIterator[EngineUnderTest]:
+    """A fresh redis-server per test."""
+    async with RedisServer() as server, _redis_engine_on([server.url]) as engine:
+        yield engine
+
+
+@asynccontextmanager
+async def redis_cluster_engine(cluster: RedisClusterProcesses) -> AsyncIterator[EngineUnderTest]:
+    """The session's three-master Redis Cluster, a fresh key prefix per test; sharded
+    pub/sub (the servers are Redis 7)."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with _redis_engine_on(cluster.seed_urls, prefix=prefix, cluster=True) as engine:
+        yield engine
 
 
 ENGINE_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[EngineUnderTest]]] = {
