@@ -209,30 +209,30 @@ def fill_publication(
         target.delta = True
 
 
+# SubscribeResult's scalar fields, in the order of client.proto; each is set only when
+# the result has a value for it.
+_SUBSCRIBE_RESULT_FIELDS = (
+    "expires",
+    "ttl",
+    "recoverable",
+    "epoch",
+    "recovered",
+    "offset",
+    "positioned",
+    "data",
+    "was_recovering",
+    "delta",
+)
+
+
 def _fill_subscribe_result(target: Any, result: Mapping[str, Any]) -> None:
     """`result` holds subscribe_result fields; `publications` are (pub, delta data or None)."""
-    if result.get("expires"):
-        target.expires = True
-    if result.get("ttl"):
-        target.ttl = result["ttl"]
-    if result.get("recoverable"):
-        target.recoverable = True
-    if result.get("epoch"):
-        target.epoch = result["epoch"]
+    for name in _SUBSCRIBE_RESULT_FIELDS:
+        value = result.get(name)
+        if value:
+            setattr(target, name, value)
     for pub, patch in result.get("publications", ()):
         fill_publication(target.publications.add(), pub, patch, patch is not None)
-    if result.get("recovered"):
-        target.recovered = True
-    if result.get("offset"):
-        target.offset = result["offset"]
-    if result.get("positioned"):
-        target.positioned = True
-    if result.get("data"):
-        target.data = result["data"]
-    if result.get("was_recovering"):
-        target.was_recovering = True
-    if result.get("delta"):
-        target.delta = True
 
 
 def encode_reply(command_id: int, result_name: str, result: Mapping[str, Any]) -> bytes:
