@@ -177,10 +177,16 @@ def partition_of(channel: str, partitions: int) -> int:
     return fnv1a_64(channel.encode()) % partitions
 
 
+def id_position(entry_id: str) -> tuple[int, int]:
+    """(milliseconds, sequence) of a stream entry id; ValueError if it is none."""
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
 def next_id(entry_id: str) -> str:
     """The smallest stream id after `entry_id` (for XTRIM MINID)."""
-    ms, seq = entry_id.split("-")
-    return f"{ms}-{int(seq) + 1}"
+    ms, seq = id_position(entry_id)
+    return f"{ms}-{seq + 1}"
 
 
 def _text(value: Any, default: str = "") -> str:
@@ -188,12 +194,6 @@ def _text(value: Any, default: str = "") -> str:
     if value is None:
         return default
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def id_position(entry_id: str) -> tuple[int, int]:
-    """(milliseconds, sequence) of a stream entry id; ValueError if it is none."""
-    ms, seq = entry_id.split("-")
-    return int(ms), int(seq)
 
 
 async def backlog(redis: Redis, key: str) -> int:
