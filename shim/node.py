@@ -45,7 +45,8 @@ class ChannelSubscriber(Protocol):
     # Wants fossil deltas: the channel then remembers its last publication.
     delta: bool
 
-    def deliver(self, pub: Publication, epoch: str, prepared: PreparedPublication) -> None: ...
+    def deliver(self, epoch: str, prepared: PreparedPublication) -> None:
+        """`prepared.pub`, made in `epoch` of the channel's stream."""
 
     def deliver_control(self, control: PreparedControl) -> None: ...
 
@@ -388,7 +389,7 @@ class Node:
                 entry.last = pub
             subscribers = list(entry.subscribers)
             for subscriber in subscribers:
-                subscriber.deliver(pub, epoch, prepared)
+                subscriber.deliver(epoch, prepared)
             counters.publications["channels"] += 1
             counters.deliveries["channels"] += len(subscribers)
         if entry.legacy and pub.legacy is None and pub.offset:

@@ -148,14 +148,15 @@ class Subscription:
         self.delta = False
         self.delta_last: Publication | None = None
         # Publications that arrive while the subscribe reply is being prepared; None once live.
-        self.buffer: list[tuple[Publication, str, PreparedPublication]] | None = []
+        self.buffer: list[tuple[str, PreparedPublication]] | None = []
 
     # ChannelSubscriber (called by the node on the publish path: append only).
 
-    def deliver(self, pub: Publication, epoch: str, prepared: PreparedPublication) -> None:
+    def deliver(self, epoch: str, prepared: PreparedPublication) -> None:
         if self.buffer is not None:
-            self.buffer.append((pub, epoch, prepared))
+            self.buffer.append((epoch, prepared))
             return
+        pub = prepared.pub
         if self.positioned and pub.offset:
             if epoch != self.epoch or pub.offset != self.offset + 1:
                 if self.offset == 0 and pub.offset == 1:
@@ -187,10 +188,10 @@ class Subscription:
         self.epoch, self.offset = position.epoch, position.offset
         if self.delta_last is not None:
             self.session.node.seed_delta_base(self.channel, self.delta_last)
-        for pub, epoch, prepared in buffered:
+        for epoch, prepared in buffered:
             if self.session.state is State.CLOSED:
                 return
-            self.deliver(pub, epoch, prepared)
+            self.deliver(epoch, prepared)
 
 
 class CentrifugeSession:
