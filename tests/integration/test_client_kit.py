@@ -231,10 +231,12 @@ def flip_event(seq: int) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.skipif(not browser_available(), reason="make test installs node, Chromium")
 async def test_a_page_flipped_between_protocols_gets_every_event_once_in_order(
     tmp_path: Path,
 ) -> None:
+    assert browser_available(), (
+        "needs node, tests/js packages and Chromium (make test installs them)"
+    )
     assert kit_built(), "make kit builds clients/js (make test does)"
     keys = ClusterKeys.generate()
     node = await spawn_node("kit-page", keys, tmp_path / "node")
