@@ -24,10 +24,10 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -489,6 +489,39 @@ class CentrifugeClient:
                 await self.reader
 
 
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+async def open_gated(
+    count: int, concurrency: int, open_one: Callable[[int], Awaitable[C]], what: str
+) -> list[C]:
+    """`count` clients from `open_one(index)`, at most `concurrency` handshakes in
+    flight so the listen backlog never overflows; one failure closes the others."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(index: int) -> C:
+        async with gate:
+            return await open_one(index)
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    clients = [o for o in outcomes if not isinstance(o, BaseException)]
+    if failures:
+        await close_clients(clients)
+        raise RuntimeError(f"{what}: {len(failures)} of {count} failed to open") from failures[0]
+    return clients
+
+
+async def close_clients(clients: Sequence[Closable]) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
 async def open_clients(
     server: ServerProcess,
     *,
@@ -498,28 +531,13 @@ async def open_clients(
     tally: Tally,
     options: Options,
 ) -> list[CentrifugeClient]:
-    """`count` connected, subscribed clients (each its own user), at most
-    `connect_concurrency` handshakes in flight so the listen backlog never overflows."""
-    gate = asyncio.Semaphore(options.connect_concurrency)
+    """`count` connected, subscribed clients, each its own user."""
 
     async def one(index: int) -> CentrifugeClient:
-        async with gate:
-            token = server.token(f"{user_prefix}-{index}")
-            return await CentrifugeClient.open(server.ws_url, token, channel, tally)
+        token = server.token(f"{user_prefix}-{index}")
+        return await CentrifugeClient.open(server.ws_url, token, channel, tally)
 
-    outcomes = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
-    clients = [o for o in outcomes if isinstance(o, CentrifugeClient)]
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    if failures:
-        await close_clients(clients)
-        raise RuntimeError(f"{len(failures)} of {count} clients failed to open") from failures[0]
-    return clients
-
-
-async def close_clients(clients: Sequence[CentrifugeClient]) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(30):
-            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    return await open_gated(count, options.connect_concurrency, one, "clients")
 
 
 class Publisher:

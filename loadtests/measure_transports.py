@@ -44,6 +44,8 @@ from loadtests.measure_core import (
     Publisher,
     ServerProcess,
     Tally,
+    close_clients,
+    open_gated,
     percentile,
     raise_fd_limit,
     run_client_loop,
@@ -293,25 +295,10 @@ async def open_clients(
     tally: Tally,
     options: Options,
 ) -> list[Client]:
-    gate = asyncio.Semaphore(options.connect_concurrency)
-
     async def one(index: int) -> Client:
-        async with gate:
-            return await open_client(transport, server, f"{prefix}-{index}", channel, tally, http)
+        return await open_client(transport, server, f"{prefix}-{index}", channel, tally, http)
 
-    outcomes = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
-    clients = [o for o in outcomes if isinstance(o, Client)]
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    if failures:
-        await close_clients(clients)
-        raise RuntimeError(f"{transport}: {len(failures)} of {count} failed") from failures[0]
-    return clients
-
-
-async def close_clients(clients: Sequence[Client]) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(30):
-            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    return await open_gated(count, options.connect_concurrency, one, transport)
 
 
 # --- one transport ----------------------------------------------------------------
