@@ -773,18 +773,23 @@ def _run(options: Options) -> list[ModeResult]:
     return run_client_loop(run_measurements(options))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    options, json_output = parse_args(argv)
-    results = _run(options)
-    if json_output:
-        print(orjson.dumps(as_json(results), option=orjson.OPT_INDENT_2).decode())
+def report(json_body: Any | None, table: str, lost: int) -> int:
+    """Print the JSON body (when asked for) or the table; exit status 1 on any loss."""
+    if json_body is not None:
+        print(orjson.dumps(json_body, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(render_table(results))
-    lost = sum(r.lost for r in results)
+        print(table)
     if lost:
         print(f"LOST {lost} deliveries", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, json_output = parse_args(argv)
+    results = _run(options)
+    body = as_json(results) if json_output else None
+    return report(body, render_table(results), sum(r.lost for r in results))
 
 
 if __name__ == "__main__":

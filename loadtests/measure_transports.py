@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from loadtests.measure_core import (
     open_gated,
     percentile,
     raise_fd_limit,
+    report,
     run_client_loop,
     sent_times,
     settled_rss,
@@ -69,7 +71,7 @@ SERVER_SETTINGS = (
 # --- clients --------------------------------------------------------------------
 
 
-class Client:
+class Client(ABC):
     """One connection of any transport: connected and subscribed once `open` returns,
     then it notes each publication's delay and answers pings (emulated ones through
     POST /emulation, unidirectional ones need not)."""
@@ -92,8 +94,8 @@ class Client:
                 await self.reader
         await self._close_connection()
 
-    async def _close_connection(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def _close_connection(self) -> None: ...
 
 
 class WebSocketClient(Client):
@@ -498,18 +500,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, list[str], int, boo
 def main(argv: Sequence[str] | None = None) -> int:
     options, transports, rounds, json_output = parse_args(argv)
     results = run_client_loop(run_measurements(options, transports, rounds))
-    if json_output:
-        body = [
-            {"lost": r.lost, **{f: getattr(r, f) for f in r.__dataclass_fields__}} for r in results
-        ]
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(render_table(results))
-    lost = sum(r.lost for r in results)
-    if lost:
-        print(f"LOST {lost} deliveries", file=sys.stderr)
-        return 1
-    return 0
+    body = (
+        [{"lost": r.lost, **{f: getattr(r, f) for f in r.__dataclass_fields__}} for r in results]
+        if json_output
+        else None
+    )
+    return report(body, render_table(results), sum(r.lost for r in results))
 
 
 if __name__ == "__main__":
