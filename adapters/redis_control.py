@@ -24,8 +24,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shim.broker import BrokerUnavailable
-from shim.cutover import CutoverState
+from shim.core.broker import BrokerUnavailable
+from shim.core.cutover import CutoverState
 
 log = logging.getLogger("shim.control")
 

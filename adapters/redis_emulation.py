@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from shim.broker import BrokerUnavailable
+from shim.core.broker import BrokerUnavailable
 
 log = logging.getLogger("shim.emulation")
 

@@ -16,9 +16,9 @@ import timeit
 
 import orjson
 
-from shim.broker import Publication
 from shim.centrifuge.fanout import PreparedPublication
 from shim.centrifuge.wire import JSON, PROTOBUF, fossil_patch
+from shim.core.broker import Publication
 from tests.streams import content_event
 
 SUBSCRIBERS = 1000

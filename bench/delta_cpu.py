@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from shim.config import Settings
+from shim.core.config import Settings
 from tests.multinode import NodeProcess, start_nodes
 from tests.rawcentrifuge import RawClient, raw_client
 from tests.streams import content_event

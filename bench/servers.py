@@ -143,7 +143,7 @@ def _shim_command() -> list[str]:
     script = Path(sys.executable).with_name("dex-shim")
     if script.exists():
         return [str(script), "serve"]
-    return [sys.executable, "-m", "shim.cli", "serve"]
+    return [sys.executable, "-m", "shim.app.cli", "serve"]
 
 
 CENTRIFUGE_DIR = ROOT / "bench" / "peers" / "centrifuge_go"

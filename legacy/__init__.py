@@ -1,1 +1,2 @@
-"""The legacy Dex hub protocol: its wire encoding, translation to events, and its sessions."""
+"""The legacy Dex hub protocol: its wire encoding, commands, reads and sessions.
+Imports only `shim.core`."""

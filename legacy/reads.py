@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 
 from adapters.auth.jwt import Credentials
-from shim.policy import ChannelAuthorizer, Decision
+from shim.core.policy import ChannelAuthorizer, Decision
 
 # Channels whose answers one client keeps; past it they are all forgotten (and
 # asked again when needed), so a `*` client seeing endless fresh task ids stays small.

@@ -37,12 +37,12 @@ from typing import Protocol
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
 from legacy.reads import LegacyReads
 from legacy.wire import encode_go_json, now_timestamp
-from shim.broker import LegacyTag, StreamPosition
-from shim.hypercorn_compat import Liveness
-from shim.limits import TokenBucket, Verdict
-from shim.node import Node
-from shim.outbox import Outbox
-from shim.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.broker import LegacyTag, StreamPosition
+from shim.core.limits import TokenBucket, Verdict
+from shim.core.node import Node
+from shim.core.outbox import Outbox
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL
+from shim.transport.hypercorn_compat import Liveness
 
 log = logging.getLogger("shim.legacy")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from shim.events import Event
+from shim.core.events import Event
 
 _EPOCH = datetime(1970, 1, 1)
 _NS_PER_SECOND = 1_000_000_000

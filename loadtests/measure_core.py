@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from adapters.auth.jwt import generate_signing_key, mint_token
-from shim.config import ENV_PREFIX
+from shim.core.config import ENV_PREFIX
 
 ALGORITHM = "EdDSA"
 IDLE_CHANNEL_KEY = "idle"  # task:idle, via the default `task.` route
@@ -288,7 +288,7 @@ def _server_command() -> list[str]:
     script = Path(sys.executable).with_name("dex-shim")
     if script.exists():
         return [str(script), "serve"]
-    return [sys.executable, "-m", "shim.cli", "serve"]
+    return [sys.executable, "-m", "shim.app.cli", "serve"]
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:

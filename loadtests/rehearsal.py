@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from loadtests.measure_core import percentile
-from shim.cutover import CutoverState, Protocol
+from shim.core.cutover import CutoverState, Protocol
 from tests.jsclient import node_binary
 from tests.multinode import ClusterKeys, NodeProcess, spawn_node
 from tests.redis_server import RedisServer

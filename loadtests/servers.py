@@ -204,7 +204,7 @@ def _start_node(
     log_path = workdir / "node.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shim.cli", "serve"],
+            [sys.executable, "-m", "shim.app.cli", "serve"],
             cwd=workdir,
             env=node_env(keys, workdir, redis_urls=redis_urls, settings=settings),
             stdin=subprocess.DEVNULL,

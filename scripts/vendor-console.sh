@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Vendors the centrifuge-js browser bundle into the operator console's static files.
 #
-# shim/console/static/vendor/ is committed build output of a pinned npm package, so the
+# shim/app/console/static/vendor/ is committed build output of a pinned npm package, so the
 # service serves the console with no node toolchain at install or run time. To update,
 # change VERSION below (keep tests/js/package.json on the same version) and rerun:
 #

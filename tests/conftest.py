@@ -16,11 +16,11 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from adapters.auth.jwt import generate_signing_key, mint_token
-from shim.app import create_app
+from shim.app.asgi import create_app
+from shim.app.runtime import Runtime
+from shim.app.server import bind_socket, serve_app
 from shim.centrifuge.session import CentrifugeSession
-from shim.config import Settings, load_settings
-from shim.runtime import Runtime
-from shim.server import bind_socket, serve_app
+from shim.core.config import Settings, load_settings
 from tests.multinode import KEEPALIVE_UNDER_SERVERS
 
 API_KEY = "test-api-key-0123456789-abcdefghijklmnop"
@@ -199,7 +199,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import logging
     import tempfile
 
-    from shim.logs import JsonFormatter
+    from shim.app.logs import JsonFormatter
 
     handle = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     handler = logging.StreamHandler(handle)
@@ -217,8 +217,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import logging
     import os
 
-    from shim.cli import log_secrets
-    from shim.logs import Redactor
+    from shim.app.cli import log_secrets
+    from shim.app.logs import Redactor
 
     handle, handler = _RUN_LOG.get("handle"), _RUN_LOG.get("handler")
     if handle is None:

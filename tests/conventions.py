@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from shim.config import NamespaceOptions, Settings
+from shim.core.config import NamespaceOptions, Settings
 from tests.conftest import API_KEY, RunningServer
 
 

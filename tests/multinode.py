@@ -196,7 +196,7 @@ def _server_command() -> list[str]:
     script = Path(sys.executable).with_name("dex-shim")
     if script.exists():
         return [str(script), "serve"]
-    return [sys.executable, "-m", "shim.cli", "serve"]
+    return [sys.executable, "-m", "shim.app.cli", "serve"]
 
 
 def _log_file(workdir: Path) -> Path:

@@ -35,7 +35,7 @@ from centrifuge import (
 
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
-from shim.edge import SocketPump
+from shim.transport.edge import SocketPump
 
 # The wire formats every SDK-facing test runs in (see `use_codec`).
 CODECS = ("json", "protobuf")

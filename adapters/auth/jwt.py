@@ -32,10 +32,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from shim.config import ConfigError
+from shim.core.config import ConfigError
 
 if TYPE_CHECKING:
-    from shim.config import Settings
+    from shim.core.config import Settings
 
 ALGORITHMS = ("EdDSA", "HS256", "RS256", "ES256")
 # RFC 7518 3.2 (HMAC key >= hash size) and NIST SP 800-131A (RSA >= 2048 bits); checked

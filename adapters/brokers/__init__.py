@@ -1,1 +1,1 @@
-"""Engine implementations of shim.broker's Broker and PresenceManager."""
+"""Engine implementations of shim.core.broker's Broker and PresenceManager."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 
-from shim.broker import (
+from shim.core.broker import (
     BrokerEventHandler,
     BrokerUnavailable,
     ClientInfo,

@@ -46,10 +46,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from adapters.brokers.redis.keys import fnv1a_64
-from legacy.translate import Accepted, BroadcastError, parse_broadcast
-from shim.broker import Fence
-from shim.events import Event
-from shim.ingest import Ingestor
+from shim.core.broadcast import Accepted, BroadcastError, parse_broadcast
+from shim.core.broker import Fence
+from shim.core.events import Event
+from shim.core.ingest import Ingestor
 
 log = logging.getLogger("shim.ingest.stream")
 

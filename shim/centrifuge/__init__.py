@@ -1,1 +1,3 @@
-"""The Centrifuge client protocol v2 (JSON): codes, codec and the session state machine."""
+"""The Centrifuge client protocol v2 (JSON and Protobuf): codes, codecs, the session
+state machine and the framing of its HTTP-streaming, SSE and emulation transports.
+Imports only `shim.core`."""

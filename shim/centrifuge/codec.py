@@ -14,8 +14,8 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 from shim.centrifuge.codes import BAD_PROTOCOL, DisconnectCode, ErrorCode, UnsubscribeCode
+from shim.core.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1

@@ -9,8 +9,8 @@ shared fossil delta, computed once per publication; any other delta subscriber
 
 from __future__ import annotations
 
-from shim.broker import ClientInfo, Publication
 from shim.centrifuge.wire import WIRES, Wire, fossil_patch
+from shim.core.broker import ClientInfo, Publication
 
 _UNSET = b""
 

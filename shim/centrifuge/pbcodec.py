@@ -14,7 +14,6 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 from shim.centrifuge import pbschema
 from shim.centrifuge.codec import (
     Command,
@@ -35,6 +34,7 @@ from shim.centrifuge.codec import (
     publication_tags,
 )
 from shim.centrifuge.codes import DisconnectCode, ErrorCode, UnsubscribeCode
+from shim.core.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 
 _Command = pbschema.Command
 _Reply = pbschema.Reply

@@ -20,15 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from adapters.auth.jwt import Credentials, TokenError, TokenVerifier
-from shim import __version__, console_credential
-from shim.broker import (
-    BrokerUnavailable,
-    ClientInfo,
-    HistoryResult,
-    Publication,
-    StreamPosition,
-    UnrecoverablePosition,
-)
+from shim import __version__
 from shim.centrifuge import codec, codes
 from shim.centrifuge.codec import (
     Command,
@@ -47,11 +39,20 @@ from shim.centrifuge.codec import (
 )
 from shim.centrifuge.fanout import PreparedControl, PreparedPublication
 from shim.centrifuge.wire import JSON, Wire
-from shim.config import NamespaceOptions
-from shim.limits import TokenBucket, Verdict
-from shim.node import Node
-from shim.outbox import Outbox
-from shim.policy import ChannelAuthorizer
+from shim.core import console_credential
+from shim.core.broker import (
+    BrokerUnavailable,
+    ClientInfo,
+    HistoryResult,
+    Publication,
+    StreamPosition,
+    UnrecoverablePosition,
+)
+from shim.core.config import NamespaceOptions
+from shim.core.limits import TokenBucket, Verdict
+from shim.core.node import Node
+from shim.core.outbox import Outbox
+from shim.core.policy import ChannelAuthorizer
 
 log = logging.getLogger("shim.centrifuge")
 

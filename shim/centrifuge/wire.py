@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 from shim.centrifuge import codec, fossil, pbcodec
 from shim.centrifuge.codec import Command
 from shim.centrifuge.codes import DisconnectCode, ErrorCode, UnsubscribeCode
+from shim.core.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 JSON_SUBPROTOCOL = "centrifuge-json"

@@ -20,7 +20,7 @@ import pytest
 
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from adapters.brokers.redis import RedisBroker, RedisPresenceManager
-from shim.broker import Broker, ClientInfo, PresenceManager, Publication
+from shim.core.broker import Broker, ClientInfo, PresenceManager, Publication
 from tests.redis_cluster import RedisClusterProcesses
 from tests.redis_server import RedisServer
 

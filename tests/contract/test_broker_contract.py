@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shim.broker import (
+from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
     Fence,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shim.broker import ClientInfo, PresenceStats
+from shim.core.broker import ClientInfo, PresenceStats
 from tests.contract.conftest import EngineUnderTest
 
 ALICE_PHONE = ClientInfo(user="alice", client="c-1", conn_info=b'{"device":"phone"}')

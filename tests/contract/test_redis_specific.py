@@ -32,7 +32,7 @@ from adapters.brokers.redis.wire import (
     presence_message,
     publication_message,
 )
-from shim.broker import (
+from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
     LegacyTag,

@@ -16,7 +16,7 @@ import websockets
 from tests.conftest import add_process_log, remember_secrets
 from tests.pyclient import new_client, new_subscription
 
-DEX_SHIM = [sys.executable, "-m", "shim.cli"]
+DEX_SHIM = [sys.executable, "-m", "shim.app.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 

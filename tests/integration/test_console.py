@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from shim.cutover import Mode
+from shim.core.cutover import Mode
 from tests.conftest import ADMIN_KEY, API_KEY, RunningServer, run_server
 from tests.jsclient import JS_DIR, node_binary
 from tests.legacyclient import SHORT_PINGS, legacy_client

@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from shim.centrifuge.session import CentrifugeSession
-from shim.edge import SocketPump
+from shim.transport.edge import SocketPump
 from tests.conftest import run_server
 
 

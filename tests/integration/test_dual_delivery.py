@@ -4,7 +4,7 @@ Centrifuge clients (centrifuge-python, centrifuge-js) are connected at once.
 
 Legacy frames must be byte-equal to the corpus `wire` text (the examples carry
 their timestamps, which the shim keeps). In the corpus replays who gets what is
-computed from the routing table (shim.routing.Router with the default routes),
+computed from the routing table (shim.core.routing.Router with the default routes),
 or, with strict matching, from the corpus' own `delivered_to_subscriptions`; the
 smaller tests below (project subscriptions, Redis shards, encoding once) write
 their expectations out by hand.
@@ -23,14 +23,14 @@ from typing import Any
 import orjson
 import pytest
 
-import shim.ingest
+import shim.core.ingest
 from adapters.brokers.redis.keys import shard_index
 from legacy.session import LegacySession
-from legacy.translate import Accepted, channel_data, parse_broadcast
-from shim.config import Settings
-from shim.events import Event
-from shim.outbox import Outbox
-from shim.routing import Router
+from shim.core.broadcast import Accepted, channel_data, parse_broadcast
+from shim.core.config import Settings
+from shim.core.events import Event
+from shim.core.outbox import Outbox
+from shim.core.routing import Router
 from tests.conftest import RunningServer, run_server
 from tests.jsclient import JsClient
 from tests.legacyclient import SHORT_PINGS, LegacyClient, open_legacy, settle
@@ -373,7 +373,7 @@ async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_
     signing_keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     encoded: list[str] = []
-    real_encode = shim.ingest.encode_legacy_frame
+    real_encode = shim.core.ingest.encode_legacy_frame
 
     def counting_encode(event: Event) -> str:
         text = real_encode(event)
@@ -387,7 +387,7 @@ async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_
         pushed.append((outbox, message))
         return real_push(outbox, message)
 
-    monkeypatch.setattr(shim.ingest, "encode_legacy_frame", counting_encode)
+    monkeypatch.setattr(shim.core.ingest, "encode_legacy_frame", counting_encode)
     monkeypatch.setattr(Outbox, "push", recording_push)
     # Each event goes to task:T, project:P and global: several channels, several clients.
     events = [

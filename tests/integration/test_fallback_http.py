@@ -18,9 +18,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession, State
-from shim.fallback.endpoints import (
+from shim.app.fallback import (
     EMULATION_PATH,
     HTTP_STREAM_PATH,
     SSE_PATH,
@@ -28,7 +26,9 @@ from shim.fallback.endpoints import (
     UNI_SSE_PATH,
     UNI_WEBSOCKET_PATH,
 )
-from shim.fallback.stream import StreamPump
+from shim.centrifuge import codes
+from shim.centrifuge.session import CentrifugeSession, State
+from shim.transport.stream import StreamPump
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
 
 UNI = {"uni_http_stream_enabled": True, "uni_sse_enabled": True, "uni_websocket_enabled": True}

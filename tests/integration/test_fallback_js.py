@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from shim.app.fallback import EMULATION_PATH, HTTP_STREAM_PATH, SSE_PATH
 from shim.centrifuge import codes
-from shim.fallback.endpoints import EMULATION_PATH, HTTP_STREAM_PATH, SSE_PATH
-from shim.fallback.stream import StreamPump
+from shim.transport.stream import StreamPump
 from tests.conftest import API_KEY, RunningServer, run_server
 from tests.integration.test_js_sdk import (
     FAST,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import httpx
 import pytest
 
-from shim.fallback.endpoints import EMULATION_PATH, HTTP_STREAM_PATH, SSE_PATH
+from shim.app.fallback import EMULATION_PATH, HTTP_STREAM_PATH, SSE_PATH
 from tests.integration.test_js_sdk import FAST, on, subscribe, task_event, wait_until
 from tests.jsclient import JsClient
 from tests.multinode import start_nodes

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 from websockets.asyncio.client import connect
 
-from shim.config import Settings
-from shim.hypercorn_compat import set_websocket_compression
+from shim.core.config import Settings
+from shim.transport.hypercorn_compat import set_websocket_compression
 from tests.conftest import RunningServer, run_server
 from tests.integration.test_protocol_errors import RawClient, connected, raw_client
 

@@ -16,7 +16,7 @@ import pytest
 
 from shim.centrifuge import codes
 from shim.centrifuge.session import CentrifugeSession
-from shim.config import Settings
+from shim.core.config import Settings
 from tests.conftest import ADMIN_KEY, RunningServer, run_server, sessions_of
 from tests.conventions import centrifugo_conventions, publish_api, with_quest_delta
 from tests.jsclient import Event, JsClient, JsError

@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from shim.centrifuge.codes import CONNECTION_LIMIT
-from shim.config import ConfigError, load_settings
+from shim.core.config import ConfigError, load_settings
 from tests.conftest import API_KEY, RunningServer, eventually, run_server
 from tests.integration.test_protocol_errors import RawClient, connected
 from tests.legacyclient import legacy_client, legacy_url, open_legacy
@@ -283,7 +283,7 @@ async def test_channel_publish_rate_refuses_single_ingest_items_and_api_publishe
 async def test_channel_publish_rate_applies_to_client_publish(
     signing_keys: tuple[str, str],
 ) -> None:
-    from shim.config import NamespaceOptions, Settings
+    from shim.core.config import NamespaceOptions, Settings
 
     namespaces = {
         **Settings().namespaces,
@@ -382,7 +382,7 @@ def _dump_deep(value: Any) -> bytes:
 async def test_admin_key_is_no_websocket_login_the_console_gets_a_short_lived_credential(
     signing_keys: tuple[str, str],
 ) -> None:
-    from shim import console_credential
+    from shim.core import console_credential
     from tests.conftest import ADMIN_KEY
 
     async with run_server(signing_keys, console_token_ttl_seconds=30) as server:

@@ -13,9 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from shim.cli import log_secrets
-from shim.config import Settings
-from shim.logs import REDACTED, JsonFormatter, Redactor, TextFormatter
+from shim.app.cli import log_secrets
+from shim.app.logs import REDACTED, JsonFormatter, Redactor, TextFormatter
+from shim.core.config import Settings
 from tests.conftest import ADMIN_KEY, API_KEY, run_server
 from tests.legacyclient import SHORT_PINGS, open_legacy
 from tests.pyclient import new_client, new_subscription

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 
 from adapters.brokers.redis import shard_index
 from adapters.ingest.redis_stream import backlog
-from legacy.translate import Accepted, channel_data, parse_broadcast
-from shim.config import Settings
-from shim.routing import Router
+from shim.core.broadcast import Accepted, channel_data, parse_broadcast
+from shim.core.config import Settings
+from shim.core.routing import Router
 from tests.conftest import free_port
 from tests.legacyclient import Frame, open_legacy, settle
 from tests.multinode import Balancer, NodeProcess, start_nodes

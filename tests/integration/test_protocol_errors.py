@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
 from adapters.auth.jwt import generate_signing_key, mint_token
-from shim.config import Settings
+from shim.core.config import Settings
 from tests.conftest import RunningServer, run_server
 
 # Every wait in these tests is bounded by this many seconds.

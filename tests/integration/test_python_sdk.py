@@ -24,7 +24,7 @@ from centrifuge import (  # type: ignore[import-untyped]
 
 from adapters.auth.jwt import mint_token
 from shim.centrifuge import codes
-from shim.config import NamespaceOptions, Settings
+from shim.core.config import NamespaceOptions, Settings
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
 from tests.conventions import centrifugo_conventions, publish_api, with_quest_delta
 from tests.pyclient import (

@@ -16,7 +16,7 @@ import pytest
 from centrifuge import StreamPosition  # type: ignore[import-untyped]
 
 from adapters.brokers.redis import RedisBroker
-from shim.broker import ClientInfo, HistoryResult, Publication
+from shim.core.broker import ClientInfo, HistoryResult, Publication
 from tests.conftest import RunningServer, run_server
 from tests.integration.test_multinode import (
     QUIET,

@@ -33,7 +33,7 @@ from cent.exceptions import CentApiResponseError, CentUnauthorizedError
 from centrifuge import Client  # type: ignore[import-untyped]
 
 from shim import __version__
-from shim.config import Settings
+from shim.core.config import Settings
 from tests.conftest import API_KEY, RunningServer, eventually, run_server, sessions_of
 from tests.jsclient import JsClient
 from tests.legacyclient import legacy_client, probe_event, probe_matcher, settle

@@ -37,7 +37,7 @@ async def test_sigterm_closes_clients_cleanly_after_flushing(tmp_path: Path) -> 
         server = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "shim.cli",
+            "shim.app.cli",
             "serve",
             cwd=tmp_path,
             env=env,

@@ -26,7 +26,7 @@ from tests.rawclient import stalled_subscriber
 from tests.redis_server import RedisServer
 
 GRACE_SECONDS = 4.0
-# hypercorn's own wait for connections after our drain (shim/server.py), and slack
+# hypercorn's own wait for connections after our drain (shim/app/server.py), and slack
 # for a loaded machine; still far below the stalled client's 60 s write timeout.
 EXIT_BOUND_SECONDS = GRACE_SECONDS + 2.0 + 4.0
 

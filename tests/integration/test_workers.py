@@ -54,7 +54,7 @@ async def test_workers_are_refused_on_the_memory_engine(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shim.cli",
+        "shim.app.cli",
         "serve",
         "--workers",
         "2",

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shim.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 from shim.centrifuge import codes
 from shim.centrifuge.codec import (
     PING,
@@ -54,6 +53,7 @@ from shim.centrifuge.codec import (
     publication_dict,
     subscribe_result_dict,
 )
+from shim.core.broker import ClientInfo, PresenceStats, Publication, StreamPosition
 
 
 def strict_json(text: str) -> Any:

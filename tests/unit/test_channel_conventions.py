@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from adapters.auth.jwt import Credentials
-from shim.config import ConfigError, NamespaceOptions, Settings, load_settings
-from shim.policy import AllowAuthenticated, ChannelAuthorizer, ClaimsPolicy, limited_to
+from shim.core.config import ConfigError, NamespaceOptions, Settings, load_settings
+from shim.core.policy import AllowAuthenticated, ChannelAuthorizer, ClaimsPolicy, limited_to
 
 
 def who(user: str) -> Credentials:

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from shim.config import ConfigError, NamespaceOptions, RouteRule, describe_settings, load_settings
+from shim.core.config import (
+    ConfigError,
+    NamespaceOptions,
+    RouteRule,
+    describe_settings,
+    load_settings,
+)
 
 
 def test_defaults_need_no_file_or_environment() -> None:

@@ -1,4 +1,4 @@
-"""The fallback transports' wire functions, with vectors (shim/fallback/framing.py),
+"""The fallback transports' wire functions, with vectors (shim/centrifuge/framing.py),
 and the outboxes that apply them to what a session queues."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import asyncio
 import orjson
 import pytest
 
-from shim.centrifuge import codec, codes, pbcodec, pbschema, wire
-from shim.fallback import framing
-from shim.fallback.emulation import EmulatedConnection, EmulationHub
-from shim.fallback.framing import EmulationRequest, RequestError
-from shim.fallback.outboxes import EmulationOutbox, UniOutbox
+from shim.centrifuge import codec, codes, framing, pbcodec, pbschema, wire
+from shim.centrifuge.emulation import EmulatedConnection, EmulationHub
+from shim.centrifuge.framing import EmulationRequest, RequestError
+from shim.centrifuge.outboxes import EmulationOutbox, UniOutbox
 
 CONNECT_REPLY = codec.encode_connect_result(
     1,

@@ -10,10 +10,10 @@ from centrifuge.fossil import checksum as sdk_checksum
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shim.broker import Publication
 from shim.centrifuge import fossil, pbcodec
 from shim.centrifuge.fanout import PreparedPublication
 from shim.centrifuge.wire import JSON, PROTOBUF, delta_chain
+from shim.core.broker import Publication
 from tests.streams import content_event
 
 

@@ -14,17 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
-from legacy.translate import (
+from legacy.wire import encode_legacy_frame
+from shim.centrifuge import codec, codes
+from shim.core.broadcast import (
     Accepted,
     BroadcastError,
     Refused,
     channel_data,
     parse_broadcast,
 )
-from legacy.wire import encode_legacy_frame
-from shim.broker import ClientInfo, Publication
-from shim.centrifuge import codec, codes
-from shim.events import Event
+from shim.core.broker import ClientInfo, Publication
+from shim.core.events import Event
 from tests.fuzz_strategies import (
     BROADCAST_BODIES,
     CENTRIFUGE_FRAMES,

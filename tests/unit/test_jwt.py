@@ -22,7 +22,7 @@ from adapters.auth.jwt import (
     generate_signing_key,
     mint_token,
 )
-from shim.config import ConfigError, Settings
+from shim.core.config import ConfigError, Settings
 
 USER = "user-3f9a1c2e"
 

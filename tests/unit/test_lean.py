@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from shim.lean import LeanEvent, LeanQueue
+from shim.transport.lean import LeanEvent, LeanQueue
 
 
 async def test_queue_hands_items_out_in_order_and_wakes_a_parked_getter() -> None:

@@ -21,12 +21,12 @@ from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy import session as legacy_session
 from legacy.reads import LegacyReads
 from legacy.session import LegacySession, LegacyStats, RecentEvents
-from shim.broker import LegacyTag, Publication
-from shim.config import Settings
-from shim.node import Node
-from shim.outbox import Outbox
-from shim.policy import ChannelAuthorizer, Decision
-from shim.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.broker import LegacyTag, Publication
+from shim.core.config import Settings
+from shim.core.node import Node
+from shim.core.outbox import Outbox
+from shim.core.policy import ChannelAuthorizer, Decision
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL
 
 WINDOW = legacy_session.DEDUP_WINDOW_SECONDS
 LIMIT = legacy_session.DEDUP_MAX_EVENTS

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from legacy.translate import Accepted, parse_broadcast
 from legacy.wire import (
     encode_go_json,
     encode_legacy_frame,
@@ -21,7 +20,8 @@ from legacy.wire import (
     go_timestamp,
     now_timestamp,
 )
-from shim.events import Event
+from shim.core.broadcast import Accepted, parse_broadcast
+from shim.core.events import Event
 
 # Vendored with the repository (tests/data/README.md says where it came from).
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "legacy-broadcasts.json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shim.limits import ChannelRates, TokenBucket, Verdict
+from shim.core.limits import ChannelRates, TokenBucket, Verdict
 
 
 def test_token_bucket_allows_the_burst_refuses_as_many_again_then_disconnects() -> None:

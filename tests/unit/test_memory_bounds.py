@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from adapters.brokers.memory import MemoryBroker
-from shim.broker import Publication, PublishOptions, StreamPosition, UnrecoverablePosition
+from shim.core.broker import Publication, PublishOptions, StreamPosition, UnrecoverablePosition
 
 KEEP = PublishOptions(history_size=10, history_ttl_seconds=60.0, history_meta_ttl_seconds=600.0)
 

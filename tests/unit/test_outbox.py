@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from shim.outbox import Flusher, Outbox
+from shim.core.outbox import Flusher, Outbox
 
 
 async def _discard(_frame: bytes) -> None:

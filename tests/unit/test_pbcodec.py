@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shim.broker import ClientInfo, LegacyTag, PresenceStats, Publication, StreamPosition
 from shim.centrifuge import codes, pbcodec
 from shim.centrifuge.codec import (
     Command,
@@ -27,6 +26,7 @@ from shim.centrifuge.codec import (
     SubscribeRequest,
 )
 from shim.centrifuge.wire import JSON, PROTOBUF, select
+from shim.core.broker import ClientInfo, LegacyTag, PresenceStats, Publication, StreamPosition
 
 
 def frame(*commands: Any) -> bytes:

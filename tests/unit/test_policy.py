@@ -15,8 +15,8 @@ import pytest
 
 from adapters.auth.jwt import Credentials
 from shim.centrifuge.codes import INTERNAL, PERMISSION_DENIED
-from shim.config import Settings
-from shim.policy import (
+from shim.core.config import Settings
+from shim.core.policy import (
     AllowAuthenticated,
     ChannelAuthorizer,
     ClaimsPolicy,
@@ -24,7 +24,7 @@ from shim.policy import (
     HttpCallbackPolicy,
     policy_from_settings,
 )
-from shim.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL
 
 ADA = Credentials(user="ada")
 ANONYMOUS = Credentials(user="")

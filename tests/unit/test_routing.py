@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from legacy.translate import Accepted, parse_broadcast
-from shim.config import RouteRule, Settings
-from shim.events import Event
-from shim.routing import PERSONAL_FANOUT_CHANNEL, Route, Router
+from shim.core.broadcast import Accepted, parse_broadcast
+from shim.core.config import RouteRule, Settings
+from shim.core.events import Event
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL, Route, Router
 from tests.unit.test_legacy_wire import CORPUS
 
 SETTINGS = Settings()

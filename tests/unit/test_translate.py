@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from legacy.translate import (
+from legacy.wire import encode_legacy_frame, go_timestamp
+from shim.core.broadcast import (
     Accepted,
     BroadcastError,
     Refused,
@@ -20,8 +21,7 @@ from legacy.translate import (
     parse_broadcast,
     with_tool_use_id,
 )
-from legacy.wire import encode_legacy_frame, go_timestamp
-from shim.events import Event
+from shim.core.events import Event
 from tests.unit.test_legacy_wire import CORPUS, GO_TIMESTAMP
 
 LIMIT = 1 << 20

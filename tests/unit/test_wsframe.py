@@ -5,7 +5,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 from wsproto.frame_protocol import FrameDecoder, Opcode
 
-from shim.wsframe import text_frame_header
+from shim.core.wsframe import text_frame_header
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from adapters.brokers.redis.keys import (
 )
 from adapters.brokers.redis.listener import ShardListener
 from adapters.brokers.redis.shards import Shards, Timeouts, make_pool
-from shim.broker import (
+from shim.core.broker import (
     BrokerEventHandler,
     BrokerUnavailable,
     ClientInfo,

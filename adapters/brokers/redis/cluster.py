@@ -39,7 +39,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from adapters.brokers.redis.listener import ShardListener
 from adapters.brokers.redis.scripts import Script
 from adapters.brokers.redis.shards import Shards, Timeouts, make_pool, parse_urls
-from shim.broker import BrokerUnavailable
+from shim.core.broker import BrokerUnavailable
 
 log = logging.getLogger("adapters.brokers.redis")
 

@@ -63,7 +63,7 @@ class ChannelKeys:
     presence_expiry: str
     # Hash client id -> user, for counting distinct users without reading infos.
     presence_users: str
-    # Hash: fenced source -> "<a>-<b>-<c>", its last position here (see shim.broker.Fence).
+    # Hash: fenced source -> "<a>-<b>-<c>", its last position here (see shim.core.broker.Fence).
     fence: str
     # Pub/sub channel (not a key; no slot constraint).
     pubsub: bytes

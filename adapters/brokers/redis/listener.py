@@ -25,7 +25,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from shim.broker import BrokerUnavailable
+from shim.core.broker import BrokerUnavailable
 
 log = logging.getLogger("adapters.brokers.redis")
 

@@ -13,7 +13,7 @@ from adapters.brokers.redis import scripts, wire
 from adapters.brokers.redis.cluster import ClusterShards
 from adapters.brokers.redis.keys import channel_keys, check_prefix
 from adapters.brokers.redis.shards import Shards, Timeouts
-from shim.broker import ClientInfo, PresenceStats
+from shim.core.broker import ClientInfo, PresenceStats
 
 
 class RedisPresenceManager:

@@ -60,7 +60,7 @@ return {offset, epoch}
 """
 PUBLISH = Script(_NOW + _PUBLISH_BODY)
 
-# PUBLISH behind a fence (shim.broker.Fence). KEYS: meta, history, fence (hash: source
+# PUBLISH behind a fence (shim.core.broker.Fence). KEYS: meta, history, fence (hash: source
 # -> "<a>-<b>-<c>", the position of its last publish here). ARGV: PUBLISH's seven (the
 # publish command included), then source, the position's three numbers, fence ttl ms,
 # "1" when the channel keeps history ("0": publish only, offset 0).

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from adapters.brokers.redis.keys import shard_index
 from adapters.brokers.redis.scripts import Script
-from shim.broker import BrokerUnavailable
+from shim.core.broker import BrokerUnavailable
 
 
 @dataclass(slots=True, frozen=True)

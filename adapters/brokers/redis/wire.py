@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from shim.broker import ClientInfo, LegacyTag, Publication
+from shim.core.broker import ClientInfo, LegacyTag, Publication
 
 
 class WireError(ValueError):

@@ -10,8 +10,8 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shim.config import RouteRule
-from shim.events import Event
+from shim.core.config import RouteRule
+from shim.core.events import Event
 
 # Template keys that may also come from the legacy envelope's top-level fields.
 _TOP_LEVEL_KEYS = ("task_id", "project_id")

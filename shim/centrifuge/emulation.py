@@ -13,9 +13,9 @@ import asyncio
 import logging
 from typing import Protocol
 
-from shim.broker import BrokerUnavailable
+from shim.centrifuge.framing import EmulationRequest, RequestError
 from shim.centrifuge.session import CentrifugeSession
-from shim.fallback.framing import EmulationRequest, RequestError
+from shim.core.broker import BrokerUnavailable
 
 log = logging.getLogger("shim.emulation")
 

@@ -17,18 +17,18 @@ import orjson
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy.session import LegacySession, LegacyStats
-from shim.broker import Broker, PresenceManager
+from shim.app.metrics import Metrics
 from shim.centrifuge import codes
+from shim.centrifuge.emulation import EmulationHub
 from shim.centrifuge.session import CentrifugeSession, State
 from shim.centrifuge.wire import WIRES
-from shim.config import Settings, origin_patterns
-from shim.cutover import CutoverState, Mode
-from shim.fallback.emulation import EmulationHub
-from shim.ingest import Ingestor
-from shim.metrics import Metrics
-from shim.node import Node
-from shim.policy import ChannelAuthorizer
-from shim.routing import Router
+from shim.core.broker import Broker, PresenceManager
+from shim.core.config import Settings, origin_patterns
+from shim.core.cutover import CutoverState, Mode
+from shim.core.ingest import Ingestor
+from shim.core.node import Node
+from shim.core.policy import ChannelAuthorizer
+from shim.core.routing import Router
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

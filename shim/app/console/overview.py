@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from shim.centrifuge import codes
 
 if TYPE_CHECKING:
-    from shim.runtime import Runtime
+    from shim.app.runtime import Runtime
 
 log = logging.getLogger("shim.console")
 

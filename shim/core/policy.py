@@ -24,11 +24,11 @@ import httpx
 import orjson
 
 from shim.centrifuge.codes import INTERNAL, PERMISSION_DENIED, ErrorCode
-from shim.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL
 
 if TYPE_CHECKING:
     from adapters.auth.jwt import Credentials
-    from shim.config import Settings
+    from shim.core.config import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from shim.hypercorn_compat import DirectWrite
-from shim.wsframe import binary_frame_header, text_frame_header
+from shim.core.wsframe import binary_frame_header, text_frame_header
+from shim.transport.hypercorn_compat import DirectWrite
 
 
 class Flusher:

@@ -2,7 +2,7 @@
 
 This is the only place that awaits a client's socket. A connection's frames are
 read in the task hypercorn runs the app in and handed to the session one at a
-time; the outbox writes (see shim.outbox). Closing is asked for by the session
+time; the outbox writes (see shim.core.outbox). Closing is asked for by the session
 through `close`, which wakes the parked reader; the pump then drops the queue (a
 slow client) or lets it flush within the write timeout, sends the close frame with
 a deadline and waits a bounded time for the client's side of it.
@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
-from shim.hypercorn_compat import CLOSE_REQUESTED, DirectWrite
-from shim.lean import LeanQueue
-from shim.outbox import Outbox
-from shim.wsframe import binary_frame_header, text_frame_header
+from shim.core.outbox import Outbox
+from shim.core.wsframe import binary_frame_header, text_frame_header
+from shim.transport.hypercorn_compat import CLOSE_REQUESTED, DirectWrite
+from shim.transport.lean import LeanQueue
 
 log = logging.getLogger("shim.edge")
 

@@ -15,13 +15,13 @@ from typing import Any
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from shim.app import ShimApp, create_app
-from shim.config import Settings, metrics_address
-from shim.edge import ASGIReceive, ASGISend
-from shim.hypercorn_compat import install_hypercorn_hooks
-from shim.logs import Redactor
-from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from shim.runtime import Runtime
+from shim.app.asgi import ShimApp, create_app
+from shim.app.logs import Redactor
+from shim.app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from shim.app.runtime import Runtime
+from shim.core.config import Settings, metrics_address
+from shim.transport.edge import ASGIReceive, ASGISend
+from shim.transport.hypercorn_compat import install_hypercorn_hooks
 
 log = logging.getLogger("shim.server")
 

@@ -9,7 +9,7 @@
    transport there, so the edge can write pre-built frames (see DirectWrite).
 3. Lean per-connection primitives: hypercorn gives every connection an
    asyncio.Queue (the app's receive queue) and an asyncio.Event, about 4 KiB of
-   eagerly allocated deques per idle socket; ours (shim.lean) allocate on wait.
+   eagerly allocated deques per idle socket; ours (shim.transport.lean) allocate on wait.
 4. WebSocket-level pings with pong tracking, per connection. The legacy hub pinged
    every 30 s and dropped clients that did not pong within 60 s; ASGI has no ping
    or pong messages. A connection whose scope carries a `Liveness` under
@@ -38,7 +38,7 @@ from hypercorn.protocol import h2, h11, ws_stream
 from wsproto.events import Event as WSEvent
 from wsproto.events import Ping, Pong
 
-from shim.lean import LeanEvent, LeanQueue
+from shim.transport.lean import LeanEvent, LeanQueue
 
 SUPPORTED_HYPERCORN = ("0.18.",)
 LIVENESS_EXTENSION = "dex.liveness"

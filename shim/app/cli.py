@@ -14,9 +14,9 @@ import httpx
 import orjson
 
 from adapters.auth.jwt import mint_token
-from shim.config import ConfigError, Settings, describe_settings, load_settings
-from shim.logs import configure_logging
-from shim.runtime import dev_api_key, dev_signing_key
+from shim.app.logs import configure_logging
+from shim.app.runtime import dev_api_key, dev_signing_key
+from shim.core.config import ConfigError, Settings, describe_settings, load_settings
 
 # Settings whose values are secrets: checkconfig says whether they are set, never what.
 SECRET_SETTINGS = frozenset({"api_key", "admin_api_key", "token_key"})
@@ -47,8 +47,8 @@ def log_secrets(settings: Settings) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from shim.server import run
-    from shim.workers import (
+    from shim.app.server import run
+    from shim.app.workers import (
         Supervisor,
         WorkersError,
         announce_ready,

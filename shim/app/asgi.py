@@ -16,18 +16,13 @@ from quart import Quart, Response, request
 
 from adapters.auth.jwt import TokenError
 from legacy.session import legacy_token
-from legacy.translate import BroadcastError, ParsedItem, TooManyItems, iter_broadcast
 from shim import __version__
-from shim.broker import BrokerUnavailable
-from shim.console import console_blueprint
-from shim.cutover import CutoverError, Protocol
-from shim.edge import ASGIReceive, ASGISend, reject_http
-from shim.fallback.endpoints import FallbackEndpoints
-from shim.limits import Pacer
-from shim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from shim.runtime import Runtime
-from shim.server_api import server_api_blueprint
-from shim.ws_endpoints import (
+from shim.app.console import console_blueprint
+from shim.app.fallback import FallbackEndpoints
+from shim.app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from shim.app.runtime import Runtime
+from shim.app.server_api import server_api_blueprint
+from shim.app.ws_endpoints import (
     CENTRIFUGE_PATH,
     LEGACY_PATH,
     legacy_rejection,
@@ -35,6 +30,11 @@ from shim.ws_endpoints import (
     serve_legacy,
     upgrade_refusal,
 )
+from shim.core.broadcast import BroadcastError, ParsedItem, TooManyItems, iter_broadcast
+from shim.core.broker import BrokerUnavailable
+from shim.core.cutover import CutoverError, Protocol
+from shim.core.limits import Pacer
+from shim.transport.edge import ASGIReceive, ASGISend, reject_http
 
 log = logging.getLogger("shim.app")
 
@@ -136,7 +136,7 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
     @app.get("/metrics")
     async def metrics() -> Response:
         if settings.metrics_listen:
-            # Served only on the internal listener then (shim.server).
+            # Served only on the internal listener then (shim.app.server).
             return json_response({"error": "not found"}, 404)
         return Response(runtime.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 

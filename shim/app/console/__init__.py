@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 from quart import Blueprint, Response, request
 
-from shim import console_credential
-from shim.console.overview import overview
-from shim.runtime import Runtime
+from shim.app.console.overview import overview
+from shim.app.runtime import Runtime
+from shim.core import console_credential
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -66,7 +66,7 @@ def console_blueprint(runtime: Runtime) -> Blueprint:
     @blueprint.post("/api/token")
     async def console_token() -> Response:
         """A short-lived credential for the live tail's WebSocket (see
-        shim.console_credential); the admin key itself is no WebSocket login."""
+        shim.core.console_credential); the admin key itself is no WebSocket login."""
         key = request.headers.get("X-Admin-Key", "")
         if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
             return json_response({"error": "missing or invalid X-Admin-Key"}, 401)

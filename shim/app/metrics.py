@@ -2,7 +2,7 @@
 under our own prefix, with a `protocol` label where both protocols count.
 
 Gauges and counters are read from the runtime at scrape time (the hot paths bump
-plain integers, see shim.node.NodeCounters); only the histograms are observed as
+plain integers, see shim.core.node.NodeCounters); only the histograms are observed as
 things happen. Each Runtime has its own registry, so several nodes can live in one
 process (tests).
 """
@@ -17,10 +17,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from shim.centrifuge.session import CentrifugeSession
-from shim.fallback.stream import transport_name
+from shim.transport.stream import transport_name
 
 if TYPE_CHECKING:
-    from shim.runtime import Runtime
+    from shim.app.runtime import Runtime
 
 PREFIX = "dex_shim"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

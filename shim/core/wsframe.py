@@ -2,7 +2,7 @@
 
 Server frames are never masked, so a frame's bytes depend only on its payload:
 the edge writes `text_frame_header(len(payload)) + payload` straight to the
-transport (see shim/edge.py) instead of going through hypercorn's per-frame chain.
+transport (see shim/transport/edge.py) instead of going through hypercorn's per-frame chain.
 """
 
 from __future__ import annotations

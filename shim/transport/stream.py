@@ -19,16 +19,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.centrifuge import codes
-from shim.edge import DIRECT_WRITE_HIGH_WATER, ASGIReceive, ASGISend
-from shim.hypercorn_compat import (
+from shim.core.outbox import Outbox
+from shim.transport.edge import DIRECT_WRITE_HIGH_WATER, ASGIReceive, ASGISend
+from shim.transport.hypercorn_compat import (
     CLOSE_REQUESTED,
     HTTP_WIRING_EXTENSION,
     RECEIVE_QUEUE_EXTENSION,
     DirectWrite,
     HttpWiring,
 )
-from shim.lean import LeanQueue
-from shim.outbox import Outbox
+from shim.transport.lean import LeanQueue
 
 # SO_LINGER on, zero seconds: close() resets the connection (see SocketPump.abort).
 _LINGER_RESET = struct.pack("ii", 1, 0)

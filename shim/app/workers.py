@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shim.config import Settings
-from shim.runtime import dev_api_key, dev_signing_key
+from shim.app.runtime import dev_api_key, dev_signing_key
+from shim.core.config import Settings
 
 log = logging.getLogger("shim.workers")
 
@@ -269,7 +269,7 @@ def announce_ready(fd: int) -> None:
 
 
 def worker_command(config: str | None, host: str | None, port: int | None) -> list[str]:
-    command = [sys.executable, "-m", "shim.cli"]
+    command = [sys.executable, "-m", "shim.app.cli"]
     if config:
         command += ["--config", config]
     command.append("serve")

@@ -19,20 +19,20 @@ from adapters.auth.jwt import Credentials, TokenError
 from legacy.reads import LegacyReads
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
-from shim import console_credential
+from shim.app.runtime import Runtime
 from shim.centrifuge import codec, codes, wire
 from shim.centrifuge.session import CentrifugeSession
-from shim.edge import ASGIReceive, ASGISend, SocketPump, reject_http
-from shim.hypercorn_compat import (
+from shim.core import console_credential
+from shim.core.outbox import Outbox
+from shim.transport.edge import ASGIReceive, ASGISend, SocketPump, reject_http
+from shim.transport.hypercorn_compat import (
     DIRECT_WRITE_EXTENSION,
     LIVENESS_EXTENSION,
     RECEIVE_QUEUE_EXTENSION,
     DirectWrite,
     Liveness,
 )
-from shim.lean import LeanQueue
-from shim.outbox import Outbox
-from shim.runtime import Runtime
+from shim.transport.lean import LeanQueue
 
 CENTRIFUGE_PATH = "/connection/websocket"
 LEGACY_PATH = "/api/v1/ws"
@@ -189,7 +189,7 @@ def _receive_queue(scope: dict[str, Any]) -> LeanQueue[dict[str, Any]]:
     WebSocket paths need the hooks: pings, direct writes, waking a parked read)."""
     queue = scope["extensions"].get(RECEIVE_QUEUE_EXTENSION)
     if not isinstance(queue, LeanQueue):
-        raise RuntimeError("served without shim.hypercorn_compat's hooks installed")
+        raise RuntimeError("served without shim.transport.hypercorn_compat's hooks installed")
     return queue
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shim.fallback import framing
-from shim.outbox import Outbox
+from shim.centrifuge import framing
+from shim.core.outbox import Outbox
 
 
 class EmulationOutbox(Outbox):

@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from legacy.translate import Accepted, ParsedItem, channel_data, with_tool_use_id
 from legacy.wire import encode_legacy_frame, now_timestamp
-from shim.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
-from shim.events import Event, new_event_id
-from shim.limits import Pacer
-from shim.node import Node
-from shim.routing import Route, Router
+from shim.core.broadcast import Accepted, ParsedItem, channel_data, with_tool_use_id
+from shim.core.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
+from shim.core.events import Event, new_event_id
+from shim.core.limits import Pacer
+from shim.core.node import Node
+from shim.core.routing import Route, Router
 
 log = logging.getLogger("shim.ingest")
 

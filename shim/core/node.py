@@ -18,7 +18,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from shim.broker import (
+from shim.centrifuge.fanout import PreparedControl, PreparedPublication
+from shim.core.broker import (
     Broker,
     BrokerUnavailable,
     ClientInfo,
@@ -30,10 +31,9 @@ from shim.broker import (
     StreamPosition,
     Superseded,
 )
-from shim.centrifuge.fanout import PreparedControl, PreparedPublication
-from shim.config import NamespaceOptions, Settings
-from shim.limits import ChannelRates
-from shim.outbox import Flusher
+from shim.core.config import NamespaceOptions, Settings
+from shim.core.limits import ChannelRates
+from shim.core.outbox import Flusher
 
 log = logging.getLogger("shim.node")
 
@@ -85,7 +85,7 @@ class NodeCounters:
         self.disconnects: dict[tuple[str, int], int] = {}
         # Broker operation -> failures.
         self.broker_errors: dict[str, int] = {}
-        # Limit -> requests, commands or items refused by it (see shim.limits).
+        # Limit -> requests, commands or items refused by it (see shim.core.limits).
         self.limited: dict[str, int] = {}
 
     def refused(self, limit: str) -> None:

@@ -36,18 +36,18 @@ from quart import Blueprint, Response, request
 
 from legacy.session import LegacySession
 from shim import __version__
-from shim.broker import (
+from shim.app.runtime import Runtime
+from shim.centrifuge import codec, codes
+from shim.centrifuge.session import CentrifugeSession, State
+from shim.core.broker import (
     BrokerUnavailable,
     Publication,
     PublishOptions,
     StreamPosition,
     UnrecoverablePosition,
 )
-from shim.centrifuge import codec, codes
-from shim.centrifuge.session import CentrifugeSession, State
-from shim.config import NamespaceOptions
-from shim.limits import Pacer
-from shim.runtime import Runtime
+from shim.core.config import NamespaceOptions
+from shim.core.limits import Pacer
 
 log = logging.getLogger("shim.server_api")
 

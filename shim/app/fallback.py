@@ -25,19 +25,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession
-from shim.centrifuge.wire import JSON as JSON_WIRE
-from shim.centrifuge.wire import Wire
-from shim.edge import ASGIReceive, ASGISend, SocketPump
-from shim.fallback import framing
-from shim.fallback.emulation import EmulatedConnection
-from shim.fallback.framing import RequestError
-from shim.fallback.outboxes import EmulationOutbox, UniOutbox
-from shim.fallback.stream import FinalMessage, Frame, StreamPump
-from shim.outbox import Outbox
-from shim.runtime import Runtime
-from shim.ws_endpoints import (
+from shim.app.runtime import Runtime
+from shim.app.ws_endpoints import (
     _close,
     _first_frame,
     _forget_request_headers,
@@ -46,6 +35,16 @@ from shim.ws_endpoints import (
     origin_allowed,
     upgrade_refusal,
 )
+from shim.centrifuge import codes, framing
+from shim.centrifuge.emulation import EmulatedConnection
+from shim.centrifuge.framing import RequestError
+from shim.centrifuge.outboxes import EmulationOutbox, UniOutbox
+from shim.centrifuge.session import CentrifugeSession
+from shim.centrifuge.wire import JSON as JSON_WIRE
+from shim.centrifuge.wire import Wire
+from shim.core.outbox import Outbox
+from shim.transport.edge import ASGIReceive, ASGISend, SocketPump
+from shim.transport.stream import FinalMessage, Frame, StreamPump
 
 HTTP_STREAM_PATH = "/connection/http_stream"
 SSE_PATH = "/connection/sse"
