@@ -35,6 +35,7 @@ run: $(VENV)/.run-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check shim legacy adapters tests loadtests
 	$(BIN)/ruff format --check shim legacy adapters tests loadtests
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Iterable
 
-from adapters.auth.jwt import Credentials
+from shim.core.auth import Credentials
 from shim.core.policy import ChannelAuthorizer, Decision
 
 # Channels whose answers one client keeps; past it they are all forgotten (and

@@ -32,17 +32,19 @@ import collections
 import enum
 import logging
 import time
-from typing import Protocol
 
 from legacy.commands import LegacyCommand, MalformedCommand, parse_command
+from legacy.fanout import LegacyFanout
 from legacy.reads import LegacyReads
-from legacy.wire import encode_go_json, now_timestamp
+from legacy.wire import encode_go_json
+from shim.core import close_codes
 from shim.core.broker import LegacyTag, StreamPosition
+from shim.core.events import now_timestamp
 from shim.core.limits import TokenBucket, Verdict
 from shim.core.node import Node
 from shim.core.outbox import Outbox
 from shim.core.routing import PERSONAL_FANOUT_CHANNEL
-from shim.transport.hypercorn_compat import Liveness
+from shim.core.transport import Pings, Transport
 
 log = logging.getLogger("shim.legacy")
 
@@ -84,10 +86,6 @@ def notice_frame(kind: str, payload: dict[str, object]) -> bytes:
 class State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
-
-
-class Transport(Protocol):
-    def close(self, code: int, reason: str) -> None: ...
 
 
 class LegacyStats:
@@ -167,6 +165,9 @@ class RecentEvents:
 class LegacySession:
     # The clock of the de-duplication window (a class attribute, so it costs no slot).
     clock = staticmethod(time.monotonic)
+    # As the node's Subscriber: delivered by LegacyFanout, never as deltas.
+    protocol = LegacyFanout.protocol
+    delta = False
 
     __slots__ = (
         "_attached",
@@ -201,7 +202,7 @@ class LegacySession:
         *,
         user: str,
         strict_matching: bool,
-        liveness: Liveness | None = None,
+        liveness: Pings | None = None,
         personal_channel: str = "",
         reads: LegacyReads | None = None,
     ) -> None:
@@ -405,15 +406,15 @@ class LegacySession:
         for channel in wanted - self._attached:
             if self.closed:
                 return
-            await self.node.attach_legacy(channel, self)
+            await self.node.attach(channel, self)
             if self.closed:
                 # Closed while the broker subscribed: _release did not know this one.
-                self.node.detach_legacy(channel, self)
+                self.node.detach(channel, self)
                 return
             self._attached.add(channel)
         for channel in self._attached - wanted:
             self._attached.discard(channel)
-            self.node.detach_legacy(channel, self)
+            self.node.detach(channel, self)
         self._disjoint = disjoint
 
     # -- delivery (publish path: append only) -----------------------------------------
@@ -434,7 +435,7 @@ class LegacySession:
     def _push(self, frame: bytes) -> None:
         if not self.outbox.push(frame):
             self.stats.slow_disconnects += 1
-            self.close(3008, "slow")
+            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
 
     def _deliver_readable(self, tag: LegacyTag) -> None:
         """Pass the event on if the user may read one of its channels; hold it (and
@@ -461,7 +462,7 @@ class LegacySession:
         # Held events count against the queue cap, as if queued.
         if self._held_bytes + self.outbox.size > self.node.settings.client_queue_max_size_bytes:
             self.stats.slow_disconnects += 1
-            self.close(3008, "slow")
+            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
 
     async def _resolve_held(self) -> None:
         """Ask the policy what the held events need, passing them on in order."""
@@ -546,7 +547,7 @@ class LegacySession:
             reason or code,
             extra={"user": self.user, "code": code, "protocol": "legacy"},
         )
-        self.outbox.close(discard=code == 3008)
+        self.outbox.close(discard=code == close_codes.SLOW)
         if self.liveness is not None:
             self.liveness.stop()
         self.transport.close(code, reason)
@@ -567,7 +568,7 @@ class LegacySession:
         self.node.remove_session(self)
         self.node.user_disconnected(self.user)
         for channel in self._attached:
-            self.node.detach_legacy(channel, self)
+            self.node.detach(channel, self)
         self._attached.clear()
 
     def drain_by(self, deadline: float) -> None:
@@ -582,7 +583,7 @@ class LegacySession:
         started = self.outbox.write_started
         if started and now - started > self.write_timeout:
             self.stats.slow_disconnects += 1
-            self.close(3008, "slow")
+            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
         elif self._drain_at and now >= self._drain_at:
             self.close(*RETIRED)
         elif self.liveness is not None and (

@@ -10,19 +10,13 @@ and the text of floats, which are handled here.
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from shim.core.events import Event
-
-_EPOCH = datetime(1970, 1, 1)
-_NS_PER_SECOND = 1_000_000_000
 
 # Go escapes these even inside strings; they are multi-byte or HTML-special. In JSON
 # text every one of them can only occur inside a string (structural tokens are plain
@@ -34,38 +28,6 @@ _GO_ESCAPES = (
     ("\u2028".encode(), b"\\u2028"),
     ("\u2029".encode(), b"\\u2029"),
 )
-
-
-def go_timestamp(ns: int) -> str:
-    """Go's `time.Time` JSON text in UTC for integer Unix nanoseconds.
-
-    RFC 3339 with the fraction trimmed of trailing zeros and left out when zero,
-    e.g. `2026-02-04T16:21:30.5Z`. Raises ValueError outside years 1-9999.
-    """
-    seconds, fraction = divmod(ns, _NS_PER_SECOND)
-    text = _second_text(seconds)
-    if fraction:
-        text += "." + f"{fraction:09d}".rstrip("0")
-    return text + "Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _second_text(seconds: int) -> str:
-    """`YYYY-MM-DDTHH:MM:SS` of a Unix second; cached, since the events of one
-    ingest batch (and of one busy second) share it."""
-    try:
-        moment = _EPOCH + timedelta(seconds=seconds)
-    except OverflowError as exc:
-        raise ValueError(f"timestamp out of range: {seconds} s") from exc
-    return (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
-        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    )
-
-
-def now_timestamp() -> str:
-    """The current time as the hub stamped it (nanosecond clock, not datetime's microseconds)."""
-    return go_timestamp(time.time_ns())
 
 
 def go_float(value: float) -> str:

@@ -18,9 +18,10 @@ from hypothesis import settings as hypothesis_settings
 from adapters.auth.jwt import generate_signing_key, mint_token
 from shim.app.asgi import create_app
 from shim.app.runtime import Runtime
-from shim.app.server import bind_socket, serve_app
+from shim.app.server import serve_app
 from shim.centrifuge.session import CentrifugeSession
 from shim.core.config import Settings, load_settings
+from shim.transport.server import bind_socket
 from tests.multinode import KEEPALIVE_UNDER_SERVERS
 
 API_KEY = "test-api-key-0123456789-abcdefghijklmnop"

@@ -20,7 +20,6 @@ import math
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from shim.core.auth import Credentials, SubscriptionClaims, TokenError, no_claims
 from shim.core.config import ConfigError
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ _PublicKey = ed25519.Ed25519PublicKey | rsa.RSAPublicKey | ec.EllipticCurvePubli
 _PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 # Claims the verifier has already checked or turned into fields; a connection keeps
 # only the others (what a custom policy may look at), since every idle socket holds
 # its credentials.
@@ -70,73 +69,9 @@ _CONSUMED_CLAIMS = frozenset(
 )
 
 
-def _empty_claims() -> Mapping[str, Any]:
-    return _NO_CLAIMS
-
-
 def _custom_claims(claims: dict[str, Any]) -> Mapping[str, Any]:
     custom = {k: v for k, v in claims.items() if k not in _CONSUMED_CLAIMS}
-    return MappingProxyType(custom) if custom else _NO_CLAIMS
-
-
-@dataclass(slots=True, frozen=True)
-class Credentials:
-    """Who a connection token says the client is."""
-
-    # `user_id` when it is a non-empty string, else `sub`; "" = anonymous.
-    user: str
-    # Unix seconds the connection expires at (`expire_at` wins over `exp`); 0 = never.
-    expires_at: int = 0
-    # Connection info as raw bytes (`b64info` decoded, else `info` as JSON), or None.
-    info: bytes | None = None
-    # Claim `channels`: server-side subscriptions and, for the claims policy, grants
-    # (which may be `namespace:*` patterns).
-    channels: tuple[str, ...] = ()
-    # Claim `project_ids`: the claims policy grants `project:<id>` for each.
-    project_ids: tuple[str, ...] = ()
-    # The verified claims not consumed above (e.g. an app's own `role`), read-only,
-    # for policies.
-    claims: Mapping[str, Any] = field(
-        default_factory=_empty_claims, compare=False, hash=False, repr=False
-    )
-
-    @property
-    def anonymous(self) -> bool:
-        return not self.user
-
-    @property
-    def server_side_channels(self) -> tuple[str, ...]:
-        """Exact names from `channels`; `ns:*` patterns grant access but name no channel."""
-        return tuple(name for name in self.channels if not name.endswith(":*"))
-
-
-@dataclass(slots=True, frozen=True)
-class SubscriptionClaims:
-    """What a verified subscription token grants."""
-
-    user: str
-    channel: str
-    # Client id the token is bound to; "" = any client of the user.
-    client: str
-    # Unix seconds the subscription expires at (`expire_at` wins over `exp`); 0 = never.
-    expires_at: int
-    # Channel info (`b64info` decoded, else `info` as JSON), or None.
-    info: bytes | None
-    # Sent to the client in the subscribe result (`b64data` decoded, else `data` as JSON).
-    data: bytes | None
-
-
-class TokenError(Exception):
-    """A token was refused. `expired` is True only when the signature was valid and the
-    token's `exp` has passed (clients then fetch a fresh token: code 109). `mismatch`
-    marks a valid subscription token issued for another channel, user or client.
-    The message never contains the token.
-    """
-
-    def __init__(self, message: str, *, expired: bool = False, mismatch: bool = False) -> None:
-        super().__init__(message)
-        self.expired = expired
-        self.mismatch = mismatch
+    return MappingProxyType(custom) if custom else no_claims()
 
 
 # Most specific first: InvalidSignatureError is a DecodeError.
@@ -264,6 +199,15 @@ class TokenVerifier:
             info=_raw_claim(claims, "info", "b64info"),
             data=_raw_claim(claims, "data", "b64data"),
         )
+
+    def channel_claim(self, token: str) -> str:
+        """The `channel` claim read without verifying (see Authenticator)."""
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return ""
+        channel = claims.get("channel")
+        return channel if isinstance(channel, str) else ""
 
     def _decode(self, token: str) -> dict[str, Any]:
         if not token:

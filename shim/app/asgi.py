@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 from quart import Quart, Response, request
 
-from adapters.auth.jwt import TokenError
 from legacy.session import legacy_token
 from shim import __version__
 from shim.app.console import console_blueprint
@@ -30,6 +29,7 @@ from shim.app.ws_endpoints import (
     serve_legacy,
     upgrade_refusal,
 )
+from shim.core.auth import TokenError
 from shim.core.broadcast import BroadcastError, ParsedItem, TooManyItems, iter_broadcast
 from shim.core.broker import BrokerUnavailable
 from shim.core.cutover import CutoverError, Protocol

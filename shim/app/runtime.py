@@ -16,13 +16,17 @@ import orjson
 
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
+from legacy.fanout import LegacyFanout
 from legacy.session import LegacySession, LegacyStats
+from legacy.wire import encode_legacy_frame
 from shim.app.metrics import Metrics
 from shim.centrifuge import codes
 from shim.centrifuge.emulation import EmulationHub
+from shim.centrifuge.fanout import CentrifugeFanout
 from shim.centrifuge.session import CentrifugeSession, State
 from shim.centrifuge.wire import WIRES
 from shim.core.broker import Broker, PresenceManager
+from shim.core.close_codes import WS_GOING_AWAY
 from shim.core.config import Settings, origin_patterns
 from shim.core.cutover import CutoverState, Mode
 from shim.core.ingest import Ingestor
@@ -104,7 +108,14 @@ class Runtime:
             broker, presence = _engine(settings)
         self.broker: Broker = broker
         self.presence: PresenceManager = presence
-        self.node = Node(settings, self.broker, self.presence)
+        # Centrifuge subscribers first: as before the move, they get each publication
+        # before legacy clients do.
+        self.node = Node(
+            settings,
+            self.broker,
+            self.presence,
+            fanouts=(CentrifugeFanout(), LegacyFanout(settings.global_channel)),
+        )
         self.verifier = TokenVerifier.from_settings(settings)
         self.authorizer = ChannelAuthorizer.from_settings(settings)
         self.router = Router(
@@ -114,7 +125,7 @@ class Runtime:
             personal_prefix=self.authorizer.personal_prefix,
             personal_fanout=settings.legacy_personal_events_to_all,
         )
-        self.ingestor = Ingestor(self.node, self.router)
+        self.ingestor = Ingestor(self.node, self.router, encode_legacy_frame)
         self.legacy_stats = LegacyStats()
         self.metrics = Metrics(self)
         self.node.observer = self.metrics.histograms
@@ -242,7 +253,7 @@ class Runtime:
             await self.stream_consumer.close(timeout=max(0.0, deadline - loop.time()))
         for session in list(self.node.sessions):
             if isinstance(session, LegacySession):
-                session.close(1001, "server shutting down")
+                session.close(WS_GOING_AWAY, "server shutting down")
             elif isinstance(session, CentrifugeSession):
                 session.disconnect(codes.SHUTDOWN)
         # A bounded poll of two counters, once per shutdown.

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from adapters.auth.jwt import Credentials, TokenError
 from legacy.reads import LegacyReads
 from legacy.session import READ_LIMIT_BYTES as LEGACY_READ_LIMIT_BYTES
 from legacy.session import RETIRED, LegacySession, legacy_token
@@ -23,6 +22,7 @@ from shim.app.runtime import Runtime
 from shim.centrifuge import codec, codes, wire
 from shim.centrifuge.session import CentrifugeSession
 from shim.core import console_credential
+from shim.core.auth import Credentials, TokenError
 from shim.core.outbox import Outbox
 from shim.transport.edge import ASGIReceive, ASGISend, SocketPump, reject_http
 from shim.transport.hypercorn_compat import (

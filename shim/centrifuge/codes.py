@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shim.core import close_codes
+
 
 @dataclass(slots=True, frozen=True)
 class ErrorCode:
@@ -67,7 +69,7 @@ SHUTDOWN = DisconnectCode(3001, "shutdown")
 SERVER_ERROR = DisconnectCode(3004, "internal server error")
 CONNECTION_EXPIRED = DisconnectCode(3005, "connection expired")
 SUBSCRIPTION_EXPIRED = DisconnectCode(3006, "subscription expired")
-SLOW = DisconnectCode(3008, "slow")
+SLOW = DisconnectCode(close_codes.SLOW, close_codes.SLOW_REASON)
 WRITE_ERROR = DisconnectCode(3009, "write error")
 INSUFFICIENT_STATE = DisconnectCode(3010, "insufficient state")
 FORCE_RECONNECT = DisconnectCode(3011, "force reconnect")
@@ -93,5 +95,5 @@ UNSUBSCRIBE_INSUFFICIENT_STATE = UnsubscribeCode(2500, "insufficient state")
 UNSUBSCRIBE_EXPIRED = UnsubscribeCode(2501, "subscription expired")
 
 # WebSocket-level close codes we use outside the Centrifuge ranges.
-WS_MESSAGE_TOO_BIG = 1009
-WS_GOING_AWAY = 1001
+WS_MESSAGE_TOO_BIG = close_codes.WS_MESSAGE_TOO_BIG
+WS_GOING_AWAY = close_codes.WS_GOING_AWAY

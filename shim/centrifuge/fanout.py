@@ -9,10 +9,24 @@ shared fossil delta, computed once per publication; any other delta subscriber
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from shim.centrifuge.wire import WIRES, Wire, fossil_patch
 from shim.core.broker import ClientInfo, Publication
 
 _UNSET = b""
+
+
+class ChannelSubscriber(Protocol):
+    """A Centrifuge client's subscription to one channel."""
+
+    join_leave: bool
+
+    def deliver(self, epoch: str, prepared: PreparedPublication) -> None:
+        """`prepared.pub`, made in `epoch` of the channel's stream."""
+
+    def deliver_control(self, control: PreparedControl) -> None: ...
 
 
 class PreparedPublication:
@@ -79,3 +93,36 @@ class PreparedControl:
             encode = wire.encode_join_push if self.join else wire.encode_leave_push
             push = self._pushes[wire.index] = encode(self.channel, self.info)
         return push
+
+
+class CentrifugeFanout:
+    """The node's Fanout for Centrifuge subscriptions: one PreparedPublication per
+    publication, encoded lazily once per wire and delta form by the first
+    subscriber needing it."""
+
+    __slots__ = ()
+
+    protocol = "channels"
+
+    def publish(
+        self,
+        channel: str,
+        pub: Publication,
+        epoch: str,
+        *,
+        moved: bool,
+        base: Publication | None,
+        subscribers: Sequence[ChannelSubscriber],
+    ) -> bool:
+        prepared = PreparedPublication(channel, pub, base)
+        for subscriber in subscribers:
+            subscriber.deliver(epoch, prepared)
+        return True
+
+    def control(
+        self, channel: str, info: ClientInfo, join: bool, subscribers: Sequence[ChannelSubscriber]
+    ) -> None:
+        control = PreparedControl(channel, info, join=join)
+        for subscriber in subscribers:
+            if subscriber.join_leave:
+                subscriber.deliver_control(control)

@@ -15,11 +15,10 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from adapters.auth.jwt import Credentials, TokenError, TokenVerifier
 from shim import __version__
 from shim.centrifuge import codec, codes
 from shim.centrifuge.codec import (
@@ -37,9 +36,10 @@ from shim.centrifuge.codec import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from shim.centrifuge.fanout import PreparedControl, PreparedPublication
+from shim.centrifuge.fanout import CentrifugeFanout, PreparedControl, PreparedPublication
 from shim.centrifuge.wire import JSON, Wire
 from shim.core import console_credential
+from shim.core.auth import Authenticator, Credentials, TokenError
 from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
@@ -53,6 +53,7 @@ from shim.core.limits import TokenBucket, Verdict
 from shim.core.node import Node
 from shim.core.outbox import Outbox
 from shim.core.policy import ChannelAuthorizer
+from shim.core.transport import Transport
 
 log = logging.getLogger("shim.centrifuge")
 
@@ -82,12 +83,6 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Transport(Protocol):
-    """What the edge offers the session: ask for the socket to be closed."""
-
-    def close(self, code: int, reason: str) -> None: ...
-
-
 class Reject(Exception):
     """A command fails with a reply error."""
 
@@ -107,6 +102,9 @@ class Disconnect(Exception):
 
 class Subscription:
     """One channel of one client. Lives in the node's channel table while active."""
+
+    # As the node's Subscriber (delivered by CentrifugeFanout).
+    protocol = CentrifugeFanout.protocol
 
     __slots__ = (
         "buffer",
@@ -221,7 +219,7 @@ class CentrifugeSession:
     def __init__(
         self,
         node: Node,
-        verifier: TokenVerifier,
+        verifier: Authenticator,
         authorizer: ChannelAuthorizer,
         transport: Transport,
         outbox: Outbox,
@@ -581,7 +579,7 @@ class CentrifugeSession:
                     decision.reason,
                     extra={"client": self.client_id, "user": self._user(), "channel": channel},
                 )
-                raise Reject(decision.error or codes.PERMISSION_DENIED)
+                raise Reject(codes.INTERNAL if decision.temporary else codes.PERMISSION_DENIED)
         if channel in self.subscriptions:  # a concurrent subscribe won while we awaited
             raise Reject(codes.ALREADY_SUBSCRIBED)
 
@@ -865,7 +863,7 @@ class CentrifugeSession:
         assert self.credentials is not None
         if not request.token:
             raise Reject(codes.BAD_REQUEST)
-        channel = request.channel or _channel_claim(request.token)
+        channel = request.channel or self.verifier.channel_claim(request.token)
         sub = self.subscriptions.get(channel)
         if sub is None:
             raise Reject(codes.PERMISSION_DENIED)
@@ -937,19 +935,6 @@ CONSOLE_USER = "dex-shim-console"
 def _is_closed(session: CentrifugeSession) -> bool:
     # A function, so a state check after an await is not narrowed away by one before it.
     return session.state is State.CLOSED
-
-
-def _channel_claim(token: str) -> str:
-    """The `channel` claim of a subscription token, read without verifying (the
-    Python SDK sends sub_refresh without a channel; the token is verified right after)."""
-    import jwt
-
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return ""
-    channel = claims.get("channel")
-    return channel if isinstance(channel, str) else ""
 
 
 def _is_json(data: bytes) -> bool:

@@ -17,8 +17,7 @@ from typing import Any
 
 import orjson
 
-from legacy.wire import now_timestamp
-from shim.core.events import Event, new_event_id
+from shim.core.events import Event, new_event_id, now_timestamp
 
 # Activity kinds whose content names a model tool-use (legacy-hub-protocol.md §6.1).
 _TOOL_EVENT_TYPES = frozenset({"tool_call", "tool_result"})

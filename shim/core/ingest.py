@@ -9,14 +9,13 @@ order, so a legacy client that reaches it through several channels sees it once
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from legacy.wire import encode_legacy_frame, now_timestamp
 from shim.core.broadcast import Accepted, ParsedItem, channel_data, with_tool_use_id
 from shim.core.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
-from shim.core.events import Event, new_event_id
+from shim.core.events import Event, new_event_id, now_timestamp
 from shim.core.limits import Pacer
 from shim.core.node import Node
 from shim.core.routing import Route, Router
@@ -71,10 +70,17 @@ class IngestStats:
         return sum(n for (_type, outcome), n in self.counts.items() if outcome == result)
 
 
+# An event's legacy hub frame (legacy.wire.encode_legacy_frame), injected by the
+# composition root: made here once per event and carried with every publication of
+# it, so no node or client encodes it again.
+LegacyFrameEncoder = Callable[[Event], str]
+
+
 class Ingestor:
-    def __init__(self, node: Node, router: Router) -> None:
+    def __init__(self, node: Node, router: Router, legacy_frame: LegacyFrameEncoder) -> None:
         self.node = node
         self.router = router
+        self.legacy_frame = legacy_frame
         self.stats = IngestStats()
         self._unknown_types_logged: set[str] = set()
 
@@ -145,7 +151,7 @@ class Ingestor:
                 continue
             tag = LegacyTag(
                 event_id=event.id,
-                frame=encode_legacy_frame(event).encode(),
+                frame=self.legacy_frame(event).encode(),
                 task_id=event.task_id,
                 project_id=event.project_id,
                 channels=route.routed,

@@ -1,9 +1,10 @@
 """The node: local sessions, which channels they hold, and the publish path.
 
 Publishing goes through the Broker (which stores history and reaches every node);
-the broker hands each publication back to `on_publication`, which encodes it once
-per protocol and appends the same string to every local subscriber's outbox. No
-socket is ever awaited here.
+the broker hands each publication back to `on_publication`, which hands it to each
+protocol's Fanout (injected by the composition root) with that protocol's local
+subscribers; the fanout encodes it once and appends the same bytes to every one of
+their outboxes. The node knows no protocol. No socket is ever awaited here.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from shim.centrifuge.fanout import PreparedControl, PreparedPublication
 from shim.core.broker import (
     Broker,
     BrokerUnavailable,
@@ -38,29 +38,43 @@ from shim.core.outbox import Flusher
 log = logging.getLogger("shim.node")
 
 
-class ChannelSubscriber(Protocol):
-    """A Centrifuge client's subscription to one channel."""
+class Subscriber(Protocol):
+    """One client's hold on one channel (a Centrifuge subscription, a legacy session)."""
 
-    join_leave: bool
-    # Wants fossil deltas: the channel then remembers its last publication.
+    # The protocol whose Fanout delivers to it (Fanout.protocol).
+    protocol: str
+    # Wants deltas: the channel then keeps its last publication as the next one's base.
     delta: bool
 
-    def deliver(self, epoch: str, prepared: PreparedPublication) -> None:
-        """`prepared.pub`, made in `epoch` of the channel's stream."""
 
-    def deliver_control(self, control: PreparedControl) -> None: ...
+class Fanout(Protocol):
+    """One protocol's share of the publish path: it turns a publication into what
+    its subscribers take, encoding once however many they are, and appends it to
+    each of them. Never awaits."""
 
+    # Counter label and the Subscriber.protocol it serves ("channels", "legacy").
+    protocol: str
 
-class LegacySubscriber(Protocol):
-    """A legacy client; it may reach one event through several channels."""
+    def publish(
+        self,
+        channel: str,
+        pub: Publication,
+        epoch: str,
+        *,
+        moved: bool,
+        base: Publication | None,
+        subscribers: Sequence[Any],
+    ) -> bool:
+        """Deliver `pub` (made in `epoch`; `moved`: not the offset after the last one
+        dispatched here; `base`: the channel's previous publication, kept while a
+        subscriber wants deltas). True when it counts as a publication for them."""
+        ...
 
-    def deliver_legacy(self, tag: LegacyTag) -> None: ...
-
-    def stream_moved(self, channel: str, position: StreamPosition) -> None:
-        """The channel's stream did not continue from the last event delivered (a
-        publication legacy clients do not get, a gap, a new epoch), or the next event
-        comes from a channel other than the global one: the next event of `channel` is
-        `position.offset + 1`. Only a client that asked for positions acts on it."""
+    def control(
+        self, channel: str, info: ClientInfo, join: bool, subscribers: Sequence[Any]
+    ) -> None:
+        """A join or leave of `channel` (for subscribers that asked for them)."""
+        ...
 
 
 class Ticking(Protocol):
@@ -75,12 +89,12 @@ class NodeCounters:
 
     __slots__ = ("broker_errors", "deliveries", "disconnects", "limited", "publications")
 
-    def __init__(self) -> None:
+    def __init__(self, protocols: Iterable[str] = ()) -> None:
         # Messages appended to client queues, by protocol ("channels" / "legacy").
-        self.deliveries = {"channels": 0, "legacy": 0}
+        self.deliveries = dict.fromkeys(protocols, 0)
         # Publications the broker handed to this node that reached at least one local
         # subscriber of that protocol (one reaching both counts once in each).
-        self.publications = {"channels": 0, "legacy": 0}
+        self.publications = dict.fromkeys(self.deliveries, 0)
         # (protocol, close code) -> server-initiated disconnects.
         self.disconnects: dict[tuple[str, int], int] = {}
         # Broker operation -> failures.
@@ -116,14 +130,15 @@ class _NoObserver:
 
 
 class _Channel:
-    __slots__ = ("delta_subscribers", "epoch", "last", "legacy", "offset", "ready", "subscribers")
+    __slots__ = ("delta_subscribers", "epoch", "groups", "last", "offset", "ready")
 
-    def __init__(self) -> None:
+    def __init__(self, protocols: int) -> None:
         # The broker subscribe, until it has succeeded (then None: a finished task
         # kept per channel would cost every personal channel ~0.5 KiB).
         self.ready: asyncio.Task[None] | None = None
-        self.subscribers: dict[ChannelSubscriber, None] = {}
-        self.legacy: dict[LegacySubscriber, None] = {}
+        # Subscribers by protocol, in the node's fanout order; a protocol's dict is
+        # made by its first subscriber (most channels only ever have one protocol).
+        self.groups: list[dict[Subscriber, None] | None] = [None] * protocols
         # The last publication, kept (as the next one's delta base) only while a
         # subscriber wants deltas.
         self.delta_subscribers = 0
@@ -134,7 +149,10 @@ class _Channel:
         self.epoch = ""
 
     def empty(self) -> bool:
-        return not self.subscribers and not self.legacy
+        return not any(self.groups)
+
+    def count(self) -> int:
+        return sum(len(group) for group in self.groups if group)
 
 
 def _forget_when_subscribed(entry: _Channel, task: asyncio.Task[None]) -> None:
@@ -149,9 +167,13 @@ class Node:
         broker: Broker,
         presence: PresenceManager,
         *,
+        fanouts: Sequence[Fanout],
         tick_interval: float = 1.0,
     ) -> None:
         self.settings = settings
+        # One per protocol served, in delivery order.
+        self.fanouts = tuple(fanouts)
+        self._group_of = {fanout.protocol: index for index, fanout in enumerate(self.fanouts)}
         self.broker = broker
         self.presence = presence
         self.name = settings.node_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -160,7 +182,7 @@ class Node:
         self._channels: dict[str, _Channel] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.counters = NodeCounters()
+        self.counters = NodeCounters(self._group_of)
         # Writes queued messages straight to idle sockets once per loop iteration.
         self.flusher = Flusher(settings.client_write_delay_seconds)
         self.observer: Observer = _NoObserver()
@@ -246,24 +268,23 @@ class Node:
             history_ttl_seconds=options.history_ttl_seconds,
         )
 
-    async def attach(self, channel: str, subscriber: ChannelSubscriber) -> None:
-        """Deliver `channel` to a Centrifuge subscription from now on."""
+    async def attach(self, channel: str, subscriber: Subscriber) -> None:
+        """Deliver `channel` to `subscriber` (through its protocol's fanout) from now on."""
+        index = self._group_of[subscriber.protocol]
         entry = await self._acquire(channel)
-        if subscriber not in entry.subscribers and subscriber.delta:
+        group = entry.groups[index]
+        if group is None:
+            group = entry.groups[index] = {}
+        if subscriber not in group and subscriber.delta:
             entry.delta_subscribers += 1
-        entry.subscribers[subscriber] = None
-
-    async def attach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
-        """Deliver `channel`'s events to a legacy client from now on."""
-        entry = await self._acquire(channel)
-        entry.legacy[subscriber] = None
+        group[subscriber] = None
 
     async def _acquire(self, channel: str) -> _Channel:
         entry = self._channels.get(channel)
         if entry is None:
             # Registered before the broker subscribe is awaited, so concurrent attaches
             # share it; they all wait for the same subscribe to finish.
-            entry = self._channels[channel] = _Channel()
+            entry = self._channels[channel] = _Channel(len(self.fanouts))
             entry.ready = asyncio.get_running_loop().create_task(self.broker.subscribe(channel))
             entry.ready.add_done_callback(functools.partial(_forget_when_subscribed, entry))
         if entry.ready is None:
@@ -284,20 +305,15 @@ class Node:
         if entry is not None and entry.delta_subscribers and entry.last is None:
             entry.last = pub
 
-    def detach(self, channel: str, subscriber: ChannelSubscriber) -> None:
+    def detach(self, channel: str, subscriber: Subscriber) -> None:
         """Stop delivering; the broker unsubscribe of an emptied channel runs in the background."""
         entry = self._channels.get(channel)
         if entry is not None:
-            if entry.subscribers.pop(subscriber, False) is None and subscriber.delta:
+            group = entry.groups[self._group_of[subscriber.protocol]]
+            if group is not None and group.pop(subscriber, False) is None and subscriber.delta:
                 entry.delta_subscribers -= 1
                 if not entry.delta_subscribers:
                     entry.last = None
-            self._release_if_empty(channel, entry)
-
-    def detach_legacy(self, channel: str, subscriber: LegacySubscriber) -> None:
-        entry = self._channels.get(channel)
-        if entry is not None:
-            entry.legacy.pop(subscriber, None)
             self._release_if_empty(channel, entry)
 
     def _release_if_empty(self, channel: str, entry: _Channel) -> None:
@@ -328,7 +344,7 @@ class Node:
 
     def subscriber_count(self, channel: str) -> int:
         entry = self._channels.get(channel)
-        return 0 if entry is None else len(entry.subscribers) + len(entry.legacy)
+        return 0 if entry is None else entry.count()
 
     # -- publishing --------------------------------------------------------------
 
@@ -382,47 +398,30 @@ class Node:
         moved = bool(pub.offset) and (pub.offset != entry.offset + 1 or epoch != entry.epoch)
         if pub.offset:
             entry.offset, entry.epoch = pub.offset, epoch
-        if entry.subscribers:
-            # Encoded lazily, once per wire and delta form, by the first subscriber needing it.
-            prepared = PreparedPublication(channel, pub, entry.last)
-            if entry.delta_subscribers:
-                entry.last = pub
-            subscribers = list(entry.subscribers)
-            for subscriber in subscribers:
-                subscriber.deliver(epoch, prepared)
-            counters.publications["channels"] += 1
-            counters.deliveries["channels"] += len(subscribers)
-        if entry.legacy and pub.legacy is None and pub.offset:
-            # Not a legacy event (a server API publish): legacy clients skip it.
-            for legacy in list(entry.legacy):
-                legacy.stream_moved(channel, StreamPosition(pub.offset, epoch))
-        elif entry.legacy and pub.legacy is not None:
-            tag = pub.legacy
-            legacy_subscribers = list(entry.legacy)
-            if moved or (pub.offset and channel != self.settings.global_channel):
-                # Outside the global channel (a legacy client's personal events) each
-                # event is announced: a kit client places it in that channel's stream.
-                before = StreamPosition(pub.offset - 1, epoch)
-                for legacy in legacy_subscribers:
-                    legacy.stream_moved(channel, before)
-            for legacy in legacy_subscribers:
-                legacy.deliver_legacy(tag)
-            # Counts reach, before a legacy session drops a copy it already had.
-            counters.publications["legacy"] += 1
-            counters.deliveries["legacy"] += len(legacy_subscribers)
+        base = entry.last
+        if entry.delta_subscribers:
+            entry.last = pub
+        for fanout, group in zip(self.fanouts, entry.groups, strict=True):
+            if group:
+                subscribers = list(group)
+                if fanout.publish(
+                    channel, pub, epoch, moved=moved, base=base, subscribers=subscribers
+                ):
+                    counters.publications[fanout.protocol] += 1
+                    counters.deliveries[fanout.protocol] += len(subscribers)
         if pub.time_ms:
             self.observer.publish_to_enqueue(max(0.0, time.time() - pub.time_ms / 1000))
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, PreparedControl(channel, info, join=True))
+        self._control(channel, info, join=True)
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self._control(channel, PreparedControl(channel, info, join=False))
+        self._control(channel, info, join=False)
 
-    def _control(self, channel: str, control: PreparedControl) -> None:
+    def _control(self, channel: str, info: ClientInfo, *, join: bool) -> None:
         entry = self._channels.get(channel)
         if entry is None:
             return
-        for subscriber in list(entry.subscribers):
-            if subscriber.join_leave:
-                subscriber.deliver_control(control)
+        for fanout, group in zip(self.fanouts, entry.groups, strict=True):
+            if group:
+                fanout.control(channel, info, join, list(group))

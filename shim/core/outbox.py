@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from shim.core.transport import FrameSink
 from shim.core.wsframe import binary_frame_header, text_frame_header
-from shim.transport.hypercorn_compat import DirectWrite
 
 
 class Flusher:
@@ -90,7 +90,7 @@ class Outbox:
         send: SendFrame,
         *,
         flusher: Flusher | None = None,
-        direct: DirectWrite | None = None,
+        direct: FrameSink | None = None,
         joined: bool = True,
         binary: bool = False,
         max_frame_bytes: int = 512 * 1024,

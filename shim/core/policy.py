@@ -7,8 +7,9 @@ The session asks one ChannelAuthorizer. It answers for personal channels
 - ClaimsPolicy ("claims"): the connection token lists what the user may read.
 - HttpCallbackPolicy ("http"): the application answers, like Centrifugo's subscribe proxy.
 
-A refusal carries PERMISSION_DENIED (103, final); a policy that could not answer
-carries INTERNAL (100, temporary), so SDKs retry the subscription later.
+A decision is protocol-free: a refusal is final, a policy that could not answer
+gives a temporary refusal (Centrifuge sends 103 and 100 for them; SDKs retry the
+latter later).
 """
 
 from __future__ import annotations
@@ -23,39 +24,34 @@ from typing import TYPE_CHECKING, Protocol
 import httpx
 import orjson
 
-from shim.centrifuge.codes import INTERNAL, PERMISSION_DENIED, ErrorCode
 from shim.core.routing import PERSONAL_FANOUT_CHANNEL
 
 if TYPE_CHECKING:
-    from adapters.auth.jwt import Credentials
+    from shim.core.auth import Credentials
     from shim.core.config import Settings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("shim.policy")
 
 
 @dataclass(slots=True, frozen=True)
 class Decision:
     allowed: bool
-    # None when allowed; PERMISSION_DENIED when refused; INTERNAL when no answer was had.
-    error: ErrorCode | None = None
+    # Refused because no answer was had (the policy failed): worth asking again later.
+    temporary: bool = False
     # For logs only; never sent to clients.
     reason: str = ""
 
     @classmethod
     def allow(cls, reason: str) -> Decision:
-        return cls(True, None, reason)
+        return cls(True, False, reason)
 
     @classmethod
     def deny(cls, reason: str) -> Decision:
-        return cls(False, PERMISSION_DENIED, reason)
+        return cls(False, False, reason)
 
     @classmethod
     def failure(cls, reason: str) -> Decision:
-        return cls(False, INTERNAL, reason)
-
-    @property
-    def temporary(self) -> bool:
-        return self.error is not None and self.error.temporary
+        return cls(False, True, reason)
 
 
 class ChannelPolicy(Protocol):
@@ -129,7 +125,7 @@ class HttpCallbackPolicy:
 
     200 {"allow": true} allows; 200 {"allow": false} or 403 refuses. Anything else
     (timeout, connection error, another status, an unreadable body) is a temporary
-    INTERNAL failure. Answers, not failures, are cached per (user, channel) for
+    temporary failure. Answers, not failures, are cached per (user, channel) for
     cache_seconds; concurrent asks for the same (user, channel) share one request.
     """
 
@@ -188,7 +184,7 @@ class HttpCallbackPolicy:
         except httpx.HTTPError as exc:
             return self._failed(channel, f"callback failed: {type(exc).__name__}")
         decision = _read_answer(response)
-        if decision.error is INTERNAL:
+        if decision.temporary:
             return self._failed(channel, decision.reason)
         self._remember(key, decision)
         return decision

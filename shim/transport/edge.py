@@ -18,7 +18,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shim.centrifuge.codes import WS_MESSAGE_TOO_BIG
+from shim.core.close_codes import WS_MESSAGE_TOO_BIG
 from shim.core.outbox import Outbox
 from shim.core.wsframe import binary_frame_header, text_frame_header
 from shim.transport.hypercorn_compat import CLOSE_REQUESTED, DirectWrite

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shim.centrifuge import codes
+from shim.core import close_codes
 from shim.core.outbox import Outbox
 from shim.transport.edge import DIRECT_WRITE_HIGH_WATER, ASGIReceive, ASGISend
 from shim.transport.hypercorn_compat import (
@@ -163,7 +163,7 @@ class StreamPump:
             while not self._closing:
                 if (await receive())["type"] == "http.disconnect":
                     return
-            if self.close_code == codes.SLOW.code:
+            if self.close_code == close_codes.SLOW:
                 self.abort()  # its queue is already dropped; nothing more is written
                 return
             outbox.close(discard=False)

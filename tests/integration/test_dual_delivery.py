@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-import shim.core.ingest
+import shim.app.runtime
 from adapters.brokers.redis.keys import shard_index
 from legacy.session import LegacySession
 from shim.core.broadcast import Accepted, channel_data, parse_broadcast
@@ -373,7 +373,7 @@ async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_
     signing_keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     encoded: list[str] = []
-    real_encode = shim.core.ingest.encode_legacy_frame
+    real_encode = shim.app.runtime.encode_legacy_frame
 
     def counting_encode(event: Event) -> str:
         text = real_encode(event)
@@ -387,7 +387,8 @@ async def test_each_event_is_encoded_once_and_the_same_bytes_reach_every_legacy_
         pushed.append((outbox, message))
         return real_push(outbox, message)
 
-    monkeypatch.setattr(shim.core.ingest, "encode_legacy_frame", counting_encode)
+    # The runtime hands this encoder to its Ingestor when the server below starts.
+    monkeypatch.setattr(shim.app.runtime, "encode_legacy_frame", counting_encode)
     monkeypatch.setattr(Outbox, "push", recording_push)
     # Each event goes to task:T, project:P and global: several channels, several clients.
     events = [

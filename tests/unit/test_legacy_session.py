@@ -19,6 +19,7 @@ import pytest
 from adapters.auth.jwt import Credentials
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy import session as legacy_session
+from legacy.fanout import LegacyFanout
 from legacy.reads import LegacyReads
 from legacy.session import LegacySession, LegacyStats, RecentEvents
 from shim.core.broker import LegacyTag, Publication
@@ -105,9 +106,19 @@ def copy(node: Node, channel: str, n: int) -> None:
     node.on_publication(channel, Publication(data=b"{}", legacy=tag(n)), "")
 
 
+def legacy_node(settings: Settings, broker: MemoryBroker) -> Node:
+    """A node serving legacy sessions only, as the runtime wires it."""
+    return Node(
+        settings,
+        broker,
+        MemoryPresenceManager(),
+        fanouts=(LegacyFanout(settings.global_channel),),
+    )
+
+
 @pytest.fixture
 def node() -> Node:
-    return Node(Settings(), MemoryBroker(), MemoryPresenceManager())
+    return legacy_node(Settings(), MemoryBroker())
 
 
 async def task_and_project_client(node: Node) -> Client:
@@ -272,9 +283,7 @@ async def test_a_wildcard_client_also_reads_its_personal_channel_and_remembers_n
 
 
 async def test_with_personal_events_to_all_a_wildcard_client_reads_the_fan_out_channel() -> None:
-    node = Node(
-        Settings(legacy_personal_events_to_all=True), MemoryBroker(), MemoryPresenceManager()
-    )
+    node = legacy_node(Settings(legacy_personal_events_to_all=True), MemoryBroker())
     client = Client(node, personal="user:u")
     await client.command(action="subscribe_all")
     assert node.subscriber_count(PERSONAL_FANOUT_CHANNEL) == 1
@@ -319,7 +328,7 @@ async def test_events_waiting_for_the_policy_are_passed_on_in_order(
 
 
 async def test_events_held_for_the_policy_count_against_the_queue_cap() -> None:
-    node = Node(Settings(client_queue_max_size_bytes=1024), MemoryBroker(), MemoryPresenceManager())
+    node = legacy_node(Settings(client_queue_max_size_bytes=1024), MemoryBroker())
     policy = GatedPolicy()  # never answers
     reads = LegacyReads(ChannelAuthorizer(policy), Credentials(user="u"), cache_seconds=60)
     client = Client(node, reads=reads)
@@ -392,7 +401,7 @@ class GatedBroker(MemoryBroker):
 
 async def test_a_client_gone_during_the_broker_subscribe_costs_no_one_their_subscription() -> None:
     broker = GatedBroker()
-    node = Node(Settings(), broker, MemoryPresenceManager())
+    node = legacy_node(Settings(), broker)
     staying, leaving = Client(node), Client(node)
     # Both wait on the same broker subscribe of task:T; one socket goes away meanwhile.
     commands = [

@@ -17,11 +17,9 @@ from legacy.wire import (
     encode_go_json,
     encode_legacy_frame,
     go_float,
-    go_timestamp,
-    now_timestamp,
 )
 from shim.core.broadcast import Accepted, parse_broadcast
-from shim.core.events import Event
+from shim.core.events import Event, go_timestamp, now_timestamp
 
 # Vendored with the repository (tests/data/README.md says where it came from).
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "legacy-broadcasts.json"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from legacy.wire import encode_legacy_frame, go_timestamp
+from legacy.wire import encode_legacy_frame
 from shim.core.broadcast import (
     Accepted,
     BroadcastError,
@@ -21,7 +21,7 @@ from shim.core.broadcast import (
     parse_broadcast,
     with_tool_use_id,
 )
-from shim.core.events import Event
+from shim.core.events import Event, go_timestamp
 from tests.unit.test_legacy_wire import CORPUS, GO_TIMESTAMP
 
 LIMIT = 1 << 20
