@@ -13,7 +13,7 @@ set -euo pipefail
 
 VERSION="5.7.4"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="$ROOT/shim/console/static/vendor"
+DEST="$ROOT/shim/app/console/static/vendor"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 

@@ -25,7 +25,7 @@ function fill(template: string, message: LegacyMessage): string | null {
 
 /**
  * The channels the server publishes an event to, from the route table it serves
- * in `/api/v1/realtime/config` (the same rules as shim/routing.py: the longest
+ * in `/api/v1/realtime/config` (the same rules as shim/core/routing.py: the longest
  * matching rule, templates filled from the payload or the top-level ids, the
  * fallback when every template lacked its key, the global channel always last).
  */
