@@ -175,9 +175,12 @@ class Broker(Protocol):
         """Publications of the channel. limit 0 = none (position only), -1 = all kept.
         Without `since`: oldest first (newest first when reverse). With `since`:
         offsets > since.offset ascending (reverse: < since.offset descending).
-        Raises UnrecoverablePosition when since.epoch is set and differs.
-        Reading creates the stream's epoch when the channel has none yet, so a
-        subscriber that saw an empty stream can recover once publications begin."""
+        Raises UnrecoverablePosition when since (past offset 0) is not a position of
+        this stream. Reading creates nothing: a channel never published to reads as
+        offset 0 in a blank epoch, and the stream its first publish makes still
+        accepts that position, so a subscriber that saw an empty stream recovers
+        once publications begin. `options` are the channel's (engines may ignore them
+        on reads)."""
 
     async def remove_history(self, channel: str) -> None: ...
 

@@ -63,6 +63,9 @@ class EngineUnderTest:
     advance_time: Callable[[float], Awaitable[None]]
     # True when the handler has heard an event by the time the publishing call returns.
     synchronous_delivery: bool
+    # Whether the engine keeps anything of the channel's stream (memory: a stream
+    # entry; Redis: its meta, history or fence key), read from its storage directly.
+    stores_stream: Callable[[str], Awaitable[bool]]
 
     async def delivered(self, predicate: Callable[[], bool]) -> None:
         """Assert `predicate` holds: at once for a synchronous engine, else within
@@ -87,6 +90,18 @@ class FakeClock:
         self.now += seconds
 
 
+async def _in_memory(broker: MemoryBroker, channel: str) -> bool:
+    return channel in broker._streams
+
+
+async def _in_redis(broker: RedisBroker, channel: str) -> bool:
+    keys = broker._keys(channel)
+    shards = broker._shards
+    found = await shards.call(shards.client(channel), "EXISTS", keys.meta, keys.history)
+    fenced = await shards.call(shards.client(channel), "EXISTS", keys.fence)
+    return bool(int(found) + int(fenced))
+
+
 @asynccontextmanager
 async def memory_engine() -> AsyncIterator[EngineUnderTest]:
     clock = FakeClock()
@@ -100,6 +115,7 @@ async def memory_engine() -> AsyncIterator[EngineUnderTest]:
             handler=handler,
             advance_time=clock.advance,
             synchronous_delivery=True,
+            stores_stream=lambda channel: _in_memory(broker, channel),
         )
     finally:
         await broker.close()
@@ -119,6 +135,7 @@ async def _redis_engine_on(urls: list[str], **options: Any) -> AsyncIterator[Eng
             handler=handler,
             advance_time=asyncio.sleep,
             synchronous_delivery=False,
+            stores_stream=lambda channel: _in_redis(broker, channel),
         )
     finally:
         await broker.close()

@@ -231,6 +231,36 @@ async def test_a_reader_of_an_unknown_channel_recovers_its_first_publications(
     assert (await engine.broker.history(channel, since=caught_up, limit=-1)).publications == []
 
 
+async def test_reading_or_subscribing_to_a_fresh_channel_stores_nothing(
+    engine: EngineUnderTest, channel: str
+) -> None:
+    # What a subscribe does to the engine: listen, position, recover from there.
+    await engine.broker.subscribe(channel)
+    seen = await engine.broker.history(channel, limit=0, options=KEEP_10)
+    await engine.broker.history(channel, since=seen.position, limit=-1, options=KEEP_10)
+    await engine.broker.history(channel, limit=-1, reverse=True)
+    await engine.broker.remove_history(channel)
+    await engine.broker.unsubscribe(channel)
+
+    assert not await engine.stores_stream(channel)
+    await engine.broker.publish(channel, pub(1), KEEP_10)
+    assert await engine.stores_stream(channel)
+
+
+async def test_a_blank_position_followed_live_is_unrecoverable_after_a_removal(
+    engine: EngineUnderTest, channel: str
+) -> None:
+    first = await engine.broker.history(channel, options=KEEP_10)
+    await publish_many(engine, channel, 2)
+    followed = StreamPosition(2, first.position.epoch)
+
+    await engine.broker.remove_history(channel)
+    await engine.broker.publish(channel, pub(3), KEEP_10)
+
+    with pytest.raises(UnrecoverablePosition):
+        await engine.broker.history(channel, since=followed, limit=-1)
+
+
 async def test_reading_without_options_also_positions_the_reader(
     engine: EngineUnderTest, channel: str
 ) -> None:

@@ -41,7 +41,9 @@ from shim.core.broker import (
 
 log = logging.getLogger("adapters.brokers.redis")
 
-_DEFAULT_OPTIONS = PublishOptions()
+# A channel never published to reads in a blank epoch named after this window of
+# time (see scripts.HISTORY): reads within one window get the same position.
+BLANK_WINDOW_MS = 10_000
 
 
 def _publish_args(
@@ -315,27 +317,32 @@ class RedisBroker:
     ) -> HistoryResult:
         self._check_open()
         keys = self._keys(channel)
-        meta_ttl = (options or _DEFAULT_OPTIONS).history_meta_ttl_seconds
         reply = await self._shards.run(
             self._shards.client(channel),
             scripts.HISTORY,
             (keys.meta, keys.history),
-            new_epoch(),
-            _ms(meta_ttl),
             limit,
             -1 if since is None else since.offset,
             1 if reverse else 0,
             "" if since is None else since.epoch,
+            BLANK_WINDOW_MS,
         )
         position = StreamPosition(int(reply[0]), reply[1].decode())
-        if since is not None and since.epoch and since.epoch != position.epoch:
+        if since is not None and not int(reply[2]):
             raise UnrecoverablePosition(channel)
-        return HistoryResult([wire.decode_history_entry(e) for e in reply[2:]], position)
+        return HistoryResult([wire.decode_history_entry(e) for e in reply[3:]], position)
 
     async def remove_history(self, channel: str) -> None:
+        """A stream with meta starts a new epoch at offset 0 (its meta expires as it
+        would have); a channel without one stays without."""
         self._check_open()
         keys = self._keys(channel)
-        await self._shards.call(self._shards.client(channel), "DEL", keys.meta, keys.history)
+        await self._shards.run(
+            self._shards.client(channel),
+            scripts.RESET_STREAM,
+            (keys.meta, keys.history),
+            new_epoch(),
+        )
 
     def _listener(self, channel: str) -> ShardListener:
         return self._listeners[self._shards.index(channel)]

@@ -27,6 +27,7 @@ class Script:
 # KEYS: meta, history. ARGV: pubsub name, body, history size, history ttl ms,
 # meta ttl ms (<= 0: no expiry), epoch to use if the stream is new, and optionally
 # the publish command (SPUBLISH on a Redis Cluster with sharded pub/sub; PUBLISH).
+# A new stream records when it was made and its meta ttl (see HISTORY).
 # Returns {offset, epoch}. Entry: "<expires_at_ms>:<offset>:<body>";
 # message: "p<offset>:<epoch>\n<body>" (see wire.py).
 _PUBLISH_BODY = """
@@ -37,7 +38,7 @@ if not epoch then
   -- A new stream: whatever is left of an old list belongs to a lost epoch.
   epoch = ARGV[6]
   redis.call('DEL', history)
-  redis.call('HSET', meta, 'e', epoch)
+  redis.call('HSET', meta, 'e', epoch, 'c', string.format('%d', now), 'l', ARGV[5])
 end
 local offset = redis.call('HINCRBY', meta, 's', 1)
 if meta_ttl > 0 then
@@ -95,26 +96,42 @@ end
     + _PUBLISH_BODY
 )
 
-# KEYS: meta, history. ARGV: epoch to use if the stream is new, meta ttl ms for a new
-# stream, limit (-1 all, 0 none), since offset (-1 none), "1" reverse, since epoch.
-# Returns {top, epoch, entry...}; no entries when since epoch is set and differs.
+# Reading creates nothing. A channel without meta reads as offset 0 in the blank epoch
+# "b<n>", n = now // window (ARGV[5] ms): two reads close in time agree. The first
+# publish stores when it made the stream ("c", Redis ms) and its meta ttl ("l"), and a
+# blank position of window n is accepted by that stream when it was made at or after
+# n * window and less than its meta ttl later. A stream made in between and expired
+# since lived at least its meta ttl, so a stream made after it never takes a position
+# from before it (the memory engine's `born`, without a key per read).
+# KEYS: meta, history. ARGV: limit (-1 all, 0 none), since offset (-1 none), "1"
+# reverse, since epoch, blank window ms.
+# Returns {top, epoch, accepted (1/0), entry...}; no entries when not accepted.
 # The list holds consecutive offsets ending at top, so `since` maps to an index.
 HISTORY = Script(
     _NOW
     + """
 local meta, history = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
+local limit, since, reverse = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
+local since_epoch, window = ARGV[4], tonumber(ARGV[5])
+local fields = redis.call('HMGET', meta, 'e', 's', 'c', 'l')
+local epoch = fields[1]
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', history)
-  redis.call('HSET', meta, 'e', epoch, 's', 0)
-  local meta_ttl = tonumber(ARGV[2])
-  if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) end
+  -- Offset 0 is before any publication, whichever epoch it was told.
+  local blank = string.format('b%d', math.floor(now / window))
+  return {0, blank, since > 0 and 0 or 1}
 end
-local top = tonumber(redis.call('HGET', meta, 's') or '0')
-local result = {top, epoch}
-local limit, since, reverse = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
-if limit == 0 or (ARGV[6] ~= '' and ARGV[6] ~= epoch) then return result end
+local top = tonumber(fields[2] or '0')
+local accepted = since <= 0 or since_epoch == '' or since_epoch == epoch
+if not accepted and fields[3] then
+  local n = string.match(since_epoch, '^b(%d+)$')
+  if n then
+    local made, from = tonumber(fields[3]), tonumber(n) * window
+    local meta_ttl = tonumber(fields[4] or '0')
+    accepted = made >= from and (meta_ttl <= 0 or made - from < meta_ttl)
+  end
+end
+local result = {top, epoch, accepted and 1 or 0}
+if limit == 0 or not accepted then return result end
 local len = redis.call('LLEN', history)
 local first = top - len + 1
 local lo, hi = 0, len - 1
@@ -125,7 +142,7 @@ local step = hi - lo + 1
 if limit > 0 then step = limit end
 local function take(entry)
   if tonumber(string.match(entry, '^(%d+):')) > now then result[#result + 1] = entry end
-  return limit > 0 and #result - 2 >= limit
+  return limit > 0 and #result - 3 >= limit
 end
 if reverse then
   local j = hi
@@ -149,6 +166,20 @@ else
   end
 end
 return result
+"""
+)
+
+# A new epoch for a stream that has meta, at offset 0, keeping the meta's expiry; its
+# history goes, and no blank position is accepted any more (it may predate the reset).
+# KEYS: meta, history. ARGV: the new epoch. Nothing is made for a channel without meta.
+RESET_STREAM = Script(
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'c', 'l')
+  redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
+end
+return 1
 """
 )
 
