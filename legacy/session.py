@@ -11,11 +11,14 @@ the session passes on the first and drops the rest by event id (RecentEvents).
 With strict matching the session instead reads only the global channel and
 applies the old hub's rule: top-level `task_id`/`project_id` only.
 
-Events routed to a personal channel never go to the global channel, so `*` (and
-strict matching) also reads the user's own personal channel -- or, with
-`legacy_personal_events_to_all`, the channel every personal event is fanned out
-on. Either way the two channels carry disjoint events, so `*` still needs no
-de-duplication.
+Events routed to a personal or user-limited channel never go to the global
+channel, so `*` (and strict matching) also reads the user's own personal channels
+(`user:<id>`, and Centrifugo's `#<id>` when user_subscribe_to_personal is on) --
+or, with `legacy_personal_events_to_all`, the channel every such event is fanned
+out on. An event routed to two personal channels of one user carries its legacy
+frame on the first only, so the channels carry disjoint events and `*` still needs
+no de-duplication. Events of user-limited channels (`dialog#42,43`) reach legacy
+clients only through that fan-out: a legacy client cannot name those channels.
 
 When the channel policy does not let the user read every shared channel
 (`claims`, `http`, or an anonymous client), reads are authorized (legacy.reads):
@@ -203,7 +206,7 @@ class LegacySession:
         user: str,
         strict_matching: bool,
         liveness: Pings | None = None,
-        personal_channel: str = "",
+        personal_channels: tuple[str, ...] = (),
         reads: LegacyReads | None = None,
     ) -> None:
         self.node = node
@@ -217,8 +220,8 @@ class LegacySession:
         self._attached: set[str] = set()
         # True while the attached channels carry disjoint events (`*`, strict).
         self._disjoint = False
-        # The user's own personal channel ("" for none), read along with `*`.
-        self._personal = personal_channel
+        # The user's own personal channels (none for anonymous users), read with `*`.
+        self._personal = personal_channels
         # None when the user may read every shared channel: nothing to authorize.
         self._reads = reads
         # Events waiting for the HTTP policy's answer, oldest first, and their task.
@@ -383,15 +386,12 @@ class LegacySession:
         if self._reads_everything():
             # Every event but a personal one is routed to the global channel too: any
             # other channel would only bring second copies. Personal events come
-            # through the user's own channel, or all of them through the fan-out one.
+            # through the user's own channels, or all of them through the fan-out one.
             wanted = {settings.global_channel}
-            personal = (
-                PERSONAL_FANOUT_CHANNEL
-                if settings.legacy_personal_events_to_all
-                else self._personal
-            )
-            if personal:
-                wanted.add(personal)
+            if settings.legacy_personal_events_to_all:
+                wanted.add(PERSONAL_FANOUT_CHANNEL)
+            else:
+                wanted.update(self._personal)
             return wanted
         return set(self.subscriptions)
 

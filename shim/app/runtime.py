@@ -122,7 +122,7 @@ class Runtime:
             settings.routes,
             default_channel=settings.default_channel,
             global_channel=settings.global_channel,
-            personal_prefix=self.authorizer.personal_prefix,
+            audience=self.authorizer,
             personal_fanout=settings.legacy_personal_events_to_all,
         )
         self.ingestor = Ingestor(self.node, self.router, encode_legacy_frame)

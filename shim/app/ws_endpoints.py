@@ -271,7 +271,7 @@ async def serve_legacy(
         user=credentials.user,
         strict_matching=settings.legacy_strict_matching,
         liveness=liveness,
-        personal_channel=authorizer.personal_channel(credentials.user),
+        personal_channels=tuple(authorizer.personal_channels(credentials.user)),
         # Under "any" a user reads every shared channel: nothing to ask, bytes unchanged.
         reads=None
         if authorizer.reads_everything_shared(credentials)

@@ -265,7 +265,8 @@ class Settings:
     # Namespace of that channel ("" = none: `#<user id>`); it must be configured.
     user_personal_channel_namespace: str = ""
     # Channel every ingested event is also published to (legacy `*` clients read it),
-    # except events routed to a personal channel: those reach only their user.
+    # except events routed to a personal or user-limited channel (or any name with a
+    # `#`): those reach only the users the channel names.
     global_channel: str = "global"
 
     # --- legacy hub protocol (GET /api/v1/ws) --------------------------------
@@ -278,9 +279,10 @@ class Settings:
     # Seconds a legacy client may go without answering a ping before it is dropped
     # (the hub's 60 s read deadline, renewed only by pongs).
     legacy_read_deadline_seconds: float = 60.0
-    # Compatibility: deliver events routed to a personal channel (approvals) to every
-    # legacy `*` client, as the Go hub did. Off: only to that channel's user, on both
-    # protocols. Only channel_policy = "any" lets it through (claims/http still ask).
+    # Compatibility: deliver events routed to a personal or user-limited channel
+    # (approvals, `#42`, `dialog#42,43`) to every legacy `*` client, as the Go hub did.
+    # Off: only to the users the channel names, on both protocols. Only
+    # channel_policy = "any" lets it through (claims/http still ask).
     legacy_personal_events_to_all: bool = False
 
     # --- cutover (changed at runtime through the admin API) -------------------

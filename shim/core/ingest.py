@@ -137,7 +137,7 @@ class Ingestor:
         event whether every one of its channels stored it. An event whose channel is
         over channel_publish_rate_limit is refused on its own; the others go on.
         `fences`: one per event (every channel of an event gets its fence), or none."""
-        batch: list[tuple[str, bytes, LegacyTag]] = []
+        batch: list[tuple[str, bytes, LegacyTag | None]] = []
         channel_fences: list[Fence | None] = []
         routes: list[Route | str] = []
         for position, (_index, event) in enumerate(events):
@@ -157,7 +157,11 @@ class Ingestor:
                 channels=route.routed,
             )
             data = channel_data(event)
-            batch.extend((channel, data, tag) for channel in route.channels)
+            if route.legacy_skip:
+                skip = route.legacy_skip
+                batch.extend((c, data, None if c in skip else tag) for c in route.channels)
+            else:
+                batch.extend((channel, data, tag) for channel in route.channels)
             if fences:
                 channel_fences.extend([fences[position]] * len(route.channels))
             routes.append(route)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import httpx
 import orjson
 
-from shim.core.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.routing import PERSONAL_FANOUT_CHANNEL, USER_BOUNDARY
 
 if TYPE_CHECKING:
     from shim.core.auth import Credentials
@@ -235,8 +235,7 @@ def _read_answer(response: httpx.Response) -> Decision:
     return Decision.failure("callback answer has no boolean `allow`")
 
 
-# Centrifugo's user boundary and separator: `dialog#42,43` is for users 42 and 43 only.
-USER_BOUNDARY = "#"
+# Centrifugo's separator of users after the boundary: `dialog#42,43`.
 USER_SEPARATOR = ","
 
 
@@ -293,11 +292,6 @@ class ChannelAuthorizer:
     def policy(self) -> ChannelPolicy:
         return self._policy
 
-    @property
-    def personal_prefix(self) -> str:
-        """`<user_channel_prefix>:`, or "" when the personal-channel rule is off."""
-        return self._user_prefix
-
     def reads_everything_shared(self, credentials: Credentials) -> bool:
         """True when every channel but others' personal ones is readable to these
         credentials without asking (channel_policy "any" and a user id)."""
@@ -333,6 +327,18 @@ class ChannelAuthorizer:
         return bool(self._user_prefix and channel.startswith(self._user_prefix)) or (
             self._centrifugo_personal(channel)
         )
+
+    def personal_owner(self, channel: str) -> str:
+        """The user whose personal channel this is, "" for any other channel."""
+        if self._user_prefix and channel.startswith(self._user_prefix):
+            return channel[len(self._user_prefix) :]
+        if self._centrifugo_personal(channel):
+            return channel.rsplit(USER_BOUNDARY, 1)[1]
+        return ""
+
+    def limited(self, channel: str) -> bool:
+        """A channel only some users may read whatever the policy: personal or user-limited."""
+        return self.personal(channel) or self.user_limited(channel)
 
     def foreign_personal_channel(self, channel: str, user: str) -> bool:
         """A personal channel that is not `user`'s: what no policy and no token may

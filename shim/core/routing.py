@@ -7,8 +7,9 @@ route costs a few dict look-ups and string joins.
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from shim.core.config import RouteRule
 from shim.core.events import Event
@@ -21,6 +22,18 @@ _TOP_LEVEL_KEYS = ("task_id", "project_id")
 # `legacy_personal_events_to_all` is on: legacy `*` clients read it, and no client
 # may subscribe to it (its namespace is never configured, and the authorizer refuses it).
 PERSONAL_FANOUT_CHANNEL = "$legacy:personal"
+# Centrifugo's user boundary: `dialog#42,43` is for users 42 and 43 only.
+USER_BOUNDARY = "#"
+
+
+class ChannelAudience(Protocol):
+    """Which channels are for some users only (the channel authorizer answers)."""
+
+    def limited(self, channel: str) -> bool:
+        """A personal or user-limited channel (`user:42`, `#42`, `dialog#42,43`)."""
+
+    def personal_owner(self, channel: str) -> str:
+        """The user whose personal channel this is, "" for any other channel."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,8 +46,12 @@ class Route:
     missing: tuple[str, ...]
     # No rule matched the event type; it went to the default channel.
     unknown_type: bool
-    # Routed to a personal channel: meant for its user only.
+    # Routed to a personal or user-limited channel: meant for its users only.
     personal: bool = False
+    # Channels whose publication carries no legacy frame: a user's second personal
+    # channel in the route (a legacy `*` client reads all of its user's personal
+    # channels, and must get the event once).
+    legacy_skip: tuple[str, ...] = ()
 
     @property
     def routed(self) -> tuple[str, ...]:
@@ -99,17 +116,17 @@ def _compile_template(text: str, optional: bool) -> _Template:
 class Router:
     """Maps an event type to channels: the longest matching rule wins, where a rule's
     `match` is an exact type or a prefix ending in '.'. Every event also goes to
-    `global_channel`, except a personal one (routed to a channel starting with
-    `personal_prefix`): every global reader would read it. A type no rule matches
-    goes to `default_channel`.
+    `global_channel`, except one routed to a channel for some users only (personal,
+    user-limited, or any name with Centrifugo's `#` user boundary): every global
+    reader would read it. A type no rule matches goes to `default_channel`.
     """
 
     __slots__ = (
+        "_audience",
         "_default_channel",
         "_exact",
         "_fanout",
         "_global_channel",
-        "_personal_prefix",
         "_prefixes",
     )
 
@@ -119,13 +136,13 @@ class Router:
         *,
         default_channel: str,
         global_channel: str,
-        personal_prefix: str = "",
+        audience: ChannelAudience | None = None,
         personal_fanout: bool = False,
     ) -> None:
         self._default_channel = default_channel
         self._global_channel = global_channel
-        # "" turns the personal rule off (as an empty user_channel_prefix does).
-        self._personal_prefix = personal_prefix
+        # None: only `#` names are kept off the global channel.
+        self._audience = audience
         self._fanout = (PERSONAL_FANOUT_CHANNEL,) if personal_fanout else ()
         self._exact: dict[str, _CompiledRule] = {}
         self._prefixes: dict[str, _CompiledRule] = {}
@@ -173,15 +190,37 @@ class Router:
                 missing.append(template.text)
         if rule.fallback and lacking == len(rule.templates):
             channels, missing = [rule.fallback], []
-        prefix = self._personal_prefix
-        if prefix and any(c.startswith(prefix) for c in channels):
+        if any(self._limited(c) for c in channels):
+            unique = self._unique(channels)
             return Route(
-                channels=(*self._unique(channels), *self._fanout),
+                channels=(*unique, *self._fanout),
                 missing=tuple(missing),
                 unknown_type=False,
                 personal=True,
+                legacy_skip=self._second_personal(unique),
             )
         return Route(channels=self._finish(channels), missing=tuple(missing), unknown_type=False)
+
+    def _limited(self, channel: str) -> bool:
+        # A `#` name is kept off the global channel even where its namespace does not
+        # limit it (a route's author meant it for those users; the global channel
+        # would hand it to everyone).
+        return USER_BOUNDARY in channel or (
+            self._audience is not None and self._audience.limited(channel)
+        )
+
+    def _second_personal(self, channels: Iterable[str]) -> tuple[str, ...]:
+        if self._audience is None:
+            return ()
+        owners: set[str] = set()
+        skip: list[str] = []
+        for channel in channels:
+            owner = self._audience.personal_owner(channel)
+            if owner in owners:
+                skip.append(channel)
+            elif owner:
+                owners.add(owner)
+        return tuple(skip)
 
     def _unique(self, channels: Sequence[str]) -> dict[str, None]:
         # dict keeps first-seen order while dropping duplicates.

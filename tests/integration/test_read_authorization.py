@@ -14,6 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import ADMIN_KEY, RunningServer, run_server
+from tests.conventions import centrifugo_conventions
 from tests.integration.test_channel_policy import DecidingApp
 from tests.integration.test_js_sdk import connect as js_connect
 from tests.integration.test_js_sdk import on as js_on
@@ -377,6 +378,84 @@ async def test_centrifuge_js_reads_its_own_approval_but_not_anothers_on_global(
         on_global = js.find_events(js_on("global", "sub.publication"))
         assert [e["data"].get("n") for e in on_global if "n" in e["data"]] == [3]
         assert len(js.find_events(js_on("user:alice", "publication"))) == 1
+
+
+def centrifugo_routes(personal: str) -> list[dict[str, Any]]:
+    """A direct message to Centrifugo's personal channel of `to`, a chat on the
+    user-limited channel of `a` and `b`, and a notice to both personal channels of `to`."""
+    return [
+        {"match": "dm.", "channels": [f"{personal}#{{to}}"]},
+        {"match": "chat.", "channels": ["dialog#{a},{b}"]},
+        {"match": "notice.", "channels": ["user:{to}", f"{personal}#{{to}}"]},
+        {"match": "task.", "channels": ["task:{task_id}"]},
+    ]
+
+
+@pytest.mark.parametrize("namespace", ["", "personal"])
+async def test_centrifugo_personal_and_user_limited_events_reach_only_their_users(
+    signing_keys: Keys, namespace: str
+) -> None:
+    personal = f"{namespace}:" if namespace else ""
+    namespaces = centrifugo_conventions()
+    namespaces["dialog"] = namespaces[""]
+    async with run_server(
+        signing_keys,
+        namespaces=namespaces,
+        routes=centrifugo_routes(personal),
+        user_subscribe_to_personal=True,
+        user_personal_channel_namespace=namespace,
+    ) as server:
+        sdk42, events42, global42 = await sdk_reader(server, "42")
+        sdk44, events44, global44 = await sdk_reader(server, "44")
+        dialog, dialog_events = new_subscription(sdk42, "dialog#42,43")
+        await dialog.subscribe()
+        await dialog_events.wait_for("subscribed")
+        try:
+            async with (
+                legacy_client(server.port, server.token("42")) as legacy42,
+                legacy_client(server.port, server.token("43")) as legacy43,
+                legacy_client(server.port, server.token("44")) as legacy44,
+            ):
+                readers = [legacy42, legacy43, legacy44]
+                await settle(publisher(server), readers, "centrifugo")
+                response = await server.broadcast(
+                    [
+                        {"type": "dm.sent", "payload": {"to": "42", "n": 1}},
+                        {"type": "chat.said", "payload": {"a": "42", "b": "43", "n": 2}},
+                        {"type": "notice.posted", "payload": {"to": "42", "n": 3}},
+                        numbered(4, "task.updated", task_id="t"),
+                    ]
+                )
+                assert [r["channels"] for r in response.json()["results"]] == [
+                    [f"{personal}#42"],
+                    ["dialog#42,43"],
+                    ["user:42", f"{personal}#42"],
+                    ["task:t", "global"],
+                ]
+                # Legacy `*`: 42 gets its personal events once each (the notice came
+                # through two of its channels); nobody gets the chat (a legacy client
+                # cannot name a user-limited channel); 43 and 44 get no one's events.
+                assert await received_until(legacy42, 4) == [1, 3, 4]
+                assert await received_until(legacy43, 4) == [4]
+                assert await received_until(legacy44, 4) == [4]
+                for reader in readers:
+                    await reader.expect_silence(QUIET)
+            # Channels: each event on the channels it was routed to, none on `global`.
+            await global42.wait_for("publication", lambda ctx: ctx.pub.data.get("n") == 4)
+            await global44.wait_for("publication", lambda ctx: ctx.pub.data.get("n") == 4)
+            await dialog_events.wait_for("publication", lambda ctx: ctx.pub.data.get("n") == 2)
+            await events42.wait_for("publication", lambda ctx: ctx.pub.data.get("n") == 3)
+            got42 = sorted(
+                (ctx.channel, ctx.pub.data["n"]) for ctx in events42.named("publication")
+            )
+            assert got42 == [(f"{personal}#42", 1), (f"{personal}#42", 3), ("user:42", 3)]
+            assert not events44.named("publication")
+            for recorder in (global42, global44):
+                seen = [ctx.pub.data.get("n") for ctx in recorder.named("publication")]
+                assert [n for n in seen if n is not None] == [4]
+        finally:
+            await sdk42.disconnect()
+            await sdk44.disconnect()
 
 
 # --- across nodes: the routed channels travel with each event through Redis --------------

@@ -77,7 +77,7 @@ class Client:
             LegacyStats(),
             user="u",
             strict_matching=strict,
-            personal_channel=personal,
+            personal_channels=(personal,) if personal else (),
             reads=reads,
         )
 

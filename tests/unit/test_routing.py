@@ -8,17 +8,20 @@ import orjson
 import pytest
 
 from shim.core.broadcast import Accepted, parse_broadcast
-from shim.core.config import RouteRule, Settings
+from shim.core.config import NamespaceOptions, RouteRule, Settings
 from shim.core.events import Event
+from shim.core.policy import AllowAuthenticated, ChannelAuthorizer
 from shim.core.routing import PERSONAL_FANOUT_CHANNEL, Route, Router
 from tests.unit.test_legacy_wire import CORPUS
 
 SETTINGS = Settings()
+# Personal channels `user:<id>`, as the default settings have them.
+AUDIENCE = ChannelAuthorizer(AllowAuthenticated())
 ROUTER = Router(
     SETTINGS.routes,
     default_channel=SETTINGS.default_channel,
     global_channel=SETTINGS.global_channel,
-    personal_prefix="user:",
+    audience=AUDIENCE,
 )
 
 
@@ -211,7 +214,7 @@ def test_personal_events_skip_global_but_keep_channels_named_by_their_rule() -> 
         RouteRule("approval.", ("user:{user_id}",), fallback="system"),
         RouteRule("note.", ("task:{task_id}", "user:{user_id}", "all")),
     )
-    router = Router(rules, default_channel="d", global_channel="all", personal_prefix="user:")
+    router = Router(rules, default_channel="d", global_channel="all", audience=AUDIENCE)
     approval = router.route(event("approval.required", {"user_id": "bob"}))
     assert (approval.channels, approval.personal, approval.routed) == (
         ("user:bob",),
@@ -223,8 +226,9 @@ def test_personal_events_skip_global_but_keep_channels_named_by_their_rule() -> 
     assert (note.channels, note.personal) == (("task:t", "user:bob"), True)
     unnamed = router.route(event("approval.required", {}))
     assert (unnamed.channels, unnamed.personal) == (("system", "all"), False)
-    # Without a personal prefix (the rule switched off) nothing is personal.
-    plain = Router(rules, default_channel="d", global_channel="all")
+    # Without personal channels (user_channel_prefix = "") `user:bob` is shared.
+    off = ChannelAuthorizer(AllowAuthenticated(), user_channel_prefix="")
+    plain = Router(rules, default_channel="d", global_channel="all", audience=off)
     assert plain.route(event("approval.required", {"user_id": "bob"})).channels == (
         "user:bob",
         "all",
@@ -236,7 +240,7 @@ def test_the_compatibility_fan_out_channel_comes_last_and_is_not_routed() -> Non
         SETTINGS.routes,
         default_channel="system",
         global_channel="global",
-        personal_prefix="user:",
+        audience=AUDIENCE,
         personal_fanout=True,
     )
     route = router.route(event("approval.required", {"user_id": "bob"}))
@@ -244,3 +248,47 @@ def test_the_compatibility_fan_out_channel_comes_last_and_is_not_routed() -> Non
     assert route.routed == ("user:bob",)
     shared = router.route(event("task.updated", {"task_id": "t"}))
     assert shared.channels == shared.routed == ("task:t", "global")
+
+
+def _centrifugo_router(*templates: str) -> Router:
+    """Routes `x.*` to `templates`, with Centrifugo's personal channels in namespace
+    `personal` and user-limited channels allowed in `dialog` and the default namespace."""
+    limited = NamespaceOptions(allow_user_limited_channels=True)
+    settings = Settings(
+        namespaces={"": limited, "dialog": limited, "personal": NamespaceOptions()},
+        user_subscribe_to_personal=True,
+        user_personal_channel_namespace="personal",
+    )
+    return Router(
+        (RouteRule("x.", templates),),
+        default_channel="d",
+        global_channel="global",
+        audience=ChannelAuthorizer.from_settings(settings),
+    )
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["#{a}", "dialog#{a},{b}", "personal:#{a}", "user:{a}", "other#{a}"],
+)
+def test_personal_and_user_limited_channels_keep_an_event_off_global(template: str) -> None:
+    route = _centrifugo_router("task:{t}", template).route(
+        event("x.y", {"t": "1", "a": "42", "b": "43"})
+    )
+    assert route.personal
+    assert "global" not in route.channels
+    assert route.channels[0] == "task:1" and len(route.channels) == 2
+
+
+def test_a_users_second_personal_channel_carries_no_legacy_frame() -> None:
+    router = _centrifugo_router("user:{a}", "personal:#{a}", "user:{b}", "dialog#{a},{b}")
+    route = router.route(event("x.y", {"a": "42", "b": "43"}))
+    assert route.channels == ("user:42", "personal:#42", "user:43", "dialog#42,43")
+    # 42's legacy `*` reads user:42 and personal:#42: the frame comes through the first.
+    assert route.legacy_skip == ("personal:#42",)
+
+
+def test_shared_channels_still_go_to_global() -> None:
+    route = _centrifugo_router("task:{t}", "dialog:{a}").route(event("x.y", {"t": "1", "a": "4"}))
+    assert route.channels == ("task:1", "dialog:4", "global")
+    assert not route.personal and route.legacy_skip == ()
