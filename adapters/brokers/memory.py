@@ -21,7 +21,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import islice
 
 from shim.core.broker import (
@@ -49,10 +49,9 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(9)
 
 
-@dataclass(slots=True)
-class _Entry:
-    expires_at: float
-    pub: Publication
+# A history entry: (monotonic expiry, publication). A plain tuple, not a class: one is
+# made per channel per event, and a tuple costs a fraction of an object to make.
+_Entry = tuple[float, Publication]
 
 
 @dataclass(slots=True)
@@ -105,48 +104,67 @@ class MemoryBroker:
     ) -> StreamPosition:
         self._check_open()
         now = self._clock()
-        self._sweep(now)
+        self._sweep(now, _SWEEP_BATCH)
+        return self._publish(channel, pub, options, now)
+
+    def _publish(
+        self, channel: str, pub: Publication, options: PublishOptions, now: float
+    ) -> StreamPosition:
         if options.history_size <= 0 or options.history_ttl_seconds <= 0:
             self._deliver(channel, pub, "")
             return StreamPosition(0, "")
-        stream = self._streams.pop(channel, None)
+        streams = self._streams
+        stream = streams.get(channel)
         if stream is not None and stream.meta_expires_at <= now:
+            del streams[channel]
             self._dropped(stream)
             stream = None
         if stream is None:
-            stream = _Stream(epoch=new_epoch(), meta_expires_at=0.0, born=self._blank)
-        self._streams[channel] = stream
-        while len(self._streams) > self.max_streams:
-            _channel, oldest = self._streams.popitem(last=False)
-            self._dropped(oldest)
-        stream.top += 1
+            stream = streams[channel] = _Stream(
+                epoch=new_epoch(), meta_expires_at=0.0, born=self._blank
+            )
+            while len(streams) > self.max_streams:
+                _channel, oldest = streams.popitem(last=False)
+                self._dropped(oldest)
+        else:
+            streams.move_to_end(channel)
+        top = stream.top = stream.top + 1
         stream.meta_expires_at = now + options.history_meta_ttl_seconds
-        pub = replace(pub, offset=stream.top)
+        pub = Publication(pub.data, top, pub.info, pub.time_ms, pub.legacy)
         entries = stream.entries
         if entries is None:
             entries = stream.entries = deque()
-        entries.append(_Entry(now + options.history_ttl_seconds, pub))
+        entries.append((now + options.history_ttl_seconds, pub))
         while len(entries) > options.history_size:
             entries.popleft()
-        _drop_expired_front(entries, now)
+        if entries[0][0] <= now:
+            _drop_expired_front(entries, now)
         self._deliver(channel, pub, stream.epoch)
-        return StreamPosition(stream.top, stream.epoch)
+        return StreamPosition(top, stream.epoch)
 
     async def publish_many(
         self,
         items: Sequence[tuple[str, Publication, PublishOptions]],
         fences: Sequence[Fence | None] = (),
     ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
+        # Nothing here awaits, so the batch runs in one go: one clock read, and one
+        # sweep that keeps pace with the streams the batch may make.
+        try:
+            self._check_open()
+        except BrokerUnavailable as error:
+            return [error] * len(items)
+        now = self._clock()
+        self._sweep(now, _SWEEP_BATCH * len(items))
         results: list[StreamPosition | Superseded | BrokerUnavailable] = []
+        append = results.append
+        publish = self._publish
         for index, (channel, pub, options) in enumerate(items):
-            fence = fences[index] if fences else None
-            try:
+            if fences:
+                fence = fences[index]
                 if fence is not None and not self._pass_fence(channel, fence):
-                    results.append(Superseded())
+                    append(Superseded())
                     continue
-                results.append(await self.publish(channel, pub, options))
-            except BrokerUnavailable as error:
-                results.append(error)
+            append(publish(channel, pub, options, now))
         return results
 
     def _pass_fence(self, channel: str, fence: Fence) -> bool:
@@ -221,7 +239,7 @@ class MemoryBroker:
         stored = stream.entries or ()
         entries = reversed(stored) if reverse else iter(stored)
         # TTLs may differ between publishes, so expiry is not monotonic: check every entry.
-        pubs = (e.pub for e in entries if e.expires_at > now)
+        pubs = (pub for expires_at, pub in entries if expires_at > now)
         if since is not None:
             bound = since.offset
             pubs = (p for p in pubs if (p.offset < bound if reverse else p.offset > bound))
@@ -252,16 +270,22 @@ class MemoryBroker:
         if self._handler is not None and channel in self._subscribed:
             self._handler.on_publication(channel, pub, epoch)
 
-    def _sweep(self, now: float) -> None:
-        for channel, stream in list(islice(self._streams.items(), _SWEEP_BATCH)):
+    def _sweep(self, now: float, batch: int) -> None:
+        """Drop up to `batch` streams whose meta TTL passed, oldest first."""
+        streams = self._streams
+        for _ in range(batch):
+            if not streams:
+                return
+            channel = next(iter(streams))
+            stream = streams[channel]
             if stream.meta_expires_at > now:
                 return
-            del self._streams[channel]
+            del streams[channel]
             self._dropped(stream)
 
 
 def _drop_expired_front(entries: deque[_Entry], now: float) -> None:
-    while entries and entries[0].expires_at <= now:
+    while entries and entries[0][0] <= now:
         entries.popleft()
 
 

@@ -87,7 +87,8 @@ async def _read_items(body: bytes, max_item_bytes: int, max_items: int) -> list[
     pacer = Pacer()
     for item in iter_broadcast(body, max_item_bytes=max_item_bytes, max_items=max_items):
         items.append(item)
-        await pacer.tick()
+        if pacer.due():
+            await pacer.tick()
     return items
 
 

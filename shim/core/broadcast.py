@@ -36,13 +36,13 @@ class TooManyItems(BroadcastError):
     """The body holds more items than one request may carry."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Accepted:
     index: int
     event: Event
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Refused:
     index: int
     error: str
@@ -81,6 +81,16 @@ def iter_broadcast(
         yield _parse_item(0, document, max_item_bytes)
         return
     try:
+        whole = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list) and (max_items is None or len(whole) <= max_items):
+        # The common case: one parse for the whole array. A body that fails it (or
+        # holds too many items) takes the item-by-item path below, which gives the
+        # same error the same way.
+        yield from _parse_items(whole, max_item_bytes)
+        return
+    try:
         text = stripped.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BroadcastError(f"body is not valid JSON: {exc}") from exc
@@ -96,6 +106,16 @@ def iter_broadcast(
             # As before: a body orjson cannot read is refused whole.
             raise BroadcastError(f"body is not valid JSON: {exc}") from exc
         yield _parse_item(index, item, max_item_bytes)
+
+
+def _parse_items(items: list[Any], max_item_bytes: int) -> Iterator[ParsedItem]:
+    try:
+        # Re-encoded as a whole within the limit: no item can be over it.
+        small = len(orjson.dumps(items)) <= max_item_bytes
+    except orjson.JSONEncodeError:
+        small = False  # too deep as a whole; each item is judged on its own
+    for index, item in enumerate(items):
+        yield _parse_item(index, item, max_item_bytes, sized=small)
 
 
 def _no_constant(name: str) -> object:
@@ -134,17 +154,19 @@ def _expect_end(text: str, position: int) -> None:
         raise BroadcastError("body is not valid JSON: trailing characters")
 
 
-def _parse_item(index: int, item: Any, max_item_bytes: int) -> ParsedItem:
+def _parse_item(index: int, item: Any, max_item_bytes: int, *, sized: bool = False) -> ParsedItem:
+    """`sized`: the item is already known to re-encode within `max_item_bytes`."""
     if not isinstance(item, dict):
         return Refused(index, "not an object")
-    try:
-        size = len(orjson.dumps(item))
-    except orjson.JSONEncodeError:
-        # orjson reads 1024 levels deep but writes only 254: such an item could
-        # never be sent on, so it is refused like any other unusable item.
-        return Refused(index, "item nested too deeply to re-encode")
-    if size > max_item_bytes:
-        return Refused(index, f"item exceeds {max_item_bytes} bytes ({size})")
+    if not sized:
+        try:
+            size = len(orjson.dumps(item))
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels deep but writes only 254: such an item could
+            # never be sent on, so it is refused like any other unusable item.
+            return Refused(index, "item nested too deeply to re-encode")
+        if size > max_item_bytes:
+            return Refused(index, f"item exceeds {max_item_bytes} bytes ({size})")
     if "type" not in item:
         return Refused(index, "missing type")
     event_type = item["type"]

@@ -6,7 +6,7 @@ the same contract suite (tests/contract) for multi-node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,25 +29,71 @@ class ClientInfo:
     chan_info: bytes | None = None
 
 
-@dataclass(slots=True, frozen=True)
 class LegacyTag:
     """What a legacy client needs of an ingested event: its id (to deliver it once
     however many of the client's subscriptions it reaches), its legacy frame as
     UTF-8 bytes (encoded once per event, shared by every channel and client it
     reaches), the top-level routing fields the old hub matched on, and where it
     was routed.
+
+    `frame` may be given as a function making it: it is then encoded on first read
+    (a legacy subscriber, another node's engine wire), and never when no legacy
+    client is there to see the event.
     """
 
-    event_id: str
-    frame: bytes
-    task_id: str = ""
-    project_id: str = ""
-    # The channels the event was routed to: a legacy client whose reads are
-    # authorized per channel gets it when its user may read one of them.
-    channels: tuple[str, ...] = ()
+    __slots__ = ("_encode", "_frame", "channels", "event_id", "project_id", "task_id")
+
+    def __init__(
+        self,
+        event_id: str,
+        frame: bytes | Callable[[], bytes],
+        task_id: str = "",
+        project_id: str = "",
+        channels: tuple[str, ...] = (),
+    ) -> None:
+        self.event_id = event_id
+        if isinstance(frame, bytes):
+            self._frame: bytes | None = frame
+            self._encode: Callable[[], bytes] | None = None
+        else:
+            self._frame, self._encode = None, frame
+        self.task_id = task_id
+        self.project_id = project_id
+        # The channels the event was routed to: a legacy client whose reads are
+        # authorized per channel gets it when its user may read one of them.
+        self.channels = channels
+
+    @property
+    def frame(self) -> bytes:
+        frame = self._frame
+        if frame is None:
+            assert self._encode is not None
+            frame = self._frame = self._encode()
+            self._encode = None  # what it held (the event) is no longer needed
+        return frame
+
+    def _key(self) -> tuple[str, bytes, str, str, tuple[str, ...]]:
+        return (self.event_id, self.frame, self.task_id, self.project_id, self.channels)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LegacyTag):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"LegacyTag(event_id={self.event_id!r}, frame={self.frame!r}, "
+            f"task_id={self.task_id!r}, project_id={self.project_id!r}, "
+            f"channels={self.channels!r})"
+        )
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a frozen dataclass costs several times as much to make, and the
+# publish path makes one per channel per event. Nothing changes one once made.
+@dataclass(slots=True)
 class Publication:
     """One message in one channel. `data` is raw JSON, embedded verbatim in pushes."""
 

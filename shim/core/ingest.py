@@ -8,13 +8,14 @@ order, so a legacy client that reaches it through several channels sees it once
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from shim.core.broadcast import Accepted, ParsedItem, channel_data, with_tool_use_id
-from shim.core.broker import BrokerUnavailable, Fence, LegacyTag, Superseded
+from shim.core.broker import BrokerUnavailable, Fence, LegacyTag, StreamPosition, Superseded
 from shim.core.events import Event, new_event_id, now_timestamp
 from shim.core.limits import Pacer
 from shim.core.node import Node
@@ -74,6 +75,10 @@ class IngestStats:
 # composition root: made here once per event and carried with every publication of
 # it, so no node or client encodes it again.
 LegacyFrameEncoder = Callable[[Event], str]
+
+
+def _frame_bytes(encode: LegacyFrameEncoder, event: Event) -> bytes:
+    return encode(event).encode()
 
 
 class Ingestor:
@@ -140,37 +145,43 @@ class Ingestor:
         batch: list[tuple[str, bytes, LegacyTag | None]] = []
         channel_fences: list[Fence | None] = []
         routes: list[Route | str] = []
+        route_event = self.router.route
+        node = self.node
+        limited = node.publish_rates.enabled
         for position, (_index, event) in enumerate(events):
-            route = self.router.route(event)
+            route = route_event(event)
             if route.unknown_type and event.type not in self._unknown_types_logged:
                 self._unknown_types_logged.add(event.type)
                 log.warning("unknown event type %r routed to the default channel", event.type)
-            over = self.node.publish_allowed(route.channels)
-            if over:
-                routes.append(over)
-                continue
+            if limited:
+                over = node.publish_allowed(route.channels)
+                if over:
+                    routes.append(over)
+                    continue
             tag = LegacyTag(
-                event_id=event.id,
-                frame=self.legacy_frame(event).encode(),
-                task_id=event.task_id,
-                project_id=event.project_id,
-                channels=route.routed,
+                event.id,
+                # Encoded when first read: not at all while no legacy client sees it.
+                functools.partial(_frame_bytes, self.legacy_frame, event),
+                event.task_id,
+                event.project_id,
+                route.routed,
             )
             data = channel_data(event)
             if route.legacy_skip:
                 skip = route.legacy_skip
                 batch.extend((c, data, None if c in skip else tag) for c in route.channels)
             else:
-                batch.extend((channel, data, tag) for channel in route.channels)
+                batch += [(channel, data, tag) for channel in route.channels]
             if fences:
                 channel_fences.extend([fences[position]] * len(route.channels))
             routes.append(route)
-        outcomes = iter(await self.node.publish_many(batch, channel_fences) if batch else ())
+        outcomes = iter(await node.publish_many(batch, channel_fences) if batch else ())
 
         results = []
+        count = self.stats.count
         for (index, event), routed in zip(events, routes, strict=True):
             if isinstance(routed, str):
-                self.stats.count(event.type, "refused")
+                count(event.type, "refused")
                 results.append(
                     ItemResult(
                         index,
@@ -180,28 +191,40 @@ class Ingestor:
                 )
                 continue
             route = routed
-            stored = [(channel, next(outcomes)) for channel in route.channels]
-            failures = [o for _c, o in stored if isinstance(o, BrokerUnavailable)]
-            if failures:
-                self.stats.count(event.type, "failed")
-                results.append(
-                    ItemResult(
-                        index,
-                        "failed",
-                        event_id=event.id,
-                        channels=tuple(c for c, o in stored if not isinstance(o, Exception)),
-                        error=f"not stored: {failures[0]}",
+            stored = [next(outcomes) for _channel in route.channels]
+            if all(type(outcome) is StreamPosition for outcome in stored):
+                # Stored everywhere (the common case).
+                superseded: tuple[str, ...] = ()
+            else:
+                failures = [o for o in stored if isinstance(o, BrokerUnavailable)]
+                if failures:
+                    count(event.type, "failed")
+                    results.append(
+                        ItemResult(
+                            index,
+                            "failed",
+                            event_id=event.id,
+                            channels=tuple(
+                                c
+                                for c, o in zip(route.channels, stored, strict=True)
+                                if not isinstance(o, Exception)
+                            ),
+                            error=f"not stored: {failures[0]}",
+                        )
                     )
+                    continue
+                superseded = tuple(
+                    c
+                    for c, o in zip(route.channels, stored, strict=True)
+                    if isinstance(o, Superseded)
                 )
-                continue
-            superseded = tuple(c for c, o in stored if isinstance(o, Superseded))
-            self.stats.count(event.type, "accepted")
+            count(event.type, "accepted")
             if superseded:
-                self.stats.count(event.type, "superseded")
+                count(event.type, "superseded")
             if route.missing:
-                self.stats.count(event.type, "missing_route")
+                count(event.type, "missing_route")
             if route.unknown_type:
-                self.stats.count(event.type, "unknown_type")
+                count(event.type, "unknown_type")
             results.append(
                 ItemResult(
                     index,

@@ -134,7 +134,12 @@ class Pacer:
         self.pause = pause
         self._since = time.perf_counter()
 
+    def due(self) -> bool:
+        """The budget is spent: the next `tick` pauses. Checked without awaiting, for
+        loops too short per step to pay for a coroutine each."""
+        return time.perf_counter() - self._since >= self.budget
+
     async def tick(self) -> None:
-        if time.perf_counter() - self._since >= self.budget:
+        if self.due():
             await asyncio.sleep(self.pause)
             self._since = time.perf_counter()

@@ -188,6 +188,7 @@ class Node:
         self.observer: Observer = _NoObserver()
         # Connections per user id on this node (client_user_connection_limit).
         self.user_connections: dict[str, int] = {}
+        self._publish_options: dict[str, PublishOptions] = {}
         self.publish_rates = ChannelRates(
             settings.channel_publish_rate_limit,
             settings.channel_publish_burst,
@@ -260,13 +261,22 @@ class Node:
         return self.settings.namespace_for(channel)
 
     def publish_options(self, channel: str) -> PublishOptions:
-        options = self.namespace(channel)
-        if options is None or not options.history_enabled:
-            return PublishOptions()
-        return PublishOptions(
-            history_size=options.history_size,
-            history_ttl_seconds=options.history_ttl_seconds,
-        )
+        # One shared PublishOptions per namespace: this runs for every channel of
+        # every published event.
+        name, sep, _ = channel.partition(":")
+        key = name if sep else ""
+        cached = self._publish_options.get(key)
+        if cached is None:
+            options = self.namespace(channel)
+            if options is None or not options.history_enabled:
+                cached = PublishOptions()
+            else:
+                cached = PublishOptions(
+                    history_size=options.history_size,
+                    history_ttl_seconds=options.history_ttl_seconds,
+                )
+            self._publish_options[key] = cached
+        return cached
 
     async def attach(self, channel: str, subscriber: Subscriber) -> None:
         """Deliver `channel` to `subscriber` (through its protocol's fanout) from now on."""
@@ -372,13 +382,10 @@ class Node:
         the engine allows; a result per item. `fences`: one per item, or none (see
         Broker.publish_many)."""
         time_ms = time.time_ns() // 1_000_000
+        options = self.publish_options
         results = await self.broker.publish_many(
             [
-                (
-                    channel,
-                    Publication(data=data, time_ms=time_ms, legacy=legacy),
-                    self.publish_options(channel),
-                )
+                (channel, Publication(data, 0, None, time_ms, legacy), options(channel))
                 for channel, data, legacy in items
             ],
             fences,

@@ -14,6 +14,9 @@ from typing import Protocol
 from shim.core.config import RouteRule
 from shim.core.events import Event
 
+# Routes remembered (then forgotten all at once): bounded whatever channels events name.
+_ROUTE_CACHE_SIZE = 10_000
+
 # Template keys that may also come from the legacy envelope's top-level fields.
 _TOP_LEVEL_KEYS = ("task_id", "project_id")
 
@@ -69,7 +72,12 @@ class _Template:
     optional: bool
 
     def fill(self, event: Event) -> str | None:
-        pieces = list(self.parts)
+        parts = self.parts
+        if len(parts) == 3:
+            # The common shape, one key ("task:{task_id}").
+            value = _lookup(event, parts[1])
+            return None if value is None else parts[0] + value + parts[2]
+        pieces = list(parts)
         for i in range(1, len(pieces), 2):
             value = _lookup(event, pieces[i])
             if value is None:
@@ -128,6 +136,8 @@ class Router:
         "_fanout",
         "_global_channel",
         "_prefixes",
+        "_routes",
+        "_unknown",
     )
 
     def __init__(
@@ -144,6 +154,12 @@ class Router:
         # None: only `#` names are kept off the global channel.
         self._audience = audience
         self._fanout = (PERSONAL_FANOUT_CHANNEL,) if personal_fanout else ()
+        # Routes without a missing template, by channels filled: an event's Route is
+        # then one look-up (Dex sends the same few thousand channels over and over).
+        self._routes: dict[tuple[str, ...], Route] = {}
+        self._unknown = Route(
+            channels=self._finish((default_channel,)), missing=(), unknown_type=True
+        )
         self._exact: dict[str, _CompiledRule] = {}
         self._prefixes: dict[str, _CompiledRule] = {}
         for rule in rules:
@@ -172,11 +188,7 @@ class Router:
     def route(self, event: Event) -> Route:
         rule = self._rule_for(event.type)
         if rule is None:
-            return Route(
-                channels=self._finish((self._default_channel,)),
-                missing=(),
-                unknown_type=True,
-            )
+            return self._unknown
         channels: list[str] = []
         missing: list[str] = []
         lacking = 0
@@ -190,16 +202,27 @@ class Router:
                 missing.append(template.text)
         if rule.fallback and lacking == len(rule.templates):
             channels, missing = [rule.fallback], []
+        if missing:
+            return self._make(channels, tuple(missing))
+        key = tuple(channels)
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            route = self._routes[key] = self._make(channels, ())
+        return route
+
+    def _make(self, channels: Sequence[str], missing: tuple[str, ...]) -> Route:
         if any(self._limited(c) for c in channels):
             unique = self._unique(channels)
             return Route(
                 channels=(*unique, *self._fanout),
-                missing=tuple(missing),
+                missing=missing,
                 unknown_type=False,
                 personal=True,
                 legacy_skip=self._second_personal(unique),
             )
-        return Route(channels=self._finish(channels), missing=tuple(missing), unknown_type=False)
+        return Route(channels=self._finish(channels), missing=missing, unknown_type=False)
 
     def _limited(self, channel: str) -> bool:
         # A `#` name is kept off the global channel even where its namespace does not
