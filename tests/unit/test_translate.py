@@ -12,10 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from legacy.wire import encode_legacy_frame
+from shim.core import broadcast as broadcast_module
 from shim.core.broadcast import (
     Accepted,
     BroadcastError,
     Refused,
+    TooManyItems,
     channel_data,
     extract_tool_use_id,
     parse_broadcast,
@@ -336,3 +338,53 @@ def test_ingest_adds_tool_use_id_for_channel_clients() -> None:
     event = accept_one(wire.encode())
     assert encode_legacy_frame(event) == wire
     assert orjson.loads(channel_data(event))["activity"]["tool_use_id"] == "toolu_01Q"
+
+
+_ITEMS = st.lists(
+    st.one_of(
+        st.integers(-(10**12), 10**12),
+        st.text(max_size=6),
+        st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["task.updated", "é.€", "𝄞"]),
+                "payload": st.dictionaries(
+                    st.text(max_size=4),
+                    st.one_of(st.integers(-100, 100), st.text(max_size=6)),
+                    max_size=3,
+                ),
+            }
+        ),
+    ),
+    max_size=6,
+)
+
+
+@given(items=_ITEMS, first_slice=st.integers(1, 9), space=st.sampled_from(["", " ", "\n\t "]))
+def test_a_body_decoded_in_small_slices_reads_as_a_whole(
+    items: list[Any], first_slice: int, space: str
+) -> None:
+    body = (
+        "[" + space + ("," + space).join(orjson.dumps(i).decode() for i in items) + "]"
+    ).encode()
+    expected = [(type(i), i.index) for i in parse_broadcast(body, max_item_bytes=1 << 20)]
+    saved = broadcast_module._FIRST_SLICE
+    broadcast_module._FIRST_SLICE = first_slice
+    try:
+        sliced = parse_broadcast(body, max_item_bytes=1 << 20)
+    finally:
+        broadcast_module._FIRST_SLICE = saved
+    assert (
+        [(type(i), i.index) for i in sliced]
+        == expected
+        == [(Accepted if isinstance(i, dict) else Refused, n) for n, i in enumerate(items)]
+    )
+
+
+def test_a_body_past_the_item_cap_is_refused_without_decoding_the_rest() -> None:
+    items = b",".join([b'{"type":"t","payload":{}}'] * 5000)
+    # Invalid UTF-8 far past the cap: never decoded, so the answer is the cap's.
+    body = b"[" + items + b"," + b'"' + b"\xff" * 10 + b'"]'
+    with pytest.raises(TooManyItems):
+        parse_broadcast(body, max_item_bytes=1024, max_items=1000)
+    with pytest.raises(BroadcastError, match="utf-8"):
+        parse_broadcast(body, max_item_bytes=1024)
