@@ -20,7 +20,15 @@ from typing import Any
 import orjson
 import pytest
 
-from loadtests.abuse import QUICK, ProbeResult, judge, p99_limit_ms
+from loadtests.abuse import (
+    CONTROL,
+    CONTROL_WINDOWS,
+    QUICK,
+    ProbeResult,
+    judge,
+    noise_floor,
+    p99_limit_ms,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 P99_SLACK_MS = 500.0
@@ -50,7 +58,9 @@ async def test_quick_abuse_scenario_passes() -> None:
     log = err.decode()[-4000:]
     assert out, f"no report (exit {process.returncode}):\n{log}"
     report: dict[str, Any] = orjson.loads(out)
-    probes = {p["probe"]: p for p in report["probes"]}
+    rows = report["probes"]
+    assert [p["probe"] for p in rows[:CONTROL_WINDOWS]] == [CONTROL] * CONTROL_WINDOWS
+    probes = {p["probe"]: p for p in rows[CONTROL_WINDOWS:]}
     assert list(probes) == list(QUICK)
     for name, probe in probes.items():
         # The parts that do not depend on the machine's load, one by one.
@@ -74,15 +84,29 @@ def _result(before: float, during: float, *, lost: int = 0, rss_after: int = 100
 
 
 @pytest.mark.parametrize(
-    ("before", "during", "passed"),
-    [(20.0, 40.0, True), (20.0, 40.1, False), (2.0, 20.0, True), (2.0, 20.1, False)],
+    ("before", "during", "floor", "passed"),
+    [
+        (20.0, 40.0, 10.0, True),
+        (20.0, 40.1, 10.0, False),
+        (2.0, 20.0, 10.0, True),
+        (2.0, 20.1, 10.0, False),
+        # Without a floor a small baseline is held to exactly twice itself.
+        (2.0, 4.0, 0.0, True),
+        (2.0, 4.1, 0.0, False),
+    ],
 )
-def test_p99_may_double_a_baseline_floored_at_10_ms(
-    before: float, during: float, passed: bool
+def test_p99_may_double_a_baseline_floored_at_the_noise_floor(
+    before: float, during: float, floor: float, passed: bool
 ) -> None:
     result = _result(before, during)
-    judge(result)
+    judge(result, floor_ms={"legacy": floor, "channels": floor})
     assert result.passed is passed, result.failures
+
+
+def test_the_noise_floor_is_the_median_p99_of_the_control_windows() -> None:
+    controls = [_result(1.0, during) for during in (5.0, 30.0, 6.0)]
+    # The channel bystander's p99 during each window is 1.0 here (see _result).
+    assert noise_floor(controls) == {"legacy": 6.0, "channels": 1.0}
 
 
 def test_slack_widens_the_bound_for_small_baselines_only() -> None:
