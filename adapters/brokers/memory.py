@@ -84,6 +84,10 @@ class MemoryBroker:
         # publish, and a dict's iteration from the front walks the holes that leaves
         # (the sweep looks at the front on every publish).
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # Streams holding publications: channel -> when its newest one expires, in
+        # order of last publish. The sweep empties those whose newest expired, so an
+        # idle channel's history goes after its TTL, not with its meta (7 days).
+        self._held: OrderedDict[str, float] = OrderedDict()
         # (channel, fence source) -> (last position, expiry), oldest refresh first.
         self._fences: OrderedDict[tuple[str, str], tuple[tuple[int, int, int], float]] = (
             OrderedDict()
@@ -97,6 +101,7 @@ class MemoryBroker:
         self._handler = None
         self._subscribed.clear()
         self._streams.clear()
+        self._held.clear()
         self._fences.clear()
 
     async def publish(
@@ -134,7 +139,11 @@ class MemoryBroker:
         entries = stream.entries
         if entries is None:
             entries = stream.entries = deque()
-        entries.append((now + options.history_ttl_seconds, pub))
+        expires_at = now + options.history_ttl_seconds
+        entries.append((expires_at, pub))
+        held = self._held
+        held[channel] = expires_at
+        held.move_to_end(channel)
         while len(entries) > options.history_size:
             entries.popleft()
         if entries[0][0] <= now:
@@ -271,7 +280,19 @@ class MemoryBroker:
             self._handler.on_publication(channel, pub, epoch)
 
     def _sweep(self, now: float, batch: int) -> None:
-        """Drop up to `batch` streams whose meta TTL passed, oldest first."""
+        """Drop up to `batch` streams whose meta TTL passed, and empty up to `batch`
+        whose publications all expired, least recently published first."""
+        held = self._held
+        for _ in range(batch):
+            if not held:
+                break
+            channel, expires_at = next(iter(held.items()))
+            if expires_at > now:
+                break
+            del held[channel]
+            stream = self._streams.get(channel)
+            if stream is not None:
+                stream.entries = None
         streams = self._streams
         for _ in range(batch):
             if not streams:

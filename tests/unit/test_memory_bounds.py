@@ -76,3 +76,25 @@ async def test_a_blank_position_recovers_only_the_stream_born_after_it() -> None
     # A position at 0 saw nothing: whatever its epoch, it recovers from the start.
     fresh = await broker.history("a", since=StreamPosition(0, blank.epoch), limit=-1)
     assert [p.offset for p in fresh.publications] == [1]
+
+
+async def test_an_idle_channels_publications_go_after_their_ttl_its_position_stays() -> None:
+    now = [1000.0]
+    broker = MemoryBroker(clock=lambda: now[0])
+    await broker.start(Handler())  # type: ignore[arg-type]
+    short = PublishOptions(
+        history_size=100, history_ttl_seconds=5.0, history_meta_ttl_seconds=600.0
+    )
+    for n in range(100):
+        await broker.publish("task:idle", Publication(data=b'{"n":%d}' % n), short)
+    top = (await broker.history("task:idle", limit=0)).position
+
+    now[0] += 6.0
+    # Any later publish sweeps: the idle stream keeps its position but no publications.
+    await broker.publish("task:busy", Publication(data=b"{}"), short)
+
+    assert broker._streams["task:idle"].entries is None
+    after = await broker.history("task:idle", limit=-1)
+    assert after.publications == [] and after.position == top
+    resumed = await broker.publish("task:idle", Publication(data=b"{}"), short)
+    assert resumed == StreamPosition(top.offset + 1, top.epoch)
