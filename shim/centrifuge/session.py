@@ -55,6 +55,11 @@ from shim.core.outbox import Outbox
 from shim.core.policy import ChannelAuthorizer
 from shim.core.transport import Transport
 
+# Longest a frame of several commands holds its replies (and the client's
+# publications) back so they leave in one write: a subscribe awaiting Redis or the
+# HTTP policy releases the others after this long.
+FRAME_HOLD_SECONDS = 0.005
+
 log = logging.getLogger("shim.centrifuge")
 
 _COMMAND_NAMES: dict[type, str] = {
@@ -337,10 +342,18 @@ class CentrifugeSession:
             self.disconnect(exc.code)
             return
         self._connect_failed = False
-        for command in commands:
-            if self.state is State.CLOSED or self._connect_failed:
-                return
-            await self._handle(command)
+        # The replies to several commands leave together (FRAME_HOLD_SECONDS at most).
+        held = len(commands) > 1
+        if held:
+            self.outbox.hold(FRAME_HOLD_SECONDS)
+        try:
+            for command in commands:
+                if self.state is State.CLOSED or self._connect_failed:
+                    return
+                await self._handle(command)
+        finally:
+            if held:
+                self.outbox.release()
 
     async def _handle(self, command: Command) -> None:
         request = command.request

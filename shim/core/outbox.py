@@ -73,6 +73,7 @@ class Outbox:
         "_flusher",
         "_frame",
         "_header",
+        "_held",
         "_items",
         "_joined",
         "_max_frame",
@@ -117,6 +118,8 @@ class Outbox:
         # How a payload goes to the socket when written directly, when it is not a
         # WebSocket frame (an HTTP stream's chunk).
         self._frame = frame
+        # Loop time until which flushes wait (see hold), 0.0 when not held.
+        self._held = 0.0
         # Loop time when the writer began its current socket write, 0.0 when idle;
         # the node's ticker compares it with the write timeout.
         self.write_started = 0.0
@@ -147,9 +150,34 @@ class Outbox:
             self._flusher.mark(self)
         return True
 
+    def hold(self, seconds: float) -> None:
+        """Queue without writing until `release`, or for `seconds` at most: the replies
+        to one frame of commands then leave in one write instead of one each (a frame
+        of 40 subscribes made 40 writes). Publications wait too, `seconds` at most."""
+        if self._flusher is None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._held = loop.time() + seconds
+        # Marked dirty, pushes do not schedule a flush while held.
+        if not self._dirty:
+            self._dirty = True
+            self._flusher.mark(self)
+        loop.call_later(seconds, self._expire_hold)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = 0.0
+            self.flush()
+
+    def _expire_hold(self) -> None:
+        if self._held and asyncio.get_running_loop().time() >= self._held:
+            self.release()
+
     def flush(self) -> None:
         """Write what is queued now if no writer is running and the socket is idle;
         otherwise leave it to the writer task (which handles waiting on the socket)."""
+        if self._held:
+            return  # release() flushes
         self._dirty = False
         if not self._items or self._closed or self._writer is not None:
             return

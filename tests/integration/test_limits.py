@@ -518,3 +518,29 @@ async def test_a_websocket_upgrade_with_both_lengths_is_refused(server: RunningS
         finally:
             writer.close()
         assert head.startswith(b"HTTP/1.1 400"), head
+
+
+async def test_replies_to_a_frame_of_commands_leave_in_one_frame(
+    signing_keys: tuple[str, str],
+) -> None:
+    """A frame of 40 subscribes and unsubscribes of fresh channels is answered in one
+    write, not one per command (each subscribe awaits the engine); publications to
+    the client during it are held at most FRAME_HOLD_SECONDS and keep their order."""
+    async with (
+        run_server(signing_keys, client_command_rate_limit=0) as server,
+        connected(server, "ann") as ann,
+    ):
+        commands = []
+        for n in range(20):
+            channel = f"task:fresh-{n}"
+            commands.append({"id": ann.new_id(), "subscribe": {"channel": channel}})
+            commands.append({"id": ann.new_id(), "unsubscribe": {"channel": channel}})
+        await ann.send(*commands)
+        frame = await asyncio.wait_for(ann.ws.recv(), 5)
+        replies = [orjson.loads(line) for line in str(frame).split("\n")]
+        assert [r["id"] for r in replies] == [c["id"] for c in commands]
+        assert all("error" not in r for r in replies)
+        # Single commands are not held: a subscribe, then its publication live.
+        assert "subscribe" in await ann.call("subscribe", {"channel": "task:live"})
+        assert (await server.broadcast(task_event("live", 1))).status_code == 200
+        assert (await ann.push("task:live"))["data"]["seq"] == 1
