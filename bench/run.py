@@ -359,8 +359,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.{md,png}")
     parser.add_argument("--profile", action="store_true", help="py-spy the shim's bursts")
     parser.add_argument("--from-json", help="render a saved results.json instead of measuring")
+    parser.add_argument(
+        "--cases",
+        help="only these of the plan's cases, by label (e.g. '1,000' or '1,000 ch x 5'), "
+        "separated by ';': quicker side-by-side runs while working on one of them",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.cases:
+        wanted = {label.strip() for label in args.cases.split(";")}
+        plan = Plan(
+            **{**_plan_dict(plan), "cases": tuple(c for c in plan.cases if c.label in wanted)}
+        )
     # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     systems = [s for s in args.systems.split(",") if s]

@@ -9,12 +9,20 @@ process (tests).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from shim.centrifuge.session import CentrifugeSession
 from shim.transport.stream import transport_name
@@ -37,12 +45,12 @@ class Histograms:
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
-        self._publish = Histogram(
+        self._publish = BucketCounts(
             f"{PREFIX}_node_publish_to_enqueue_seconds",
             "Time from a publish call to the last local subscriber queue append.",
-            registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
+        registry.register(self._publish)
         self._by_method: dict[str, Histogram] = {}
 
     def command(self, method: str, seconds: float) -> None:
@@ -53,6 +61,34 @@ class Histograms:
 
     def publish_to_enqueue(self, seconds: float) -> None:
         self._publish.observe(seconds)
+
+
+class BucketCounts(Collector):
+    """A histogram observed once per publication: plain integers, exported at scrape
+    time (prometheus_client's observe takes a lock and walks every bucket, about
+    5 us, as much as fanning a publication out to a few subscribers)."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = bounds
+        # counts[i]: observations in (bounds[i-1], bounds[i]]; the last one, above all.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = list(itertools.accumulate(self.counts))
+        labels = [*map(floatToGoString, self.bounds), "+Inf"]
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(labels, cumulative, strict=True)),
+            sum_value=self.sum,
+        )
 
 
 class RuntimeCollector(Collector):
