@@ -17,6 +17,7 @@ empty and then ends.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from shim.core.transport import FrameSink
@@ -33,15 +34,25 @@ class Flusher:
 
     With a `delay` (client_write_delay_seconds) the flush runs that long after the
     first message instead: single publications arriving at a sustained rate then
-    share writes too. One timer per node, none per connection."""
+    share writes too. One timer per node, none per connection.
 
-    __slots__ = ("_delay", "_dirty", "_loop", "_scheduled")
+    Without one, the flusher still paces itself under load: after a flush that took
+    `spent` seconds (at least ADAPTIVE_MIN_SECONDS, capped at ADAPTIVE_MAX_SECONDS),
+    the next one starts no sooner than `spent` after it ended. Writing is then at
+    most about half of the loop's time, and what publications arrive meanwhile
+    leave together, one write per client instead of one per publication (as a
+    Go write loop per connection batches whatever queued while it was writing).
+    A lightly loaded node flushes at once, as before."""
+
+    __slots__ = ("_delay", "_dirty", "_loop", "_next_at", "_scheduled")
 
     def __init__(self, delay: float = 0.0) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._delay = delay
+        # Monotonic time before which an adaptive flush waits (0.0: no wait).
+        self._next_at = 0.0
 
     def mark(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
@@ -51,14 +62,33 @@ class Flusher:
             self._loop = loop
             if self._delay > 0:
                 loop.call_later(self._delay, self._flush)
+                return
+            wait = self._next_at - time.monotonic() if self._next_at else 0.0
+            if wait > 0:
+                loop.call_later(wait, self._flush)
             else:
                 loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
+        # The monotonic clock: uvloop's loop.time() stands still within an iteration.
+        started = time.monotonic()
         for outbox in dirty:
             outbox.flush()
+        if not self._delay:
+            ended = time.monotonic()
+            spent = ended - started
+            self._next_at = (
+                ended + min(spent, ADAPTIVE_MAX_SECONDS) if spent >= ADAPTIVE_MIN_SECONDS else 0.0
+            )
+
+
+# A flush shorter than this schedules the next one at once (uvloop's timers count
+# whole milliseconds: a shorter wait would be a millisecond anyway).
+ADAPTIVE_MIN_SECONDS = 0.001
+# The most an adaptive flush waits: what a flush adds to latency under load.
+ADAPTIVE_MAX_SECONDS = 0.02
 
 
 SendFrame = Callable[[bytes], Awaitable[None]]

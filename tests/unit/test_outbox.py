@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from shim.core.outbox import Flusher, Outbox
+from shim.core.outbox import ADAPTIVE_MAX_SECONDS, Flusher, Outbox
 
 
 async def _discard(_frame: bytes) -> None:
@@ -170,3 +171,33 @@ async def test_without_a_write_delay_each_paced_publication_is_its_own_write() -
 
 async def _never_send(_payload: bytes) -> None:
     raise AssertionError("an idle socket is written directly, not through the writer")
+
+
+class SlowSocket(RecordingSocket):
+    """Each write takes `seconds` of CPU, as a flush to many sockets does."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.times: list[float] = []
+
+    def write(self, data: bytes) -> None:
+        self.times.append(time.monotonic())
+        super().write(data)
+        time.sleep(self.seconds)
+
+
+async def test_after_a_long_flush_what_arrives_meanwhile_leaves_together() -> None:
+    # The flush took 30 ms: the next one waits (at most ADAPTIVE_MAX_SECONDS), and
+    # everything queued by then goes out in one write.
+    socket = SlowSocket(0.03)
+    outbox = Outbox(1 << 20, _never_send, flusher=Flusher(), direct=socket)  # type: ignore[arg-type]
+
+    outbox.push(b'{"n":1}')
+    await asyncio.sleep(0.035)  # the first flush ran (and took 30 ms)
+    assert len(socket.writes) == 1
+    await _paced_pushes(outbox, [b'{"n":2}', b'{"n":3}'], gap=0.002)
+    await asyncio.sleep(ADAPTIVE_MAX_SECONDS + 0.04)
+
+    assert [_frames(w) for w in socket.writes] == [[b'{"n":1}'], [b'{"n":2}\n{"n":3}']]
+    assert socket.times[1] - socket.times[0] >= ADAPTIVE_MAX_SECONDS + 0.03 - 0.002
