@@ -15,11 +15,12 @@ class LegacySubscriber(Protocol):
 
     def deliver_legacy(self, tag: LegacyTag) -> None: ...
 
-    def stream_moved(self, channel: str, position: StreamPosition) -> None:
+    def stream_moved(self, channel: str, position: StreamPosition, *, missed: bool = False) -> None:
         """The channel's stream did not continue from the last event delivered (a
         publication legacy clients do not get, a gap, a new epoch), or the next event
         comes from a channel other than the global one: the next event of `channel` is
-        `position.offset + 1`. Only a client that asked for positions acts on it."""
+        `position.offset + 1`. `missed`: the offsets before it never reached this node
+        (lost, not skipped). Only a client that asked for positions acts on it."""
 
 
 class LegacyFanout:
@@ -37,6 +38,7 @@ class LegacyFanout:
         epoch: str,
         *,
         moved: bool,
+        missed: bool,
         base: Publication | None,
         subscribers: Sequence[LegacySubscriber],
     ) -> bool:
@@ -45,6 +47,9 @@ class LegacyFanout:
             if pub.offset:
                 # Not a legacy event (a server API publish): legacy clients skip it.
                 for subscriber in subscribers:
+                    if missed:
+                        before = StreamPosition(pub.offset - 1, epoch)
+                        subscriber.stream_moved(channel, before, missed=True)
                     subscriber.stream_moved(channel, StreamPosition(pub.offset, epoch))
             return False
         if moved or (pub.offset and channel != self.global_channel):
@@ -52,7 +57,7 @@ class LegacyFanout:
             # event is announced: a kit client places it in that channel's stream.
             before = StreamPosition(pub.offset - 1, epoch)
             for subscriber in subscribers:
-                subscriber.stream_moved(channel, before)
+                subscriber.stream_moved(channel, before, missed=missed)
         for subscriber in subscribers:
             subscriber.deliver_legacy(tag)
         # Counts reach, before a legacy session drops a copy it already had.

@@ -310,16 +310,21 @@ class LegacySession:
             }
             self._push(notice_frame(POSITION_TYPE, payload))
 
-    def _send_position(self, position: StreamPosition | None, channel: str = "") -> None:
+    def _send_position(
+        self, position: StreamPosition | None, channel: str = "", *, missed: bool = False
+    ) -> None:
         """Global channel: every event frame before this notice is at or before
         `position`, every one after it follows on (offset null: unknown yet, ask again
         after an event). Another channel: the next frame is that channel's, at
-        `position.offset + 1`."""
+        `position.offset + 1`. `missed`: events up to `position` since the previous
+        frame never reached this node; the kit recovers them from history."""
         payload: dict[str, object] = {
             "channel": channel or self.node.settings.global_channel,
             "offset": None if position is None else position.offset,
             "epoch": None if position is None else position.epoch,
         }
+        if missed:
+            payload["missed"] = True
         self._push(notice_frame(POSITION_TYPE, payload))
 
     async def _add_authorized(self, names: set[str]) -> None:
@@ -487,15 +492,15 @@ class LegacySession:
                 self._held, self._held_bytes = None, 0
             self._resolver = None
 
-    def stream_moved(self, channel: str, position: StreamPosition) -> None:
+    def stream_moved(self, channel: str, position: StreamPosition, *, missed: bool = False) -> None:
         if not self._positions or self.closed or WILDCARD not in self.subscriptions:
             return
         if channel == self.node.settings.global_channel:
-            self._send_position(position)
+            self._send_position(position, missed=missed)
         elif channel in self._attached:
             # The next frame is this channel's (a personal event): a notice for that
             # frame alone; the frames after it are the global stream's again.
-            self._send_position(position, channel)
+            self._send_position(position, channel, missed=missed)
 
     def cutover_changed(self, version: int) -> None:
         """Tell a kit client the flag changed, so it asks for its config again."""

@@ -52,8 +52,10 @@ RESTART_STEP = "50%"
 # The global channel's history must span a node restart (clients recover what was
 # published while they reconnected): 100 publications (the default) last 2 s at 50/s;
 # 10,000 cover a restart of over a minute with 1,000 clients reconnecting to that node.
-_NAMESPACES = {name: {} for name in ("", "task", "quest", "project", "user", "system")}
-_NAMESPACES["global"] = {"history_size": 10000, "history_ttl_seconds": 600}
+# `global` has no `:`, so its options are the default namespace's (""), not those of
+# a namespace named "global" (which is for channels `global:...`).
+_NAMESPACES = {name: {} for name in ("task", "quest", "project", "user", "system")}
+_NAMESPACES[""] = {"history_size": 10000, "history_ttl_seconds": 600}
 NODE_SETTINGS = {"namespaces": json.dumps(_NAMESPACES)}
 
 

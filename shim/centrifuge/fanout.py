@@ -111,6 +111,7 @@ class CentrifugeFanout:
         epoch: str,
         *,
         moved: bool,
+        missed: bool,
         base: Publication | None,
         subscribers: Sequence[ChannelSubscriber],
     ) -> bool:

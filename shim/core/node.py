@@ -62,12 +62,14 @@ class Fanout(Protocol):
         epoch: str,
         *,
         moved: bool,
+        missed: bool,
         base: Publication | None,
         subscribers: Sequence[Any],
     ) -> bool:
         """Deliver `pub` (made in `epoch`; `moved`: not the offset after the last one
-        dispatched here; `base`: the channel's previous publication, kept while a
-        subscriber wants deltas). True when it counts as a publication for them."""
+        dispatched here; `missed`: offsets of this epoch before it never reached this
+        node; `base`: the channel's previous publication, kept while a subscriber
+        wants deltas). True when it counts as a publication for them."""
         ...
 
     def control(
@@ -402,7 +404,10 @@ class Node:
         if entry is None:
             return
         counters = self.counters
-        moved = bool(pub.offset) and (pub.offset != entry.offset + 1 or epoch != entry.epoch)
+        previous = entry.offset
+        moved = bool(pub.offset) and (pub.offset != previous + 1 or epoch != entry.epoch)
+        # Lost between the broker and here (e.g. during a pub/sub reconnect).
+        missed = moved and bool(previous) and epoch == entry.epoch and pub.offset > previous + 1
         if pub.offset:
             entry.offset, entry.epoch = pub.offset, epoch
         base = entry.last
@@ -412,7 +417,13 @@ class Node:
             if group:
                 subscribers = list(group)
                 if fanout.publish(
-                    channel, pub, epoch, moved=moved, base=base, subscribers=subscribers
+                    channel,
+                    pub,
+                    epoch,
+                    moved=moved,
+                    missed=missed,
+                    base=base,
+                    subscribers=subscribers,
                 ):
                     counters.publications[fanout.protocol] += 1
                     counters.deliveries[fanout.protocol] += len(subscribers)

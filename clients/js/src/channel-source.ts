@@ -1,6 +1,7 @@
 import { Centrifuge, type PublicationContext, type SubscribedContext, type Subscription } from 'centrifuge';
 import { toLegacyMessage } from './message.js';
-import { Source, type SourceHooks } from './source.js';
+import { orderedWebSocket } from './ordered-socket.js';
+import { Source, type Item, type SourceHooks } from './source.js';
 import type { ChannelData, Position } from './types.js';
 
 export interface ChannelSourceOptions {
@@ -20,13 +21,30 @@ export interface ChannelSourceOptions {
  * The channel protocol through the official SDK: one recoverable subscription to
  * the global channel, started from the kit's position so that history fills what
  * came between (the SDK itself recovers across its reconnects).
+ *
+ * Offsets of one channel are contiguous, so a publication past the next expected
+ * offset means the ones between were lost on the way: it is held, and the
+ * subscription is made again from the last contiguous offset, so that recovery
+ * brings the missing ones (or says history no longer has them).
  */
 export class ChannelSource extends Source {
   readonly protocol = 'channels' as const;
   readonly client: Centrifuge;
-  private readonly sub: Subscription;
+  private sub: Subscription;
+  private readonly channel: string;
   private ended = false;
-  private subscribedOnce = false;
+  /** Publications past a hole, by offset, until the hole is filled. */
+  private readonly ahead = new Map<number, Item>();
+  private holeCheck = false;
+  private resubscribing = false;
+  /** Where the current subscription object was asked to recover from (null: none). */
+  private subscribedSince: Position | null;
+  /**
+   * A position history could not recover from (the channel no longer holds what
+   * follows it): the chain starts later, and no subscription from that position
+   * or an earlier one can do better.
+   */
+  refusedFrom: Position | null = null;
 
   constructor(options: ChannelSourceOptions, private readonly hooks: SourceHooks) {
     super();
@@ -35,16 +53,12 @@ export class ChannelSource extends Source {
       minReconnectDelay: options.minReconnectDelay,
       maxReconnectDelay: options.maxReconnectDelay,
     };
-    if (options.websocket) config.websocket = options.websocket;
+    const socket = options.websocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
+    if (socket) config.websocket = orderedWebSocket(socket);
     this.client = new Centrifuge(options.url, config);
-    this.sub = this.client.newSubscription(options.channel, {
-      recoverable: true,
-      positioned: true,
-      ...(options.since ? { since: options.since } : {}),
-    });
-    const since = options.since;
-    this.sub.on('subscribed', (ctx: SubscribedContext) => this.subscribed(ctx, since));
-    this.sub.on('publication', (ctx: PublicationContext) => this.publication(ctx));
+    this.channel = options.channel;
+    this.subscribedSince = options.since;
+    this.sub = this.newSubscription(options.since);
     this.client.on('connecting', () => this.link(false));
     this.client.on('connected', () => this.link(true));
     this.client.on('disconnected', (ctx) => this.end(ctx.code, ctx.reason));
@@ -65,10 +79,6 @@ export class ChannelSource extends Source {
     this.client.on('message', (ctx) => {
       const version = (ctx.data as { cutover_version?: unknown } | null)?.cutover_version;
       if (typeof version === 'number') this.hooks.notice(version);
-    });
-    this.sub.on('unsubscribed', (ctx) => {
-      // The server dropped the subscription for good (e.g. permission): nothing more comes.
-      if (!this.retired) this.end(ctx.code, ctx.reason);
     });
     // One connection from the dial to the end, across the SDK's own reconnects.
     hooks.sockets(1);
@@ -94,20 +104,50 @@ export class ChannelSource extends Source {
     }
   }
 
+  /** A subscription to the channel recovering from `since` (a fresh one: the SDK's
+   *  own position is that of the last publication it emitted, not the kit's). */
+  private newSubscription(since: Position | null): Subscription {
+    const sub = this.client.newSubscription(this.channel, {
+      recoverable: true,
+      positioned: true,
+      ...(since ? { since } : {}),
+    });
+    let first = true;
+    sub.on('subscribed', (ctx: SubscribedContext) => {
+      this.subscribed(ctx, first);
+      first = false;
+    });
+    sub.on('publication', (ctx: PublicationContext) => this.publication(ctx));
+    sub.on('unsubscribed', (ctx) => {
+      // The server dropped the subscription for good (e.g. permission): nothing more comes.
+      if (!this.retired) this.end(ctx.code, ctx.reason);
+    });
+    return sub;
+  }
+
   private link(up: boolean): void {
     this.connected = up;
     this.hooks.changed();
   }
 
-  private subscribed(ctx: SubscribedContext, since: Position | null): void {
+  private subscribed(ctx: SubscribedContext, first: boolean): void {
     const top = ctx.streamPosition;
     if (!top) return;
-    const first = !this.subscribedOnce;
-    this.subscribedOnce = true;
-    if (first && since && ctx.recovered && top.epoch === since.epoch) {
-      this.start(since.offset + 1, top.epoch);
-    } else if (first || !ctx.recovered) {
+    const since = first ? this.subscribedSince : null;
+    if (first && this.resubscribing) {
+      this.resubscribing = false;
+      if (ctx.recovered && since && top.epoch === this.epoch) {
+        // Recovery brings the hole's publications next; the chain goes on.
+        this.hooks.changed();
+        return;
+      }
+    }
+    if (since && ctx.recovered && top.epoch === since.epoch) {
+      if (!this.ready) this.start(since.offset + 1, top.epoch);
+    } else if (!this.ready || !ctx.recovered) {
       // Nothing before `top` comes through this subscription.
+      const wanted = since ?? (this.ready ? { offset: this.next - 1, epoch: this.epoch } : null);
+      if (wanted) this.refusedFrom = wanted;
       this.start(top.offset + 1, top.epoch);
     }
     this.hooks.changed();
@@ -115,6 +155,7 @@ export class ChannelSource extends Source {
 
   private start(from: number, epoch: string): void {
     this.queue.length = 0;
+    this.ahead.clear();
     this.from = from;
     this.next = from;
     this.epoch = epoch;
@@ -125,11 +166,43 @@ export class ChannelSource extends Source {
     const offset = ctx.offset;
     if (!this.ready || offset === undefined || offset < this.next) return;
     const data = ctx.data as ChannelData;
-    // Offsets the channel skipped (none expected) carry nothing to deliver.
-    while (this.next < offset) this.queue.push({ offset: this.next++, message: null, data: null });
-    this.queue.push({ offset, message: toLegacyMessage(data, ctx.tags), data });
+    const item = { offset, message: toLegacyMessage(data, ctx.tags), data };
+    if (offset > this.next) {
+      this.ahead.set(offset, item);
+      this.checkHole();
+      return;
+    }
+    this.queue.push(item);
     this.next = offset + 1;
+    for (let held = this.ahead.get(this.next); held; held = this.ahead.get(this.next)) {
+      this.ahead.delete(this.next);
+      this.queue.push(held);
+      this.next++;
+    }
     this.hooks.changed();
+  }
+
+  /**
+   * Offsets are missing before a held publication. Once the current task is over
+   * (a reordered delivery would have brought them by then), a subscription from the
+   * last contiguous offset replaces the current one, and recovery fills the hole.
+   */
+  private checkHole(): void {
+    if (this.holeCheck || this.resubscribing) return;
+    this.holeCheck = true;
+    setTimeout(() => {
+      this.holeCheck = false;
+      if (this.ended || this.retired || this.resubscribing) return;
+      for (const offset of this.ahead.keys()) if (offset < this.next) this.ahead.delete(offset);
+      if (this.ahead.size === 0) return;
+      this.hooks.hole(this.next, Math.min(...this.ahead.keys()) - 1);
+      this.resubscribing = true;
+      this.sub.removeAllListeners();
+      this.client.removeSubscription(this.sub);
+      this.subscribedSince = { offset: this.next - 1, epoch: this.epoch };
+      this.sub = this.newSubscription(this.subscribedSince);
+      this.sub.subscribe();
+    }, 0);
   }
 
   private end(code: number, reason: string): void {

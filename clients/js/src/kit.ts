@@ -75,7 +75,10 @@ export class RealtimeKit {
   private retryTimer: ReturnType<typeof setTimeout> | null = null;
   private noticeTimer: ReturnType<typeof setTimeout> | null = null;
   private pollTimer: ReturnType<typeof setInterval> | null = null;
-  private fillerTried = false;
+  /** Channel subscriptions opened to fill the current hole, and when the next may be. */
+  private fillAttempts = 0;
+  private fillAfter = 0;
+  private fillTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly sideLast = new Map<string, { offset: number; epoch: string | null }>();
   private readonly counts: KitMetrics = {
     protocol: null,
@@ -84,6 +87,7 @@ export class RealtimeKit {
     switchMs: [],
     delivered: 0,
     duplicatesDropped: 0,
+    holes: 0,
     gaps: 0,
     skippedOffsets: 0,
     connections: 0,
@@ -143,9 +147,9 @@ export class RealtimeKit {
   /** Close everything; nothing reconnects afterwards (the hook's leaked reconnect). */
   stop(): void {
     this.running = false;
-    for (const timer of [this.retryTimer, this.noticeTimer]) if (timer !== null) clearTimeout(timer);
+    for (const timer of [this.retryTimer, this.noticeTimer, this.fillTimer]) if (timer !== null) clearTimeout(timer);
     if (this.pollTimer !== null) clearInterval(this.pollTimer);
-    this.retryTimer = this.noticeTimer = this.pollTimer = null;
+    this.retryTimer = this.noticeTimer = this.pollTimer = this.fillTimer = null;
     for (const source of [...this.sources.values()]) source.close();
     this.sources.clear();
     this.setState('disconnected');
@@ -175,6 +179,7 @@ export class RealtimeKit {
       switchMs: [],
       delivered: 0,
       duplicatesDropped: 0,
+      holes: 0,
       gaps: 0,
       skippedOffsets: 0,
       reconnects: 0,
@@ -222,7 +227,8 @@ export class RealtimeKit {
     if (config.protocol !== this.desired) {
       if (this.desired !== null && this.last !== null) this.switchStarted = this.options.now();
       this.desired = config.protocol;
-      this.fillerTried = false;
+      this.fillAttempts = 0;
+      this.fillAfter = 0;
     }
     void this.open(config.protocol);
     this.settle();
@@ -270,6 +276,7 @@ export class RealtimeKit {
       changed: () => this.settle(),
       closed: (code) => source && this.closed(source, code),
       notice: (version) => this.notice(version),
+      hole: () => this.counts.holes++,
       sideReset: (channel) => this.sideLast.delete(channel),
       sideStart: (channel, offset, epoch) => {
         if (!this.sideLast.has(channel)) this.sideLast.set(channel, { offset, epoch });
@@ -340,7 +347,8 @@ export class RealtimeKit {
         // on the memory engine). The new epoch's history may still hold its start.
         this.last = 0;
         this.epoch = target.epoch;
-        this.fillerTried = false;
+        this.fillAttempts = 0;
+        this.fillAfter = 0;
         this.sideLast.clear();
       }
     }
@@ -350,16 +358,9 @@ export class RealtimeKit {
       return;
     }
     if (target.from > this.last + 1 && !this.fillable(target)) {
-      if (this.config?.mode !== 'legacy' && !this.fillerTried) {
-        // Recover the hole from channel history (the legacy protocol has none): a
-        // subscription from the last position, beside the legacy socket or instead
-        // of a channel subscription that started later.
-        this.fillerTried = true;
-        if (target.protocol === 'channels') {
-          this.sources.delete('channels');
-          target.close();
-        }
-        void this.open('channels');
+      if (this.config?.mode !== 'legacy' && !this.refused()) {
+        // Recover the hole from channel history (the legacy protocol has none).
+        this.fill();
         this.updateState();
         return;
       }
@@ -375,7 +376,8 @@ export class RealtimeKit {
         this.sources.delete(source.protocol);
         source.close();
       }
-      this.fillerTried = false;
+      this.fillAttempts = 0;
+      this.fillAfter = 0;
       if (this.switchStarted !== null) {
         this.counts.switches++;
         this.counts.switchMs.push(this.options.now() - this.switchStarted);
@@ -385,6 +387,43 @@ export class RealtimeKit {
       return;
     }
     this.updateState();
+  }
+
+  /**
+   * A channel subscription from the last position delivered, to recover the hole
+   * from history: beside the legacy socket, or instead of a channel subscription
+   * that started later. A hole is filled as often as it takes: an attempt that
+   * ended without an answer (the connection failed) is followed by another, with
+   * backoff; only history's answer that it no longer holds the hole ends it.
+   */
+  private fill(): void {
+    const wait = this.fillAfter - this.options.now();
+    if (wait > 0) {
+      if (this.fillTimer === null) {
+        this.fillTimer = setTimeout(() => {
+          this.fillTimer = null;
+          this.settle();
+        }, wait);
+      }
+      return;
+    }
+    this.fillAfter =
+      this.options.now() +
+      backoffDelay(this.fillAttempts++, this.options.minReconnectDelayMs, this.options.maxReconnectDelayMs);
+    const channels = this.sources.get('channels');
+    if (channels) {
+      // It started after the hole (or was refused from an older position): replace it.
+      this.sources.delete('channels');
+      channels.close();
+    }
+    void this.open('channels');
+  }
+
+  /** History said it no longer holds the position after the last one delivered. */
+  private refused(): boolean {
+    const channels = this.sources.get('channels');
+    const refused = channels instanceof ChannelSource ? channels.refusedFrom : null;
+    return refused !== null && refused.epoch === this.epoch && refused.offset >= (this.last ?? 0);
   }
 
   /** Another connection may still bring the position after the last one delivered. */

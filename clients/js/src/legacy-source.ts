@@ -14,6 +14,17 @@ export interface SocketLike {
 }
 export type SocketFactory = new (url: string) => SocketLike;
 
+/** A `shim.position` notice's payload. */
+interface Notice {
+  channel: string;
+  offset: number | null;
+  epoch: string | null;
+  /** Where the client's stream in `channel` stands (its personal channel). */
+  start?: boolean;
+  /** The offsets up to `offset` never reached the node: lost, not skipped. */
+  missed?: boolean;
+}
+
 export const POSITION_TYPE = 'shim.position';
 export const CUTOVER_TYPE = 'shim.cutover';
 
@@ -61,7 +72,7 @@ export class LegacySource extends Source {
     const message = parseLegacyFrame(text);
     if (message === null) return;
     if (message.type === POSITION_TYPE) {
-      this.position(message.payload as { channel: string; offset: number | null; epoch: string | null; start?: boolean });
+      this.position(message.payload as unknown as Notice);
       return;
     }
     if (message.type === CUTOVER_TYPE) {
@@ -86,7 +97,7 @@ export class LegacySource extends Source {
     this.hooks.changed();
   }
 
-  private position(at: { channel: string; offset: number | null; epoch: string | null; start?: boolean }): void {
+  private position(at: Notice): void {
     if (at.channel !== this.globalChannel) {
       if (at.offset === null || at.epoch === null) return;
       if (at.start) this.hooks.sideStart(at.channel, at.offset, at.epoch);
@@ -108,8 +119,10 @@ export class LegacySource extends Source {
         this.queue.push({ offset: this.next++, message, data: toChannelData(message) });
       }
       this.pending = [];
-    } else if (at.epoch !== this.epoch || at.offset + 1 < this.next) {
-      // A new epoch: the stream lost continuity; start a new chain.
+    } else if (at.epoch !== this.epoch || at.offset + 1 < this.next || (at.missed && at.offset >= this.next)) {
+      // A new epoch, or events that never reached the node (`missed`): the stream
+      // lost continuity; a new chain starts after `at`, and the kit fills the hole.
+      if (at.epoch === this.epoch && at.missed) this.hooks.hole(this.next, at.offset);
       this.queue.length = 0;
       this.from = this.next = at.offset + 1;
       this.epoch = at.epoch;

@@ -19,6 +19,9 @@ export interface SourceHooks {
   sideStart(channel: string, offset: number, epoch: string): void;
   /** That channel's stream starts over (a subscription that did not recover). */
   sideReset(channel: string): void;
+  /** Offsets `first`..`last` were found missing inside the stream; the source is
+   *  recovering them (the kit counts it). */
+  hole(first: number, last: number): void;
   /** The server announced a cutover flag change. */
   notice(version: number): void;
   /** A socket opened or closed (for the connection count). */

@@ -68,6 +68,9 @@ export interface KitMetrics {
   delivered: number;
   /** Copies dropped because the other connection had already delivered them. */
   duplicatesDropped: number;
+  /** Holes found inside a connection's stream (offsets it skipped), each recovered
+   *  from history by subscribing again from the last offset delivered. */
+  holes: number;
   /** Stream positions that neither connection could provide (history gone). */
   gaps: number;
   skippedOffsets: number;
