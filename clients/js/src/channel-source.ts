@@ -148,7 +148,17 @@ export class ChannelSource extends Source {
       // Nothing before `top` comes through this subscription.
       const wanted = since ?? (this.ready ? { offset: this.next - 1, epoch: this.epoch } : null);
       if (wanted) this.refusedFrom = wanted;
-      this.start(top.offset + 1, top.epoch);
+      // Publications held past the hole that run up to the top are still delivered.
+      let from = top.offset + 1;
+      const held: Item[] = [];
+      for (let item = this.ahead.get(from - 1); item && top.epoch === this.epoch; item = this.ahead.get(from - 1)) {
+        held.unshift(item);
+        from--;
+      }
+      this.start(from, top.epoch);
+      this.queue.push(...held);
+      this.next = top.offset + 1;
+      if (held.length === 0) this.next = from;
     }
     this.hooks.changed();
   }
@@ -209,6 +219,9 @@ export class ChannelSource extends Source {
     if (this.ended) return;
     this.ended = true;
     this.connected = false;
+    // A subscription the server ended for good leaves the connection: close it too.
+    this.sub.removeAllListeners();
+    this.client.disconnect();
     this.hooks.sockets(-1);
     this.hooks.closed(code, reason);
   }

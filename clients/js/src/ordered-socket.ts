@@ -11,34 +11,35 @@ interface SdkSocket {
 }
 type SdkSocketClass = new (url: string, protocols?: string | string[]) => SdkSocket;
 
-/** Runs `fn` in a later task, after every pending promise reaction. */
-const nextTask: (fn: () => void) => void = (() => {
-  const immediate = (globalThis as { setImmediate?: (fn: () => void) => unknown }).setImmediate;
-  if (typeof immediate === 'function') return (fn: () => void) => void immediate(fn);
-  if (typeof MessageChannel === 'function') {
-    // Browsers: a message task is not clamped like nested zero timeouts are.
-    const queue: Array<() => void> = [];
-    const channel = new MessageChannel();
-    channel.port1.onmessage = () => queue.shift()?.();
-    return (fn: () => void) => {
-      queue.push(fn);
-      channel.port2.postMessage(null);
-    };
+/** Several frames' payloads as one (JSON replies are newline-separated, Protobuf
+ *  ones length-prefixed, so both read the same joined). */
+function joined(batch: unknown[]): unknown {
+  if (batch.length === 1) return batch[0];
+  if (batch.every((data) => typeof data === 'string')) return batch.join('\n');
+  const parts = batch.map((data) =>
+    typeof data === 'string' ? new TextEncoder().encode(data) : new Uint8Array(data as ArrayBuffer),
+  );
+  const out = new Uint8Array(parts.reduce((size, part) => size + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
   }
-  return (fn: () => void) => void setTimeout(fn, 0);
-})();
+  return out.buffer;
+}
 
 /**
- * A WebSocket class for the SDK whose events reach it one per task.
+ * A WebSocket class for the SDK that hands it the frames received in one task as
+ * one message.
  *
  * centrifuge-js (5.7.4, `_dataReceived`) chains each message's handling on a
  * promise and replaces the chain before the previous message finished: two
  * messages handed to it in one task interleave their replies, so publications of
  * several frames come out of order (12 publications in 4 frames arrive as 11, 14,
- * 17, 12, 20, ...). Browsers dispatch every message as its own task, with the
+ * 17, 12, 20, ...). A browser dispatches every message as its own task, with the
  * promise reactions run in between; Node's `ws` emits all the frames of one TCP
- * read synchronously. Delivering one event per task restores the browser's order
- * everywhere; the first event of a quiet socket still goes through at once.
+ * read synchronously. Joined, they are one reply list, handled in order; a close
+ * or error comes after the frames received before it.
  */
 export function orderedWebSocket(Base: unknown): SdkSocketClass {
   const Socket = Base as SdkSocketClass;
@@ -48,19 +49,26 @@ export function orderedWebSocket(Base: unknown): SdkSocketClass {
     onerror: ((ev: unknown) => void) | null = null;
     onclose: ((ev: unknown) => void) | null = null;
     private readonly socket: SdkSocket;
-    private readonly pending: Array<() => void> = [];
-    private busy = false;
+    private batch: unknown[] = [];
     private closing = false;
 
     constructor(url: string, protocols?: string | string[]) {
       this.socket = protocols === undefined ? new Socket(url) : new Socket(url, protocols);
-      this.socket.onopen = (ev) => this.dispatch(() => this.onopen?.(ev));
+      this.socket.onopen = (ev) => this.onopen?.(ev);
       this.socket.onmessage = (ev) => {
         // As a browser does: nothing is received once the page called close().
-        if (!this.closing) this.dispatch(() => !this.closing && this.onmessage?.(ev));
+        if (this.closing) return;
+        this.batch.push((ev as { data: unknown }).data);
+        if (this.batch.length === 1) queueMicrotask(() => this.flush());
       };
-      this.socket.onerror = (ev) => this.dispatch(() => this.onerror?.(ev));
-      this.socket.onclose = (ev) => this.dispatch(() => this.onclose?.(ev));
+      this.socket.onerror = (ev) => {
+        this.flush();
+        this.onerror?.(ev);
+      };
+      this.socket.onclose = (ev) => {
+        this.flush();
+        this.onclose?.(ev);
+      };
     }
 
     get readyState(): number {
@@ -84,23 +92,11 @@ export function orderedWebSocket(Base: unknown): SdkSocketClass {
       this.socket.close(code, reason);
     }
 
-    private dispatch(run: () => void): void {
-      this.pending.push(run);
-      if (!this.busy) this.runOne();
-    }
-
-    private runOne(): void {
-      const run = this.pending.shift();
-      if (run === undefined) {
-        this.busy = false;
-        return;
-      }
-      this.busy = true;
-      try {
-        run();
-      } finally {
-        nextTask(() => this.runOne());
-      }
+    private flush(): void {
+      const batch = this.batch;
+      if (batch.length === 0) return;
+      this.batch = [];
+      if (!this.closing) this.onmessage?.({ data: joined(batch) });
     }
   };
 }
