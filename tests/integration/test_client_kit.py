@@ -20,8 +20,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from loadtests.rehearsal import Plan, rehearse, render
+from loadtests.rehearsal import NODE_SETTINGS, Plan, rehearse, render, simulated_users
 from shim.centrifuge import pbcodec
+from shim.core.config import load_settings
 from tests.conftest import ADMIN_KEY, RunningServer
 from tests.integration.test_console import Browser, browser_available
 from tests.legacyclient import legacy_url
@@ -334,3 +335,56 @@ async def test_short_rehearsal_hands_everyone_over_and_back_losing_nothing() -> 
     assert any(r.restarted for r in results)
     assert sum(r.switches for r in results) > 0
     assert all(r.peak_connections <= 2 for r in results), table
+
+
+def test_the_rehearsal_keeps_enough_global_history_for_a_node_restart() -> None:
+    """`global` has no `:`: its history is the default namespace's. A namespace named
+    "global" never applied, and 100 publications (2 s at 50/s) did not span a restart."""
+    env = {"DEX_SHIM_" + name.upper(): value for name, value in NODE_SETTINGS.items()}
+    options = load_settings(env=env).namespace_for("global")
+    assert options is not None and options.history_size >= 10_000
+
+
+async def test_the_kit_on_node_gets_frames_written_together_in_order(tmp_path: Path) -> None:
+    """Centrifuge frames of several publications, written to the socket together
+    (small frames, a write delay), arrive in one TCP read: centrifuge-js under Node
+    then interleaved their replies, and the kit took a reordered offset for a
+    skipped one. Every event reaches the kit once, in order, with no hole."""
+    assert kit_built(), "make kit builds clients/js (make test does)"
+    keys = ClusterKeys.generate()
+    settings = {
+        "cutover_mode": "channels",
+        "websocket_max_frame_bytes": "700",
+        "client_write_delay_seconds": "0.05",
+    }
+    node = await spawn_node("kit-burst", keys, tmp_path / "node", settings=settings)
+    try:
+        await node.wait_ready()
+        async with simulated_users() as users:
+            user = {"name": "burst", "baseUrl": node.url, "token": keys.token("burst")}
+            await users.call("start", users=[user], options={"configPollMs": 0})
+            async with asyncio.timeout(15):
+                while (await users.call("status"))["protocols"]["channels"] != 1:
+                    await asyncio.sleep(0.05)
+            seq = 0
+            for _burst in range(5):
+                events = []
+                for _ in range(40):
+                    seq += 1
+                    payload = {"task_id": "t1", "seq": seq}
+                    events.append({"type": "task.updated", "payload": payload})
+                response = await node.http.post(
+                    "/api/v1/broadcast", json=events, headers={"X-API-Key": keys.api_key}
+                )
+                assert response.status_code == 200 and response.json()["accepted"] == 40
+                await asyncio.sleep(0.2)
+            async with asyncio.timeout(15):
+                while (await users.call("check", upTo=seq))["behind"]:
+                    await asyncio.sleep(0.05)
+            check = await users.call("check", upTo=seq)
+            metrics = await users.call("metrics")
+    finally:
+        await node.stop()
+        await node.http.aclose()
+    assert (check["lost"], check["duplicated"], check["outOfOrder"]) == (0, 0, 0), check
+    assert metrics["holes"] == 0 and metrics["gaps"] == 0, metrics

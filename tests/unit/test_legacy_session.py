@@ -415,3 +415,34 @@ async def test_a_client_gone_during_the_broker_subscribe_costs_no_one_their_subs
     copy(node, "task:T", 1)
     assert await staying.frames() == [frame(1)]
     assert await leaving.frames() == []
+
+
+async def test_a_kit_client_is_told_which_offsets_never_reached_the_node(
+    node: Node, clock: Clock
+) -> None:
+    """Offsets the node skipped because they were not legacy events are announced
+    plainly; offsets it never received (lost between the broker and the node) are
+    announced as `missed`, so the kit recovers them instead of skipping them."""
+    client = Client(node)
+    await client.command(action="subscribe_all")
+    await client.command(action="position")
+
+    def published(offset: int, *, legacy: bool = True) -> None:
+        pub = Publication(data=b"{}", offset=offset, legacy=tag(offset) if legacy else None)
+        node.on_publication("global", pub, "E")
+
+    published(1)
+    published(2)
+    published(3, legacy=False)  # a server API publication: not for legacy clients
+    published(4)
+    published(7)  # 5 and 6 never arrived
+    published(9, legacy=False)  # nor did 8
+    notices = [orjson.loads(f)["payload"] for f in await client.frames() if "shim.position" in f]
+    assert notices == [
+        {"channel": "global", "offset": None, "epoch": None},
+        {"channel": "global", "offset": 0, "epoch": "E"},  # the first event seen here
+        {"channel": "global", "offset": 3, "epoch": "E"},
+        {"channel": "global", "offset": 6, "epoch": "E", "missed": True},
+        {"channel": "global", "offset": 8, "epoch": "E", "missed": True},
+        {"channel": "global", "offset": 9, "epoch": "E"},
+    ]
