@@ -446,3 +446,21 @@ async def test_a_kit_client_is_told_which_offsets_never_reached_the_node(
         {"channel": "global", "offset": 8, "epoch": "E", "missed": True},
         {"channel": "global", "offset": 9, "epoch": "E"},
     ]
+
+
+async def test_a_kit_that_opts_in_first_hears_of_personal_events_before_its_position(
+    node: Node, clock: Clock
+) -> None:
+    """The kit sends `position` before `subscribe_all` (then again after it): a
+    personal event delivered before the second answer is still announced, so the kit
+    does not count its frame as one of the global stream."""
+    client = Client(node, personal="user:u")
+    await client.command(action="position")
+    await client.command(action="subscribe_all")
+    node.on_publication("user:u", Publication(data=b"{}", offset=5, legacy=tag(1)), "P")
+    written = await client.frames()
+    assert [orjson.loads(f).get("payload") for f in written] == [
+        {"channel": "global", "offset": None, "epoch": None},
+        {"channel": "user:u", "offset": 4, "epoch": "P"},
+        None,  # the event frame itself ({"n": 1})
+    ]

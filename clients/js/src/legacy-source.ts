@@ -29,8 +29,10 @@ export const POSITION_TYPE = 'shim.position';
 export const CUTOVER_TYPE = 'shim.cutover';
 
 /**
- * The legacy hub connection: `subscribe_all` as the hook sent it, then the kit's
- * opt-in `position` action. The server answers with a `shim.position` notice:
+ * The legacy hub connection: `subscribe_all` as the hook sent it, between two of
+ * the kit's opt-in `position` actions. The first one (answered `null`: nothing is
+ * subscribed yet) has the server announce every personal event from the start, so
+ * none is counted as a frame of the global stream. The server answers with a `shim.position` notice:
  * every event frame before it is at or before that offset of the global channel,
  * every frame after it follows on one by one (another notice marks any jump). So
  * each frame's offset is known by counting, and the frames stay byte-identical.
@@ -56,6 +58,7 @@ export class LegacySource extends Source {
     this.socket.onopen = () => {
       this.connected = true;
       hooks.changed();
+      this.socket.send('{"action":"position"}');
       this.socket.send('{"action":"subscribe_all"}');
       this.socket.send('{"action":"position"}');
     };

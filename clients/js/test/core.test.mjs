@@ -50,12 +50,12 @@ function legacyKit() {
   return { kit, got };
 }
 
-test('the legacy socket subscribes to everything, then asks for its position', async () => {
+test('the legacy socket opts in to notices, subscribes to everything, then asks for its position', async () => {
   const { kit } = legacyKit();
   await tick();
   assert.equal(sockets.length, 1);
   assert.match(sockets[0].url, /^ws:\/\/127\.0\.0\.1:1\/api\/v1\/ws\?token=tok$/);
-  assert.deepEqual(sockets[0].sent, ['{"action":"subscribe_all"}', '{"action":"position"}']);
+  assert.deepEqual(sockets[0].sent, ['{"action":"position"}', '{"action":"subscribe_all"}', '{"action":"position"}']);
   kit.stop();
 });
 
@@ -80,7 +80,7 @@ test('an unknown position is asked again after the next frame', async () => {
   socket.frame({ type: 'shim.position', timestamp: 't', payload: { channel: 'global', offset: null, epoch: null } });
   socket.frame(event(1));
   assert.equal(socket.sent.at(-1), '{"action":"position"}');
-  assert.equal(socket.sent.length, 3);
+  assert.equal(socket.sent.length, 4);
   socket.position(5);
   assert.deepEqual(got, [[5, 1]]);
   kit.stop();
