@@ -131,7 +131,7 @@ class Pacer:
 
     __slots__ = ("_since", "budget", "pause")
 
-    def __init__(self, budget: float = 0.002, pause: float = 0.001) -> None:
+    def __init__(self, budget: float = 0.002, pause: float = 0.002) -> None:
         self.budget = budget
         self.pause = pause
         self._since = time.perf_counter()
