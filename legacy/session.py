@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import logging
 import time
 
@@ -47,6 +46,7 @@ from shim.core.limits import TokenBucket, Verdict
 from shim.core.node import Node
 from shim.core.outbox import Outbox
 from shim.core.routing import PERSONAL_FANOUT_CHANNEL
+from shim.core.session import Session, SessionState
 from shim.core.transport import Pings, Transport
 
 log = logging.getLogger("shim.legacy")
@@ -84,11 +84,6 @@ def notice_frame(kind: str, payload: dict[str, object]) -> bytes:
     """A kit notice in the legacy envelope's shape."""
     text = encode_go_json({"type": kind, "timestamp": now_timestamp(), "payload": payload})
     return text.encode()
-
-
-class State(enum.Enum):
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 class LegacyStats:
@@ -165,7 +160,7 @@ class RecentEvents:
         return not self._current and not self._previous
 
 
-class LegacySession:
+class LegacySession(Session):
     # The clock of the de-duplication window (a class attribute, so it costs no slot).
     clock = staticmethod(time.monotonic)
     # As the node's Subscriber: delivered by LegacyFanout, never as deltas.
@@ -185,15 +180,10 @@ class LegacySession:
         "_resolver",
         "_seen",
         "_strict",
+        "_user",
         "liveness",
-        "node",
-        "outbox",
-        "state",
         "stats",
         "subscriptions",
-        "transport",
-        "user",
-        "write_timeout",
     )
 
     def __init__(
@@ -209,13 +199,10 @@ class LegacySession:
         personal_channels: tuple[str, ...] = (),
         reads: LegacyReads | None = None,
     ) -> None:
-        self.node = node
-        self.transport = transport
-        self.outbox = outbox
+        super().__init__(node, transport, outbox, SessionState.CONNECTED)
         self.stats = stats
-        self.user = user
+        self._user = user
         self._strict = strict_matching
-        self.state = State.OPEN
         self.subscriptions: set[str] = set()
         self._attached: set[str] = set()
         # True while the attached channels carry disjoint events (`*`, strict).
@@ -230,7 +217,6 @@ class LegacySession:
         self._resolver: asyncio.Task[None] | None = None
         # Allocated only while the client holds several channels without `*`.
         self._seen: RecentEvents | None = None
-        self.write_timeout = node.settings.websocket_write_timeout_seconds
         self.liveness = liveness
         self._drain_at = 0.0
         settings = node.settings
@@ -439,8 +425,7 @@ class LegacySession:
 
     def _push(self, frame: bytes) -> None:
         if not self.outbox.push(frame):
-            self.stats.slow_disconnects += 1
-            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
+            self.close_slow()
 
     def _deliver_readable(self, tag: LegacyTag) -> None:
         """Pass the event on if the user may read one of its channels; hold it (and
@@ -466,8 +451,7 @@ class LegacySession:
         self._held_bytes += len(tag.frame)
         # Held events count against the queue cap, as if queued.
         if self._held_bytes + self.outbox.size > self.node.settings.client_queue_max_size_bytes:
-            self.stats.slow_disconnects += 1
-            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
+            self.close_slow()
 
     async def _resolve_held(self) -> None:
         """Ask the policy what the held events need, passing them on in order."""
@@ -539,30 +523,30 @@ class LegacySession:
     # -- lifecycle ---------------------------------------------------------------
 
     @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
+    def user(self) -> str:
+        return self._user
 
-    def close(self, code: int, reason: str) -> None:
-        if self.state is State.CLOSED:
-            return
-        self.state = State.CLOSED
-        self.node.counters.disconnected("legacy", code)
+    @property
+    def subscription_count(self) -> int:
+        return len(self.subscriptions)
+
+    def close_slow(self) -> None:
+        self.stats.slow_disconnects += 1
+        super().close_slow()
+
+    def shutdown(self) -> None:
+        self.close(close_codes.WS_GOING_AWAY, "server shutting down")
+
+    def _log_close(self, code: int, reason: str) -> None:
         log.info(
             "disconnecting legacy client: %s",
             reason or code,
             extra={"user": self.user, "code": code, "protocol": "legacy"},
         )
-        self.outbox.close(discard=code == close_codes.SLOW)
+
+    def _closing(self) -> None:
         if self.liveness is not None:
             self.liveness.stop()
-        self.transport.close(code, reason)
-        self._release()
-
-    def transport_closed(self) -> None:
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
-            self.outbox.close(discard=True)
-            self._release()
 
     def _release(self) -> None:
         self._seen = None
@@ -581,14 +565,12 @@ class LegacySession:
         self._drain_at = deadline
 
     def tick(self, now: float, wall: float) -> None:
-        if self.state is State.CLOSED:
+        if self.closed:
             return
         if self._seen is not None and self._seen.forgotten(self.clock()):
             self._seen = None  # an idle client goes back to holding nothing
-        started = self.outbox.write_started
-        if started and now - started > self.write_timeout:
-            self.stats.slow_disconnects += 1
-            self.close(close_codes.SLOW, close_codes.SLOW_REASON)
+        if self.write_stalled(now):
+            self.close_slow()
         elif self._drain_at and now >= self._drain_at:
             self.close(*RETIRED)
         elif self.liveness is not None and (

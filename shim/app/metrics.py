@@ -24,8 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from shim.centrifuge.session import CentrifugeSession
-from shim.transport.stream import transport_name
+from shim.centrifuge.fanout import CentrifugeFanout
 
 if TYPE_CHECKING:
     from shim.app.runtime import Runtime
@@ -115,13 +114,10 @@ class RuntimeCollector(Collector):
         queued = 0
         subscriptions = 0
         for session in node.sessions:
-            user = _user_of(session)
-            if user:
-                users.add(user)
-            outbox = getattr(session, "outbox", None)
-            if outbox is not None:
-                queued += outbox.size
-            subscriptions += len(getattr(session, "subscriptions", ()))
+            if session.user:
+                users.add(session.user)
+            queued += session.outbox.size
+            subscriptions += session.subscription_count
         yield _gauge("node_num_users", "Distinct users connected to this node.", len(users))
         yield _gauge(
             "node_num_channels", "Channels with local subscribers.", sum(1 for _ in node.channels())
@@ -235,8 +231,8 @@ def _transport_clients(runtime: Runtime, node_label: str) -> GaugeMetricFamily:
     network or browser broke WebSocket)."""
     counts: dict[str, int] = {}
     for session in runtime.node.sessions:
-        if isinstance(session, CentrifugeSession):
-            name = transport_name(session)
+        if session.protocol == CentrifugeFanout.protocol:
+            name = session.transport.transport_name
             counts[name] = counts.get(name, 0) + 1
     family = GaugeMetricFamily(
         f"{PREFIX}_node_num_clients_by_transport",
@@ -250,13 +246,6 @@ def _transport_clients(runtime: Runtime, node_label: str) -> GaugeMetricFamily:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
-
-
-def _user_of(session: object) -> str:
-    credentials = getattr(session, "credentials", None)
-    if credentials is not None:
-        return str(credentials.user)
-    return str(getattr(session, "user", ""))
 
 
 class Metrics:

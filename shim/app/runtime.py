@@ -12,21 +12,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 from adapters.auth.jwt import TokenVerifier, generate_signing_key
 from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from legacy.fanout import LegacyFanout
-from legacy.session import LegacySession, LegacyStats
+from legacy.session import LegacyStats
 from legacy.wire import encode_legacy_frame
 from shim.app.metrics import Metrics
-from shim.centrifuge import codes
 from shim.centrifuge.emulation import EmulationHub
 from shim.centrifuge.fanout import CentrifugeFanout
-from shim.centrifuge.session import CentrifugeSession, State
-from shim.centrifuge.wire import WIRES
+from shim.centrifuge.session import CentrifugeSession
 from shim.core.broker import Broker, PresenceManager
-from shim.core.close_codes import WS_GOING_AWAY
 from shim.core.config import Settings, origin_patterns
 from shim.core.cutover import CutoverState, Mode
 from shim.core.ingest import Ingestor
@@ -162,24 +157,15 @@ class Runtime:
             return
         now = asyncio.get_running_loop().time()
         for session in list(self.node.sessions):
-            if isinstance(session, LegacySession):
-                if draining:
-                    session.drain_by(now + random.uniform(0, state.drain_seconds))
-                else:
-                    session.drain_by(0.0)
+            session.drain_by(now + random.uniform(0, state.drain_seconds) if draining else 0.0)
 
     def _announce_cutover(self, version: int) -> None:
         """Tell connected clients the flag changed, so a client kit asks for its
         config again (docs/client-kit.md): a `message` push to Centrifuge clients
         (SDKs without a message handler ignore it), a notice to legacy clients that
         opted in. The legacy hook never opts in and sees nothing."""
-        data = orjson.dumps({"cutover_version": version})
-        pushes = [wire.encode_message_push(data) for wire in WIRES]
         for session in list(self.node.sessions):
-            if isinstance(session, LegacySession):
-                session.cutover_changed(version)
-            elif isinstance(session, CentrifugeSession) and session.state is State.CONNECTED:
-                session.enqueue(pushes[session.wire.index])
+            session.cutover_changed(version)
 
     def secrets(self) -> list[str]:
         """Strings that must never appear in a log line."""
@@ -188,10 +174,15 @@ class Runtime:
             found.append(self.settings.token_key)
         return [s for s in found if s]
 
+    def centrifuge_sessions(self) -> list[CentrifugeSession]:
+        """The Centrifuge sessions of this node, for the server API's commands (the
+        composition root is the one place that knows the concrete session types)."""
+        return [s for s in self.node.sessions if isinstance(s, CentrifugeSession)]
+
     def connection_counts(self) -> dict[str, int]:
-        counts = {"legacy": 0, "channels": 0}
+        counts = {fanout.protocol: 0 for fanout in self.node.fanouts}
         for session in self.node.sessions:
-            counts["legacy" if isinstance(session, LegacySession) else "channels"] += 1
+            counts[session.protocol] += 1
         return counts
 
     async def start(self) -> None:
@@ -252,10 +243,7 @@ class Runtime:
             # An entry in progress finishes first, within the grace period.
             await self.stream_consumer.close(timeout=max(0.0, deadline - loop.time()))
         for session in list(self.node.sessions):
-            if isinstance(session, LegacySession):
-                session.close(WS_GOING_AWAY, "server shutting down")
-            elif isinstance(session, CentrifugeSession):
-                session.disconnect(codes.SHUTDOWN)
+            session.shutdown()
         # A bounded poll of two counters, once per shutdown.
         while (self.open_sockets or self.ingestor.stats.in_flight) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)

@@ -34,11 +34,10 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
-from legacy.session import LegacySession
 from shim import __version__
 from shim.app.runtime import Runtime
 from shim.centrifuge import codec, codes
-from shim.centrifuge.session import CentrifugeSession, State
+from shim.centrifuge.session import CentrifugeSession
 from shim.core.broker import (
     BrokerUnavailable,
     Publication,
@@ -204,11 +203,9 @@ class ServerApi:
             raise ApiError(codes.BAD_REQUEST, "user required")
         return [
             session
-            for session in list(self.runtime.node.sessions)
-            if isinstance(session, CentrifugeSession)
-            and session.state is State.CONNECTED
-            and session.credentials is not None
-            and session.credentials.user == user
+            for session in self.runtime.centrifuge_sessions()
+            if session.connected
+            and session.user == user
             and (not client or session.client_id == client)
             and session.client_id not in keep
         ]
@@ -430,10 +427,7 @@ class ServerApi:
         node = runtime.node
         users: set[str] = set()
         for session in node.sessions:
-            if isinstance(session, CentrifugeSession) and session.credentials is not None:
-                users.add(session.credentials.user)
-            elif isinstance(session, LegacySession):
-                users.add(session.user)
+            users.add(session.user)
         users.discard("")  # anonymous connections are not a user
         channels = [c for c in list(node.channels()) if node.subscriber_count(c)]
         here: Result = {

@@ -9,7 +9,7 @@ connection are handled one at a time in arrival order, as the SDKs expect.
 from __future__ import annotations
 
 import asyncio
-import enum
+import functools
 import logging
 import random
 import time
@@ -37,7 +37,7 @@ from shim.centrifuge.codec import (
     UnsubscribeRequest,
 )
 from shim.centrifuge.fanout import CentrifugeFanout, PreparedControl, PreparedPublication
-from shim.centrifuge.wire import JSON, Wire
+from shim.centrifuge.wire import JSON, WIRES, Wire
 from shim.core import console_credential
 from shim.core.auth import Authenticator, Credentials, TokenError
 from shim.core.broker import (
@@ -53,6 +53,7 @@ from shim.core.limits import TokenBucket, Verdict
 from shim.core.node import Node
 from shim.core.outbox import Outbox
 from shim.core.policy import ChannelAuthorizer
+from shim.core.session import Session, SessionState
 from shim.core.transport import Transport
 
 # Longest a frame of several commands holds its replies (and the client's
@@ -80,12 +81,6 @@ _COMMAND_NAMES: dict[type, str] = {
 FLAG_REJECT_UNRECOVERED = 2
 # The one delta format of the protocol.
 DELTA_FOSSIL = "fossil"
-
-
-class State(enum.Enum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    CLOSED = "closed"
 
 
 class Reject(Exception):
@@ -179,8 +174,8 @@ class Subscription:
             self.delta_last = pub
         else:
             push = prepared.push(session.wire)
-        if not session.outbox.push(push) and session.state is not State.CLOSED:
-            session.disconnect(codes.SLOW)
+        if not session.outbox.push(push) and session.state is not SessionState.CLOSED:
+            session.close_slow()
 
     def deliver_control(self, control: PreparedControl) -> None:
         if self.buffer is None:
@@ -193,30 +188,28 @@ class Subscription:
         if self.delta_last is not None:
             self.session.node.seed_delta_base(self.channel, self.delta_last)
         for epoch, prepared in buffered:
-            if self.session.state is State.CLOSED:
+            if self.session.state is SessionState.CLOSED:
                 return
             self.deliver(epoch, prepared)
 
 
-class CentrifugeSession:
+class CentrifugeSession(Session):
+    protocol = CentrifugeFanout.protocol
+
     __slots__ = (
+        "_client_id",
         "_commands",
         "_connect_failed",
         "_counted_user",
         "_opened_at",
         "authorizer",
-        "client_id",
         "console",
         "credentials",
         "expires_at",
         "next_ping_at",
         "next_presence_at",
-        "node",
-        "outbox",
         "pong_deadline",
-        "state",
         "subscriptions",
-        "transport",
         "verifier",
         "wire",
     )
@@ -230,15 +223,12 @@ class CentrifugeSession:
         outbox: Outbox,
         wire: Wire = JSON,
     ) -> None:
-        self.node = node
+        super().__init__(node, transport, outbox, SessionState.CONNECTING)
         # JSON or Protobuf, fixed at the handshake.
         self.wire = wire
         self.verifier = verifier
         self.authorizer = authorizer
-        self.transport = transport
-        self.outbox = outbox
-        self.client_id = str(uuid.uuid4())
-        self.state = State.CONNECTING
+        self._client_id = str(uuid.uuid4())
         self.credentials: Credentials | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self.expires_at = 0.0
@@ -264,33 +254,41 @@ class CentrifugeSession:
     # -- output ------------------------------------------------------------------
 
     def enqueue(self, message: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return
         if not self.outbox.push(message):
-            self.disconnect(codes.SLOW)
-
-    def _send(self, message: bytes) -> None:
-        self.enqueue(message)
+            self.close_slow()
 
     def disconnect(self, code: codes.DisconnectCode) -> None:
         """Close the connection with `code`; safe to call more than once."""
-        if self.state is State.CLOSED:
-            return
-        self.state = State.CLOSED
-        self.node.counters.disconnected("channels", code.code)
+        self.close(code.code, codec.close_reason(code))
+
+    @property
+    def user(self) -> str:
+        return self.credentials.user if self.credentials is not None else ""
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self.subscriptions)
+
+    def shutdown(self) -> None:
+        self.disconnect(codes.SHUTDOWN)
+
+    def cutover_changed(self, version: int) -> None:
+        # A `message` push: SDKs without a message handler ignore it.
+        if self.state is SessionState.CONNECTED:
+            self.enqueue(_cutover_push(self.wire, version))
+
+    def _log_close(self, code: int, reason: str) -> None:
         log.info(
             "disconnecting: %s",
-            code.reason,
-            extra={"client": self.client_id, "user": self._user(), "code": code.code},
+            reason,
+            extra={"client": self.client_id, "user": self.user, "code": code},
         )
-        # A slow client's queue is dropped at once; otherwise replies already queued
-        # (e.g. the error explaining the disconnect) still go out before the close.
-        self.outbox.close(discard=code is codes.SLOW)
-        self.transport.close(code.code, codec.close_reason(code))
-        self._release_all()
-
-    def _user(self) -> str:
-        return self.credentials.user if self.credentials is not None else ""
 
     def lost_position(self, sub: Subscription) -> None:
         """A gap or epoch change in a positioned stream: the client must resync."""
@@ -299,14 +297,7 @@ class CentrifugeSession:
             return
         self.unsubscribe_server(sub.channel, codes.UNSUBSCRIBE_INSUFFICIENT_STATE)
 
-    def transport_closed(self) -> None:
-        """The socket is gone (client left or the edge closed it)."""
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
-            self.outbox.close(discard=True)
-            self._release_all()
-
-    def _release_all(self) -> None:
+    def _release(self) -> None:
         self.node.remove_session(self)
         self._uncount_user()
         for sub in list(self.subscriptions.values()):
@@ -348,7 +339,7 @@ class CentrifugeSession:
             self.outbox.hold(FRAME_HOLD_SECONDS)
         try:
             for command in commands:
-                if self.state is State.CLOSED or self._connect_failed:
+                if self.state is SessionState.CLOSED or self._connect_failed:
                     return
                 await self._handle(command)
         finally:
@@ -360,7 +351,7 @@ class CentrifugeSession:
         if request is None:  # pong
             self.pong_deadline = 0.0
             return
-        if self.state is State.CONNECTING and not isinstance(request, ConnectRequest):
+        if self.state is SessionState.CONNECTING and not isinstance(request, ConnectRequest):
             self.disconnect(codes.BAD_PROTOCOL)
             return
         if self._commands is not None and not self._within_rate(command.id):
@@ -369,15 +360,15 @@ class CentrifugeSession:
         try:
             await self._dispatch(command.id, request)
         except Reject as exc:
-            self._send(self.wire.encode_error(command.id, exc.error, exc.message))
+            self.enqueue(self.wire.encode_error(command.id, exc.error, exc.message))
         except Disconnect as exc:
             self.disconnect(exc.code)
         except BrokerUnavailable:
             self.node.counters.broker_failed("command")
-            self._send(self.wire.encode_error(command.id, codes.INTERNAL))
+            self.enqueue(self.wire.encode_error(command.id, codes.INTERNAL))
         except Exception:
             log.exception("command failed", extra={"client": self.client_id})
-            self._send(self.wire.encode_error(command.id, codes.INTERNAL))
+            self.enqueue(self.wire.encode_error(command.id, codes.INTERNAL))
         finally:
             self.node.observer.command(
                 _COMMAND_NAMES.get(type(request), "unknown"), time.perf_counter() - started
@@ -394,7 +385,7 @@ class CentrifugeSession:
         if verdict is Verdict.DISCONNECT:
             self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT)
         elif command_id:
-            self._send(self.wire.encode_error(command_id, codes.TOO_MANY_REQUESTS))
+            self.enqueue(self.wire.encode_error(command_id, codes.TOO_MANY_REQUESTS))
         return False
 
     async def _dispatch(self, command_id: int, request: object) -> None:
@@ -406,7 +397,7 @@ class CentrifugeSession:
             sub = self.subscriptions.get(request.channel)
             if sub is not None and not sub.server_side:
                 self._drop_subscription(sub)
-            self._send(self.wire.encode_reply(command_id, "unsubscribe", {}))
+            self.enqueue(self.wire.encode_reply(command_id, "unsubscribe", {}))
         elif isinstance(request, PublishRequest):
             await self._publish(command_id, request)
         elif isinstance(request, HistoryRequest):
@@ -414,11 +405,11 @@ class CentrifugeSession:
         elif isinstance(request, PresenceRequest):
             self._presence_allowed(request.channel)
             clients = await self.node.presence.presence(request.channel)
-            self._send(self.wire.encode_presence_result(command_id, presence=clients))
+            self.enqueue(self.wire.encode_presence_result(command_id, presence=clients))
         elif isinstance(request, PresenceStatsRequest):
             self._presence_allowed(request.channel)
             stats = await self.node.presence.presence_stats(request.channel)
-            self._send(self.wire.encode_presence_stats_result(command_id, stats=stats))
+            self.enqueue(self.wire.encode_presence_stats_result(command_id, stats=stats))
         elif isinstance(request, RefreshRequest):
             self._refresh(command_id, request)
         elif isinstance(request, SubRefreshRequest):
@@ -434,7 +425,7 @@ class CentrifugeSession:
     # -- connect -----------------------------------------------------------------
 
     async def _connect(self, command_id: int, request: ConnectRequest) -> None:
-        if self.state is not State.CONNECTING:
+        if self.state is not SessionState.CONNECTING:
             raise Disconnect(codes.BAD_PROTOCOL)
         settings = self.node.settings
         if request.token and console_credential.looks_like_one(request.token):
@@ -476,7 +467,7 @@ class CentrifugeSession:
             self.node.user_connected(credentials.user)
             self._counted_user = credentials.user
         self.credentials = credentials
-        self.state = State.CONNECTED
+        self.state = SessionState.CONNECTED
         now = asyncio.get_running_loop().time()
         interval = settings.client_ping_interval_seconds
         if interval > 0:
@@ -511,13 +502,13 @@ class CentrifugeSession:
         except BaseException:
             for sub, _ in opened:
                 self._drop_subscription(sub)
-            self.state = State.CONNECTING
+            self.state = SessionState.CONNECTING
             self.credentials = None
             self._uncount_user()
             self._connect_failed = True
             raise
         log.debug("connected", extra={"client": self.client_id, "user": credentials.user})
-        self._send(
+        self.enqueue(
             self.wire.encode_connect_result(
                 command_id,
                 client=self.client_id,
@@ -573,11 +564,11 @@ class CentrifugeSession:
                 raise Reject(
                     codes.TOKEN_EXPIRED if exc.expired else codes.PERMISSION_DENIED
                 ) from None
-            if self.authorizer.never_granted(channel, self._user()):
+            if self.authorizer.never_granted(channel, self.user):
                 # A token may not hand one user another's personal channel either.
                 log.info(
                     "subscribe refused: channel no token may grant",
-                    extra={"client": self.client_id, "user": self._user(), "channel": channel},
+                    extra={"client": self.client_id, "user": self.user, "channel": channel},
                 )
                 raise Reject(codes.PERMISSION_DENIED)
             expires_at = float(claims.expires_at)
@@ -590,7 +581,7 @@ class CentrifugeSession:
                 log.info(
                     "subscribe refused: %s",
                     decision.reason,
-                    extra={"client": self.client_id, "user": self._user(), "channel": channel},
+                    extra={"client": self.client_id, "user": self.user, "channel": channel},
                 )
                 raise Reject(codes.INTERNAL if decision.temporary else codes.PERMISSION_DENIED)
         if channel in self.subscriptions:  # a concurrent subscribe won while we awaited
@@ -603,7 +594,7 @@ class CentrifugeSession:
             sub.expires_at = expires_at
             result["expires"] = True
             result["ttl"] = max(1, int(expires_at - time.time()))
-        self._send(self.wire.encode_subscribe_result(command_id, **result))
+        self.enqueue(self.wire.encode_subscribe_result(command_id, **result))
         sub.go_live(position)
         self._announce(sub)
 
@@ -716,7 +707,7 @@ class CentrifugeSession:
     ) -> None:
         """Add a server-side subscription to a connected client and tell it with a
         subscribe push (centrifuge-js reports a client-level `subscribed`)."""
-        if self.state is not State.CONNECTED or channel in self.subscriptions:
+        if self.state is not SessionState.CONNECTED or channel in self.subscriptions:
             return  # nothing to do, as in Centrifugo
         sub, result, position = await self._open(
             channel, None, server_side=True, chan_info=chan_info
@@ -725,7 +716,7 @@ class CentrifugeSession:
             return  # closing released the subscription already
         if expire_at:
             sub.expires_at = float(expire_at)
-        self._send(
+        self.enqueue(
             self.wire.encode_subscribe_push(
                 channel,
                 recoverable=bool(result.get("recoverable")),
@@ -746,7 +737,7 @@ class CentrifugeSession:
         sub = self.subscriptions.get(channel)
         if sub is not None:
             self._drop_subscription(sub)
-            self._send(self.wire.encode_unsubscribe_push(channel, code))
+            self.enqueue(self.wire.encode_unsubscribe_push(channel, code))
 
     def _refresh_presence(self, now: float) -> None:
         """Renew this client's presence entries before the engine expires them (a node
@@ -767,7 +758,7 @@ class CentrifugeSession:
     def _announce(self, sub: Subscription) -> None:
         """Presence and join after the reply went out (a client never sees its own
         join before its subscribe reply)."""
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return
         if sub.namespace.presence or sub.namespace.join_leave:
             task = asyncio.get_running_loop().create_task(self._join(sub))
@@ -799,7 +790,7 @@ class CentrifugeSession:
         sub = self.subscriptions.get(request.channel)
         info = sub.info if sub is not None else self._client_info()
         await self.node.publish(request.channel, request.data, info=info)
-        self._send(self.wire.encode_reply(command_id, "publish", {}))
+        self.enqueue(self.wire.encode_reply(command_id, "publish", {}))
 
     def _client_info(self) -> ClientInfo:
         assert self.credentials is not None
@@ -824,7 +815,7 @@ class CentrifugeSession:
             )
         except UnrecoverablePosition:
             raise Reject(codes.UNRECOVERABLE_POSITION) from None
-        self._send(
+        self.enqueue(
             self.wire.encode_history_result(
                 command_id, publications=history.publications, position=history.position
             )
@@ -858,9 +849,9 @@ class CentrifugeSession:
         self.expires_at = float(credentials.expires_at)
         if self.expires_at:
             ttl = max(1, int(self.expires_at - time.time()))
-            self._send(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
+            self.enqueue(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
         else:
-            self._send(self.wire.encode_refresh_result(command_id, expires=False, ttl=0))
+            self.enqueue(self.wire.encode_refresh_result(command_id, expires=False, ttl=0))
 
     def _refresh_console(self, command_id: int, token: str) -> None:
         expires_at = console_credential.verify(token, self.node.settings.admin_api_key)
@@ -870,7 +861,7 @@ class CentrifugeSession:
             raise Disconnect(codes.CONNECTION_EXPIRED)
         self.expires_at = float(expires_at)
         ttl = max(1, int(self.expires_at - time.time()))
-        self._send(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
+        self.enqueue(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
 
     def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
         assert self.credentials is not None
@@ -895,14 +886,14 @@ class CentrifugeSession:
         sub.expires_at = float(claims.expires_at)
         if sub.expires_at:
             ttl = max(1, int(sub.expires_at - time.time()))
-            self._send(self.wire.encode_sub_refresh_result(command_id, expires=True, ttl=ttl))
+            self.enqueue(self.wire.encode_sub_refresh_result(command_id, expires=True, ttl=ttl))
         else:
-            self._send(self.wire.encode_sub_refresh_result(command_id, expires=False, ttl=0))
+            self.enqueue(self.wire.encode_sub_refresh_result(command_id, expires=False, ttl=0))
 
     def _rpc(self, command_id: int, request: RPCRequest) -> None:
         if request.method == "ping":
             # Latency check used by the product's UI every 30 s.
-            self._send(self.wire.encode_rpc_result(command_id, data=b'{"pong":true}'))
+            self.enqueue(self.wire.encode_rpc_result(command_id, data=b'{"pong":true}'))
             return
         raise Reject(codes.METHOD_NOT_FOUND)
 
@@ -910,13 +901,12 @@ class CentrifugeSession:
 
     def tick(self, now: float, wall: float) -> None:
         settings = self.node.settings
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return
-        started = self.outbox.write_started
-        if started and now - started > settings.websocket_write_timeout_seconds:
-            self.disconnect(codes.SLOW)
+        if self.write_stalled(now):
+            self.close_slow()
             return
-        if self.state is State.CONNECTING:
+        if self.state is SessionState.CONNECTING:
             if now - self._opened_at > settings.client_stale_close_delay_seconds:
                 self.disconnect(codes.STALE)
             return
@@ -936,7 +926,7 @@ class CentrifugeSession:
         if now >= self.next_presence_at:
             self._refresh_presence(now)
         if self.next_ping_at and now >= self.next_ping_at:
-            self._send(self.wire.ping)
+            self.enqueue(self.wire.ping)
             self.next_ping_at = now + settings.client_ping_interval_seconds
             if not self.pong_deadline:
                 self.pong_deadline = now + settings.client_pong_timeout_seconds
@@ -947,7 +937,18 @@ CONSOLE_USER = "dex-shim-console"
 
 def _is_closed(session: CentrifugeSession) -> bool:
     # A function, so a state check after an await is not narrowed away by one before it.
-    return session.state is State.CLOSED
+    return session.state is SessionState.CLOSED
+
+
+def _cutover_push(wire: Wire, version: int) -> bytes:
+    return _cutover_push_of(wire.index, version)
+
+
+@functools.lru_cache(maxsize=4)
+def _cutover_push_of(wire_index: int, version: int) -> bytes:
+    """Encoded once per wire and flag version, however many clients hear of it."""
+    data = orjson.dumps({"cutover_version": version})
+    return WIRES[wire_index].encode_message_push(data)
 
 
 def _is_json(data: bytes) -> bool:

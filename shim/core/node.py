@@ -34,6 +34,7 @@ from shim.core.broker import (
 from shim.core.config import NamespaceOptions, Settings
 from shim.core.limits import ChannelRates
 from shim.core.outbox import Flusher
+from shim.core.session import Session
 
 log = logging.getLogger("shim.node")
 
@@ -41,8 +42,11 @@ log = logging.getLogger("shim.node")
 class Subscriber(Protocol):
     """One client's hold on one channel (a Centrifuge subscription, a legacy session)."""
 
-    # The protocol whose Fanout delivers to it (Fanout.protocol).
-    protocol: str
+    @property
+    def protocol(self) -> str:
+        """The protocol whose Fanout delivers to it (Fanout.protocol)."""
+        ...
+
     # Wants deltas: the channel then keeps its last publication as the next one's base.
     delta: bool
 
@@ -77,12 +81,6 @@ class Fanout(Protocol):
     ) -> None:
         """A join or leave of `channel` (for subscribers that asked for them)."""
         ...
-
-
-class Ticking(Protocol):
-    """A session the node's ticker visits about once per `tick_interval`."""
-
-    def tick(self, now: float, wall: float) -> None: ...
 
 
 class NodeCounters:
@@ -180,7 +178,8 @@ class Node:
         self.presence = presence
         self.name = settings.node_name or f"{socket.gethostname()}:{os.getpid()}"
         self.tick_interval = tick_interval
-        self.sessions: dict[Ticking, None] = {}
+        # Every open session; the ticker visits each about once per tick_interval.
+        self.sessions: dict[Session, None] = {}
         self._channels: dict[str, _Channel] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -223,10 +222,10 @@ class Node:
 
     # -- sessions and channels ---------------------------------------------------
 
-    def add_session(self, session: Ticking) -> None:
+    def add_session(self, session: Session) -> None:
         self.sessions[session] = None
 
-    def remove_session(self, session: Ticking) -> None:
+    def remove_session(self, session: Session) -> None:
         self.sessions.pop(session, None)
 
     def user_at_limit(self, user: str) -> bool:

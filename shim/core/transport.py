@@ -10,6 +10,11 @@ from typing import Protocol
 class Transport(Protocol):
     """What the edge offers a session: ask for the socket to be closed."""
 
+    @property
+    def transport_name(self) -> str:
+        """Centrifugo's name for it (websocket, http_stream, sse, uni_*), for metrics."""
+        ...
+
     def close(self, code: int, reason: str) -> None: ...
 
 

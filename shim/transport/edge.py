@@ -48,6 +48,7 @@ class SocketPump:
     task of its own), and its close. Writes belong to the outbox."""
 
     __slots__ = ("_closing", "_queue", "_send", "binary", "close_code", "close_reason", "direct")
+    transport_name = "websocket"
 
     def __init__(
         self,

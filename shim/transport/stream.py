@@ -177,12 +177,6 @@ class StreamPump:
             outbox.close(discard=True)
 
 
-def transport_name(session: object) -> str:
-    """Centrifugo's name of the transport a Centrifuge session is served over
-    (pumps other than WebSocket's carry a `transport_name`)."""
-    return str(getattr(getattr(session, "transport", None), "transport_name", "websocket"))
-
-
 async def _within(awaitable: Awaitable[None], timeout: float) -> bool:
     with contextlib.suppress(TimeoutError, Exception):
         async with asyncio.timeout(timeout):

@@ -27,7 +27,7 @@ from shim.app.fallback import (
     UNI_WEBSOCKET_PATH,
 )
 from shim.centrifuge import codes
-from shim.centrifuge.session import CentrifugeSession, State
+from shim.centrifuge.session import CentrifugeSession
 from shim.transport.stream import StreamPump
 from tests.conftest import RunningServer, eventually, run_server, sessions_of
 
@@ -280,7 +280,7 @@ async def _publish_until_closed(server: RunningServer, session: CentrifugeSessio
     filler = "x" * 16 * 1024
     total, batch = 0, 10  # 160 KB per burst: well under the cap
     deadline = asyncio.get_running_loop().time() + 20
-    while session.state is not State.CLOSED:
+    while not session.closed:
         assert asyncio.get_running_loop().time() < deadline, "stalled client never cut off"
         events = [
             {"type": "task.updated", "payload": {"task_id": "S", "n": n, "f": filler}}
