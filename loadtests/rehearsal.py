@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from loadtests.measure_core import percentile
-from shim.core.cutover import CutoverState, Protocol
+from shim.core.cutover import ClientProtocol, CutoverState
 from tests.jsclient import node_binary
 from tests.multinode import ClusterKeys, NodeProcess, spawn_node
 from tests.redis_server import RedisServer
@@ -372,7 +372,7 @@ async def run_step(
         name=name,
         legacy=0,
         channels=0,
-        expected_channels=sum(1 for p in expected.values() if p == Protocol.CHANNELS.value),
+        expected_channels=sum(1 for p in expected.values() if p == ClientProtocol.CENTRIFUGE.value),
         switches=0,
         expected_switches=moved,
         lost=0,

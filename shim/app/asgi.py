@@ -7,7 +7,6 @@ start and stop the runtime.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from legacy.session import legacy_token
 from shim import __version__
 from shim.app.console import console_blueprint
 from shim.app.fallback import FallbackEndpoints
+from shim.app.http import json_response, key_matches
 from shim.app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shim.app.runtime import Runtime
 from shim.app.server_api import server_api_blueprint
@@ -32,15 +32,11 @@ from shim.app.ws_endpoints import (
 from shim.core.auth import TokenError
 from shim.core.broadcast import BroadcastError, ParsedItem, TooManyItems, iter_broadcast
 from shim.core.broker import BrokerUnavailable
-from shim.core.cutover import CutoverError, Protocol
+from shim.core.cutover import ClientProtocol, CutoverError
 from shim.core.limits import Pacer
 from shim.transport.edge import ASGIReceive, ASGISend, reject_http
 
 log = logging.getLogger("shim.app")
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status=status, content_type="application/json")
 
 
 class ShimApp:
@@ -159,7 +155,7 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
     @app.post("/api/v1/broadcast")
     async def broadcast() -> Response:
         key = request.headers.get("X-API-Key", "")
-        if not key or not hmac.compare_digest(key.encode(), runtime.api_key.encode()):
+        if not key_matches(key, runtime.api_key):
             return json_response({"error": "missing or invalid X-API-Key"}, 401)
         if runtime.shutting_down:
             # Clients are being let go: an event accepted now could reach none of them
@@ -230,7 +226,7 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
             {
                 "user": user,
                 "protocol": protocol.value,
-                "url": CENTRIFUGE_PATH if protocol is Protocol.CHANNELS else LEGACY_PATH,
+                "url": CENTRIFUGE_PATH if protocol is ClientProtocol.CENTRIFUGE else LEGACY_PATH,
                 # For centrifuge-js's transport list: WebSocket first, then the
                 # fallbacks this node serves (commands of those go to /emulation).
                 "transports": (
@@ -238,7 +234,7 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
                         {"transport": "websocket", "endpoint": CENTRIFUGE_PATH},
                         *fallback.transports(),
                     ]
-                    if protocol is Protocol.CHANNELS
+                    if protocol is ClientProtocol.CENTRIFUGE
                     else []
                 ),
                 "mode": cutover.mode.value,
@@ -251,7 +247,7 @@ def _build_quart(runtime: Runtime, fallback: FallbackEndpoints) -> Quart:
 
     def admin_allowed() -> bool:
         key = request.headers.get("X-Admin-Key", "")
-        return bool(key) and hmac.compare_digest(key.encode(), settings.admin_api_key.encode())
+        return key_matches(key, settings.admin_api_key)
 
     async def cutover_report() -> dict[str, Any]:
         stats = runtime.legacy_stats

@@ -434,8 +434,8 @@ class FallbackEndpoints:
 def _refusal(runtime: Runtime) -> codes.DisconnectCode | None:
     if runtime.shutting_down:
         return codes.SHUTDOWN
-    if not runtime.cutover.channels_served:
-        return codes.CHANNELS_DISABLED
+    if not runtime.cutover.centrifuge_served:
+        return codes.CENTRIFUGE_DISABLED
     return None
 
 

@@ -152,8 +152,8 @@ class Runtime:
         previous, self.cutover = self.cutover, state
         log.info("cutover %s -> %s", previous.as_dict(), state.as_dict())
         self._announce_cutover(state.version)
-        draining = state.mode is Mode.CHANNELS
-        if draining == (previous.mode is Mode.CHANNELS):
+        draining = state.mode is Mode.CENTRIFUGE
+        if draining == (previous.mode is Mode.CENTRIFUGE):
             return
         now = asyncio.get_running_loop().time()
         for session in list(self.node.sessions):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import functools
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +34,7 @@ import orjson
 from quart import Blueprint, Response, request
 
 from shim import __version__
+from shim.app.http import json_response, key_matches
 from shim.app.runtime import Runtime
 from shim.centrifuge import codec, codes
 from shim.centrifuge.session import CentrifugeSession
@@ -516,17 +516,13 @@ async def _gather_paced(calls: list[Callable[[], Awaitable[Result]]]) -> list[Re
 # --- HTTP ------------------------------------------------------------------------------
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status=status, content_type="application/json")
-
-
 def _authorized(x_api_key: str, authorization: str, api_key: str) -> bool:
     """Centrifugo's two ways: `X-API-Key: <key>` or `Authorization: apikey <key>`."""
     key = x_api_key
     if not key:
         scheme, _, value = authorization.partition(" ")
         key = value.strip() if scheme.lower() == "apikey" else ""
-    return bool(key) and hmac.compare_digest(key.encode(), api_key.encode())
+    return key_matches(key, api_key)
 
 
 def server_api_blueprint(runtime: Runtime) -> Blueprint:
@@ -542,10 +538,10 @@ def server_api_blueprint(runtime: Runtime) -> Blueprint:
         if not _authorized(
             headers.get("X-API-Key", ""), headers.get("Authorization", ""), runtime.api_key
         ):
-            return _json({"error": ApiError(UNAUTHORIZED).as_dict()}, 401)
+            return json_response({"error": ApiError(UNAUTHORIZED).as_dict()}, 401)
         handler = api.batch if method == "batch" else api.methods.get(method)
         if handler is None:
-            return _json({"error": ApiError(NOT_FOUND).as_dict()}, 404)
+            return json_response({"error": ApiError(NOT_FOUND).as_dict()}, 404)
         raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         assert isinstance(raw, bytes)
         try:
@@ -554,18 +550,18 @@ def server_api_blueprint(runtime: Runtime) -> Blueprint:
             body = None
         if not isinstance(body, dict):
             bad = ApiError(codes.BAD_REQUEST, "body must be a JSON object")
-            return _json({"error": bad.as_dict()}, 400)
+            return json_response({"error": bad.as_dict()}, 400)
         try:
             result = await handler(body)
         except BadBody as exc:
-            return _json({"error": ApiError(codes.BAD_REQUEST, str(exc)).as_dict()}, 400)
+            return json_response({"error": ApiError(codes.BAD_REQUEST, str(exc)).as_dict()}, 400)
         except TooLarge as exc:
-            return _json({"error": ApiError(codes.LIMIT_EXCEEDED, str(exc)).as_dict()}, 413)
+            return json_response({"error": ApiError(codes.LIMIT_EXCEEDED, str(exc)).as_dict()}, 413)
         except ApiError as exc:
-            return _json({"error": exc.as_dict()})
+            return json_response({"error": exc.as_dict()})
         except Exception:
             log.exception("server API %s failed", method)
-            return _json({"error": ApiError(codes.INTERNAL).as_dict()})
-        return _json(result if method == "batch" else {"result": result})
+            return json_response({"error": ApiError(codes.INTERNAL).as_dict()})
+        return json_response(result if method == "batch" else {"result": result})
 
     return blueprint

@@ -119,11 +119,11 @@ async def serve_centrifuge(
         await _close(send, codes.SHUTDOWN.code, codes.SHUTDOWN.reason)
         return
     first_frame: str | bytes | None = None
-    if not runtime.cutover.channels_served:
+    if not runtime.cutover.centrifuge_served:
         # Only the operator console (its credential in the connect) is served in `legacy`.
         first_frame = await _first_frame(receive, runtime.settings.client_stale_close_delay_seconds)
         if first_frame is None or not _is_console_connect(runtime, first_frame, chosen):
-            await _close(send, codes.CHANNELS_DISABLED.code, codes.CHANNELS_DISABLED.reason)
+            await _close(send, codes.CENTRIFUGE_DISABLED.code, codes.CENTRIFUGE_DISABLED.reason)
             return
     await _run_centrifuge(
         runtime, scope, receive, send, direct, first_frame=first_frame, wire_format=chosen
@@ -204,7 +204,9 @@ async def serve_legacy(
     # Only a socket without any token may be a Centrifuge SDK (its token travels in
     # the connect command); one with a token is a legacy client, which may well stay
     # silent, so it is never kept waiting for a first frame.
-    detect = not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.channels_served
+    detect = (
+        not has_token and cutover.detect_centrifuge_on_legacy_path and cutover.centrifuge_served
+    )
     credentials = NO_CREDENTIALS
     # The Go hub authenticated before looking at the handshake: a 401 before any
     # upgrade gives the browser hook its bounded retries.

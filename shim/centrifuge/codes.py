@@ -81,7 +81,7 @@ BAD_PROTOCOL = DisconnectCode(3501, "bad request")
 STALE = DisconnectCode(3502, "stale")
 FORCE_DISCONNECT = DisconnectCode(3503, "force disconnect")
 # The cutover is in `legacy` mode: channel clients are turned away without retrying.
-CHANNELS_DISABLED = DisconnectCode(3503, "channel protocol disabled")
+CENTRIFUGE_DISABLED = DisconnectCode(3503, "channel protocol disabled")
 # client_user_connection_limit reached at connect.
 CONNECTION_LIMIT = DisconnectCode(3504, "connection limit")
 CHANNEL_LIMIT = DisconnectCode(3505, "channel limit")

@@ -102,6 +102,7 @@ class CentrifugeFanout:
 
     __slots__ = ()
 
+    # The label users see in metrics, logs and the cutover mode: "channels".
     protocol = "channels"
 
     def publish(

@@ -29,7 +29,7 @@ class ClientInfo:
     chan_info: bytes | None = None
 
 
-class LegacyTag:
+class PreEncodedLegacyFrame:
     """What a legacy client needs of an ingested event: its id (to deliver it once
     however many of the client's subscriptions it reaches), its legacy frame as
     UTF-8 bytes (encoded once per event, shared by every channel and client it
@@ -76,7 +76,7 @@ class LegacyTag:
         return (self.event_id, self.frame, self.task_id, self.project_id, self.channels)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, LegacyTag):
+        if not isinstance(other, PreEncodedLegacyFrame):
             return NotImplemented
         return self._key() == other._key()
 
@@ -85,7 +85,7 @@ class LegacyTag:
 
     def __repr__(self) -> str:
         return (
-            f"LegacyTag(event_id={self.event_id!r}, frame={self.frame!r}, "
+            f"PreEncodedLegacyFrame(event_id={self.event_id!r}, frame={self.frame!r}, "
             f"task_id={self.task_id!r}, project_id={self.project_id!r}, "
             f"channels={self.channels!r})"
         )
@@ -103,7 +103,7 @@ class Publication:
     # Unix milliseconds of the publish, 0 when unknown.
     time_ms: int = 0
     # Set for publications made from an ingested event.
-    legacy: LegacyTag | None = None
+    legacy: PreEncodedLegacyFrame | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,15 +17,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 
+# The values are what operators set and read ("channels" names the Centrifuge
+# protocol there); the member names say which protocol is meant.
 class Mode(enum.Enum):
     LEGACY = "legacy"
     DUAL = "dual"
-    CHANNELS = "channels"
+    # Centrifuge only: new legacy connections refused, existing ones drained.
+    CENTRIFUGE = "channels"
 
 
-class Protocol(enum.Enum):
+class ClientProtocol(enum.Enum):
+    """The protocol a user is told to use."""
+
     LEGACY = "legacy"
-    CHANNELS = "channels"
+    CENTRIFUGE = "channels"
 
 
 class CutoverError(ValueError):
@@ -54,23 +59,27 @@ class CutoverState:
     # Bumped on every change; nodes sharing the state apply the newest.
     version: int = 0
 
-    def protocol_for(self, user: str) -> Protocol:
+    def protocol_for(self, user: str) -> ClientProtocol:
         if self.mode is Mode.LEGACY:
-            return Protocol.LEGACY
-        if self.mode is Mode.CHANNELS:
-            return Protocol.CHANNELS
+            return ClientProtocol.LEGACY
+        if self.mode is Mode.CENTRIFUGE:
+            return ClientProtocol.CENTRIFUGE
         if user in self.deny_users:
-            return Protocol.LEGACY
+            return ClientProtocol.LEGACY
         if user in self.allow_users:
-            return Protocol.CHANNELS
-        return Protocol.CHANNELS if user_bucket(user) < self.channels_percent else Protocol.LEGACY
+            return ClientProtocol.CENTRIFUGE
+        return (
+            ClientProtocol.CENTRIFUGE
+            if user_bucket(user) < self.channels_percent
+            else ClientProtocol.LEGACY
+        )
 
     @property
     def legacy_served(self) -> bool:
-        return self.mode is not Mode.CHANNELS
+        return self.mode is not Mode.CENTRIFUGE
 
     @property
-    def channels_served(self) -> bool:
+    def centrifuge_served(self) -> bool:
         return self.mode is not Mode.LEGACY
 
     def as_dict(self) -> dict[str, Any]:

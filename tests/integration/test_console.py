@@ -348,7 +348,7 @@ async def test_console_in_chromium(signing_keys: tuple[str, str], tmp_path: Path
             # tail below needs the Centrifuge endpoint, which legacy mode closes). Never
             # `channels` here: it would drain the legacy clients this test still uses.
             start = runtime.cutover.mode
-            assert start is not Mode.CHANNELS
+            assert start is not Mode.CENTRIFUGE
             await page.wait_text("#cutover-current", f"^{start.value}$")
             other = Mode.LEGACY if start is Mode.DUAL else Mode.DUAL
             for target, percent, allow in ((other, 25, ["alice", "bob"]), (Mode.DUAL, 10, ["al"])):

@@ -382,7 +382,7 @@ async def test_legacy_cutover_mode_turns_fallback_clients_away(
     async with run_server(signing_keys, cutover_mode="legacy", **UNI) as server:
         connect = orjson.dumps({"id": 1, "connect": {"token": server.token("jo")}})
         request = orjson.dumps({"token": server.token("jo")})
-        disabled = codes.CHANNELS_DISABLED
+        disabled = codes.CENTRIFUGE_DISABLED
         for path, body, expected in (
             (
                 HTTP_STREAM_PATH,

@@ -139,9 +139,6 @@ class RedisBroker:
         """Every shard answers a command now."""
         return not self._closed and await self._shards.ping()
 
-    def shard_of(self, channel: str) -> int:
-        return self._shards.index(channel)
-
     async def start(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
         if self._cluster is not None:

@@ -9,13 +9,12 @@ POST /console/api/token trades for the admin key.
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 
-import orjson
 from quart import Blueprint, Response, request
 
 from shim.app.console.overview import overview
+from shim.app.http import json_response, key_matches
 from shim.app.runtime import Runtime
 from shim.core import console_credential
 
@@ -43,11 +42,6 @@ def console_blueprint(runtime: Runtime) -> Blueprint:
     )
     admin_key = runtime.settings.admin_api_key
 
-    def json_response(body: object, status: int = 200) -> Response:
-        response = Response(orjson.dumps(body), status=status, content_type="application/json")
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
     @blueprint.get("")
     @blueprint.get("/")
     async def page() -> Response:
@@ -59,21 +53,21 @@ def console_blueprint(runtime: Runtime) -> Blueprint:
     @blueprint.get("/api/overview")
     async def show_overview() -> Response:
         key = request.headers.get("X-Admin-Key", "")
-        if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
-            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
-        return json_response(await overview(runtime))
+        if not key_matches(key, admin_key):
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401, no_store=True)
+        return json_response(await overview(runtime), no_store=True)
 
     @blueprint.post("/api/token")
     async def console_token() -> Response:
         """A short-lived credential for the live tail's WebSocket (see
         shim.core.console_credential); the admin key itself is no WebSocket login."""
         key = request.headers.get("X-Admin-Key", "")
-        if not key or not hmac.compare_digest(key.encode(), admin_key.encode()):
-            return json_response({"error": "missing or invalid X-Admin-Key"}, 401)
+        if not key_matches(key, admin_key):
+            return json_response({"error": "missing or invalid X-Admin-Key"}, 401, no_store=True)
         token, expires_at = console_credential.mint(
             admin_key, runtime.settings.console_token_ttl_seconds
         )
-        return json_response({"token": token, "expires_at": expires_at})
+        return json_response({"token": token, "expires_at": expires_at}, no_store=True)
 
     @blueprint.after_request
     async def secure(response: Response) -> Response:
