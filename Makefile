@@ -36,6 +36,8 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff check shim legacy adapters tests loadtests
 	$(BIN)/ruff format --check shim legacy adapters tests loadtests
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/vulture
+	$(BIN)/deptry .
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy

@@ -530,10 +530,6 @@ def publication_push(channel: str, pub: Publication) -> bytes:
     return orjson.dumps({"push": {"channel": channel, "pub": publication_dict(pub)}})
 
 
-def encode_publication_push(channel: str, pub: Publication) -> str:
-    return publication_push(channel, pub).decode()
-
-
 def encode_message_push(data: bytes) -> str:
     """An asynchronous message to the client (SDKs emit it as a `message` event)."""
     return _dumps({"push": {"message": {"data": _fragment(data)}}})

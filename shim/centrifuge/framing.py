@@ -63,12 +63,6 @@ def sse_chunk(payload: bytes) -> bytes:
     return b"".join([b"data: " + message + b"\n\n" for message in payload.split(b"\n")])
 
 
-def disconnect_push(code: int, reason: str) -> bytes:
-    """The disconnect push an emulated client reads before its stream ends (it has no
-    close frame to carry the code)."""
-    return orjson.dumps({"push": {"disconnect": {"code": code, "reason": reason}}})
-
-
 def uni_disconnect_push(code: int, reason: str) -> bytes:
     return orjson.dumps({"disconnect": {"code": code, "reason": reason}})
 

@@ -34,7 +34,5 @@ def message_class(name: str) -> Any:
 
 Command = message_class("Command")
 Reply = message_class("Reply")
-Push = message_class("Push")
 Publication = message_class("Publication")
 ClientInfo = message_class("ClientInfo")
-SubscribeResult = message_class("SubscribeResult")

@@ -345,8 +345,3 @@ def install_hypercorn_hooks(*, compression: bool) -> None:
     # The HTTP/1.1 and HTTP/2 protocols build their streams from these names.
     setattr(h11, "WSStream", _PingingWSStream)  # noqa: B010
     setattr(h2, "WSStream", _PingingWSStream)  # noqa: B010
-
-
-def set_websocket_compression(enabled: bool) -> None:
-    """Turn permessage-deflate negotiation on or off (and install the ping hook)."""
-    install_hypercorn_hooks(compression=enabled)

@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from shim.core.config import Settings
-from shim.transport.hypercorn_compat import set_websocket_compression
+from shim.transport.hypercorn_compat import install_hypercorn_hooks
 from tests.conftest import RunningServer, run_server
 from tests.integration.test_protocol_errors import RawClient, connected, raw_client
 
@@ -92,7 +92,7 @@ async def test_permessage_deflate_on_when_enabled(signing_keys: Keys) -> None:
         async with run_server(signing_keys) as server:
             assert await offered_deflate_answer(server) is None
     finally:
-        set_websocket_compression(Settings().websocket_compression)
+        install_hypercorn_hooks(compression=Settings().websocket_compression)
 
 
 # --- ping / pong and stale -----------------------------------------------------------

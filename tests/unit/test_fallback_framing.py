@@ -34,13 +34,7 @@ def test_sse_chunks_hold_one_event_per_message() -> None:
     assert framing.sse_chunk(b'{"a":1}\n{}') == b'data: {"a":1}\n\ndata: {}\n\n'
 
 
-def test_disconnect_pushes() -> None:
-    assert framing.disconnect_push(3001, "shutdown") == (
-        b'{"push":{"disconnect":{"code":3001,"reason":"shutdown"}}}'
-    )
-    assert orjson.loads(framing.disconnect_push(3001, "shutdown")) == orjson.loads(
-        codec.encode_disconnect_push(codes.SHUTDOWN)
-    )
+def test_uni_disconnect_push() -> None:
     assert framing.uni_disconnect_push(3008, "slow") == (
         b'{"disconnect":{"code":3008,"reason":"slow"}}'
     )

@@ -1,8 +1,8 @@
 """Presence aggregated over all nodes, with expiry of entries nobody refreshes.
 
 Each entry expires `presence_ttl_seconds` after it was last added: a node that dies
-stops refreshing and its clients drop out of every read after that. A live node calls
-`refresh_presence` (the same idempotent add) for its clients well within the TTL.
+stops refreshing and its clients drop out of every read after that. A live node
+repeats `add_presence` (idempotent) for its clients well within the TTL.
 """
 
 from __future__ import annotations
@@ -60,10 +60,6 @@ class RedisPresenceManager:
             info.user,
             self._ttl_ms,
         )
-
-    async def refresh_presence(self, channel: str, client_id: str, info: ClientInfo) -> None:
-        """Keep a connected client present; call at most every TTL / 3 or so."""
-        await self.add_presence(channel, client_id, info)
 
     async def remove_presence(self, channel: str, client_id: str, user: str) -> None:
         keys = self._keys(channel)
