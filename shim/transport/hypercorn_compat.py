@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
@@ -39,6 +40,8 @@ from wsproto.events import Event as WSEvent
 from wsproto.events import Ping, Pong
 
 from shim.transport.lean import LeanEvent, LeanQueue
+
+log = logging.getLogger("shim.hypercorn_compat")
 
 SUPPORTED_HYPERCORN = ("0.18.",)
 LIVENESS_EXTENSION = "dex.liveness"
@@ -182,20 +185,44 @@ class _SpentHTTP:
 _SPENT_HTTP = _SpentHTTP()
 
 
+_UNAPPLIED: set[str] = set()
+
+
+def _unapplied(hook: str) -> None:
+    """A memory hook found hypercorn, wsproto or asyncio not as it expects: the socket
+    works, it only keeps what the hook would have dropped. Said once per hook."""
+    if hook not in _UNAPPLIED:
+        _UNAPPLIED.add(hook)
+        log.warning(
+            "memory hook %s cannot apply (hypercorn %s): idle sockets keep more memory",
+            hook,
+            version("hypercorn"),
+        )
+
+
 def _lighten(stream: ws_stream.WSStream, connection: Any, writer: Any) -> None:
     """Drop per-socket state an accepted WebSocket no longer needs: the h11 machine,
     and two empty deques swapped for lists (wsproto's pending events; asyncio's
     drain waiters of the stream, appended, removed and iterated only)."""
-    upgraded = getattr(getattr(stream.send, "__self__", None), "connection", None)
+    protocol_of_stream = getattr(stream.send, "__self__", None)
+    upgraded = getattr(protocol_of_stream, "connection", None)
     if isinstance(upgraded, h11.H11WSConnection):
         upgraded.h11_connection = _SPENT_HTTP  # type: ignore[assignment]
+    elif isinstance(protocol_of_stream, h11.H11Protocol):  # HTTP/2 streams have no h11 machine
+        _unapplied("h11_connection")
     pending = getattr(connection, "_events", None)
-    if isinstance(pending, collections.deque) and not pending:
-        connection._events = _PendingEvents()
+    if isinstance(pending, collections.deque):
+        if not pending:
+            connection._events = _PendingEvents()
+    else:
+        _unapplied("wsproto_events")
     protocol = getattr(writer, "_protocol", None)
     waiters = getattr(protocol, "_drain_waiters", None)
-    if isinstance(waiters, collections.deque) and not waiters:
-        protocol._drain_waiters = []  # type: ignore[union-attr]
+    if isinstance(waiters, collections.deque):
+        if not waiters:
+            protocol._drain_waiters = []  # type: ignore[union-attr]
+    elif writer is not None:
+        _unapplied("drain_waiters")
 
 
 class _NoCompressionHandshake(ws_stream.Handshake):
