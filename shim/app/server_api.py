@@ -220,7 +220,7 @@ class ServerApi:
             if cached is not None:
                 return {"offset": cached.offset, "epoch": cached.epoch}
         node = self.runtime.node
-        if node.publish_allowed((channel,)):
+        if node.over_publish_rate((channel,)) is not None:
             raise ApiError(codes.TOO_MANY_REQUESTS)
         try:
             if skip_history:

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -36,14 +36,16 @@ from shim.centrifuge.codec import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from shim.centrifuge.fanout import CentrifugeFanout, PreparedControl, PreparedPublication
+from shim.centrifuge.errors import Disconnect, Reject
+from shim.centrifuge.fanout import CentrifugeFanout
+from shim.centrifuge.recovery import subscribe_position
+from shim.centrifuge.subscriptions import Subscription, negotiate
 from shim.centrifuge.wire import JSON, WIRES, Wire
 from shim.core import console_credential
 from shim.core.auth import Authenticator, Credentials, TokenError
 from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
-    HistoryResult,
     Publication,
     StreamPosition,
     UnrecoverablePosition,
@@ -76,121 +78,6 @@ _COMMAND_NAMES: dict[type, str] = {
     RPCRequest: "rpc",
     SendRequest: "send",
 }
-
-# SubscribeRequest.flag bit: the client prefers error 112 over recovered=false.
-FLAG_REJECT_UNRECOVERED = 2
-# The one delta format of the protocol.
-DELTA_FOSSIL = "fossil"
-
-
-class Reject(Exception):
-    """A command fails with a reply error."""
-
-    def __init__(self, error: codes.ErrorCode, message: str | None = None) -> None:
-        super().__init__(message or error.message)
-        self.error = error
-        self.message = message
-
-
-class Disconnect(Exception):
-    """A command makes the whole connection close with a disconnect code."""
-
-    def __init__(self, code: codes.DisconnectCode) -> None:
-        super().__init__(code.reason)
-        self.code = code
-
-
-class Subscription:
-    """One channel of one client. Lives in the node's channel table while active."""
-
-    # As the node's Subscriber (delivered by CentrifugeFanout).
-    protocol = CentrifugeFanout.protocol
-
-    __slots__ = (
-        "buffer",
-        "channel",
-        "delta",
-        "delta_last",
-        "epoch",
-        "expires_at",
-        "info",
-        "join_leave",
-        "namespace",
-        "offset",
-        "positioned",
-        "recoverable",
-        "server_side",
-        "session",
-    )
-
-    def __init__(
-        self,
-        session: CentrifugeSession,
-        channel: str,
-        namespace: NamespaceOptions,
-        *,
-        server_side: bool,
-        info: ClientInfo,
-    ) -> None:
-        self.session = session
-        self.channel = channel
-        self.namespace = namespace
-        self.server_side = server_side
-        self.info = info
-        self.positioned = False
-        self.recoverable = False
-        self.join_leave = False
-        self.epoch = ""
-        self.offset = 0
-        self.expires_at = 0.0
-        # Fossil delta negotiated; delta_last is the publication the client holds last.
-        self.delta = False
-        self.delta_last: Publication | None = None
-        # Publications that arrive while the subscribe reply is being prepared; None once live.
-        self.buffer: list[tuple[str, PreparedPublication]] | None = []
-
-    # ChannelSubscriber (called by the node on the publish path: append only).
-
-    def deliver(self, epoch: str, prepared: PreparedPublication) -> None:
-        if self.buffer is not None:
-            self.buffer.append((epoch, prepared))
-            return
-        pub = prepared.pub
-        if self.positioned and pub.offset:
-            if epoch != self.epoch or pub.offset != self.offset + 1:
-                if self.offset == 0 and pub.offset == 1:
-                    # The stream's first publication: an engine makes the stream (and
-                    # its epoch) on the first publish, after we read it empty.
-                    self.epoch = epoch
-                elif epoch == self.epoch and pub.offset <= self.offset:
-                    return  # already delivered (recovery overlap)
-                else:
-                    self.session.lost_position(self)
-                    return
-            self.offset = pub.offset
-        session = self.session
-        if self.delta:
-            push = prepared.delta_push(session.wire, self.delta_last)
-            self.delta_last = pub
-        else:
-            push = prepared.push(session.wire)
-        if not session.outbox.push(push) and session.state is not SessionState.CLOSED:
-            session.close_slow()
-
-    def deliver_control(self, control: PreparedControl) -> None:
-        if self.buffer is None:
-            self.session.enqueue(control.push(self.session.wire))
-
-    def go_live(self, position: StreamPosition) -> None:
-        """Flush what arrived during the subscribe, skipping what the reply already held."""
-        buffered, self.buffer = self.buffer or [], None
-        self.epoch, self.offset = position.epoch, position.offset
-        if self.delta_last is not None:
-            self.session.node.seed_delta_base(self.channel, self.delta_last)
-        for epoch, prepared in buffered:
-            if self.session.state is SessionState.CLOSED:
-                return
-            self.deliver(epoch, prepared)
 
 
 class CentrifugeSession(Session):
@@ -389,38 +276,11 @@ class CentrifugeSession(Session):
         return False
 
     async def _dispatch(self, command_id: int, request: object) -> None:
-        if isinstance(request, ConnectRequest):
-            await self._connect(command_id, request)
-        elif isinstance(request, SubscribeRequest):
-            await self._subscribe(command_id, request)
-        elif isinstance(request, UnsubscribeRequest):
-            sub = self.subscriptions.get(request.channel)
-            if sub is not None and not sub.server_side:
-                self._drop_subscription(sub)
-            self.enqueue(self.wire.encode_reply(command_id, "unsubscribe", {}))
-        elif isinstance(request, PublishRequest):
-            await self._publish(command_id, request)
-        elif isinstance(request, HistoryRequest):
-            await self._history(command_id, request)
-        elif isinstance(request, PresenceRequest):
-            self._presence_allowed(request.channel)
-            clients = await self.node.presence.presence(request.channel)
-            self.enqueue(self.wire.encode_presence_result(command_id, presence=clients))
-        elif isinstance(request, PresenceStatsRequest):
-            self._presence_allowed(request.channel)
-            stats = await self.node.presence.presence_stats(request.channel)
-            self.enqueue(self.wire.encode_presence_stats_result(command_id, stats=stats))
-        elif isinstance(request, RefreshRequest):
-            self._refresh(command_id, request)
-        elif isinstance(request, SubRefreshRequest):
-            self._sub_refresh(command_id, request)
-        elif isinstance(request, RPCRequest):
-            self._rpc(command_id, request)
-        elif isinstance(request, SendRequest):
-            return  # fire-and-forget messages have no handler here; ignored as Go would without one
-        else:
+        handler = _HANDLERS.get(type(request))
+        if handler is None:
             # The ping command is not part of protocol v2 usage.
             raise Reject(codes.NOT_AVAILABLE)
+        await handler(self, command_id, request)
 
     # -- connect -----------------------------------------------------------------
 
@@ -619,24 +479,13 @@ class CentrifugeSession(Session):
             chan_info=chan_info,
         )
         sub = Subscription(self, channel, namespace, server_side=server_side, info=info)
-        history = namespace.history_enabled
-        sub.recoverable = history and (
-            namespace.force_recovery or bool(request and request.recoverable)
-        )
-        sub.positioned = history and (
-            sub.recoverable or namespace.force_positioning or bool(request and request.positioned)
-        )
-        sub.join_leave = namespace.join_leave and (
-            namespace.force_push_join_leave or bool(request and request.join_leave)
-        )
-        if request is not None and request.delta:
-            if request.delta != DELTA_FOSSIL:
-                raise Disconnect(codes.BAD_PROTOCOL)  # as Go: unknown delta type
-            sub.delta = DELTA_FOSSIL in namespace.allowed_delta_types
+        negotiate(sub, namespace, request)
         self.subscriptions[channel] = sub
         try:
             await self.node.attach(channel, sub)
-            result, position = await self._position(sub, request)
+            result, position = await subscribe_position(
+                self.node.broker, self.node.publish_options(channel), sub, request
+            )
         except BaseException:
             self._drop_subscription(sub)
             raise
@@ -646,54 +495,6 @@ class CentrifugeSession(Session):
             # The reply carries them as a delta chain; the client holds the last.
             sub.delta_last = recovered[-1] if recovered else None
         return sub, result, position
-
-    async def _position(
-        self, sub: Subscription, request: SubscribeRequest | None
-    ) -> tuple[dict[str, Any], StreamPosition]:
-        result: dict[str, Any] = {}
-        if not sub.positioned:
-            return result, StreamPosition(0, "")
-        broker = self.node.broker
-        options = self.node.publish_options(sub.channel)
-        result["positioned"] = True
-        if sub.recoverable:
-            result["recoverable"] = True
-        recovering = bool(sub.recoverable and request is not None and request.recover)
-        if not recovering:
-            current = (await broker.history(sub.channel, limit=0, options=options)).position
-            result["epoch"], result["offset"] = current.epoch, current.offset
-            return result, current
-
-        assert request is not None
-        result["was_recovering"] = True
-        since = StreamPosition(request.offset, request.epoch)
-        history: HistoryResult | None
-        try:
-            history = await broker.history(sub.channel, since=since, limit=-1, options=options)
-        except UnrecoverablePosition:
-            history = None
-        recovered = False
-        if history is not None:
-            pubs, stream_top = history.publications, history.position.offset
-            if pubs:
-                recovered = pubs[0].offset == since.offset + 1 and pubs[-1].offset == stream_top
-            else:
-                recovered = stream_top == since.offset
-        if not recovered:
-            if request.flag & FLAG_REJECT_UNRECOVERED:
-                raise Reject(codes.UNRECOVERABLE_POSITION)
-            if history is None:
-                history = await broker.history(sub.channel, limit=0, options=options)
-            current = history.position
-            result["epoch"], result["offset"] = current.epoch, current.offset
-            return result, current
-        assert history is not None
-        result["recovered"] = True
-        result["epoch"] = history.position.epoch
-        result["offset"] = since.offset
-        if history.publications:
-            result["publications"] = history.publications
-        return result, history.position
 
     # -- server API ------------------------------------------------------------------
 
@@ -772,6 +573,25 @@ class CentrifugeSession(Session):
 
     # -- other commands -----------------------------------------------------------
 
+    async def _unsubscribe(self, command_id: int, request: UnsubscribeRequest) -> None:
+        sub = self.subscriptions.get(request.channel)
+        if sub is not None and not sub.server_side:
+            self._drop_subscription(sub)
+        self.enqueue(self.wire.encode_reply(command_id, "unsubscribe", {}))
+
+    async def _presence(self, command_id: int, request: PresenceRequest) -> None:
+        self._presence_allowed(request.channel)
+        clients = await self.node.presence.presence(request.channel)
+        self.enqueue(self.wire.encode_presence_result(command_id, presence=clients))
+
+    async def _presence_stats(self, command_id: int, request: PresenceStatsRequest) -> None:
+        self._presence_allowed(request.channel)
+        stats = await self.node.presence.presence_stats(request.channel)
+        self.enqueue(self.wire.encode_presence_stats_result(command_id, stats=stats))
+
+    async def _send_message(self, command_id: int, request: SendRequest) -> None:
+        """Fire-and-forget messages have no handler here: ignored, as Go does without one."""
+
     async def _publish(self, command_id: int, request: PublishRequest) -> None:
         namespace = self._check_channel(request.channel)
         subscribed = request.channel in self.subscriptions
@@ -782,7 +602,7 @@ class CentrifugeSession(Session):
             raise Reject(codes.PERMISSION_DENIED)
         if request.data is None:
             raise Reject(codes.BAD_REQUEST, "publish needs data")
-        if self.node.publish_allowed((request.channel,)):
+        if self.node.over_publish_rate((request.channel,)) is not None:
             raise Reject(codes.TOO_MANY_REQUESTS)
         if self.wire.binary and not _is_json(request.data):
             # Publications reach JSON clients too, which embed the data verbatim.
@@ -828,7 +648,7 @@ class CentrifugeSession(Session):
         if not (namespace.allow_presence_for_subscriber and channel in self.subscriptions):
             raise Reject(codes.PERMISSION_DENIED)
 
-    def _refresh(self, command_id: int, request: RefreshRequest) -> None:
+    async def _refresh(self, command_id: int, request: RefreshRequest) -> None:
         assert self.credentials is not None
         if not request.token:
             raise Disconnect(codes.BAD_PROTOCOL)
@@ -863,7 +683,7 @@ class CentrifugeSession(Session):
         ttl = max(1, int(self.expires_at - time.time()))
         self.enqueue(self.wire.encode_refresh_result(command_id, expires=True, ttl=ttl))
 
-    def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
+    async def _sub_refresh(self, command_id: int, request: SubRefreshRequest) -> None:
         assert self.credentials is not None
         if not request.token:
             raise Reject(codes.BAD_REQUEST)
@@ -890,7 +710,7 @@ class CentrifugeSession(Session):
         else:
             self.enqueue(self.wire.encode_sub_refresh_result(command_id, expires=False, ttl=0))
 
-    def _rpc(self, command_id: int, request: RPCRequest) -> None:
+    async def _rpc(self, command_id: int, request: RPCRequest) -> None:
         if request.method == "ping":
             # Latency check used by the product's UI every 30 s.
             self.enqueue(self.wire.encode_rpc_result(command_id, data=b'{"pong":true}'))
@@ -949,6 +769,23 @@ def _cutover_push_of(wire_index: int, version: int) -> bytes:
     """Encoded once per wire and flag version, however many clients hear of it."""
     data = orjson.dumps({"cutover_version": version})
     return WIRES[wire_index].encode_message_push(data)
+
+
+# Each command's handler: (session, command id, request) -> reply enqueued, or Reject /
+# Disconnect raised.
+_HANDLERS: dict[type, Callable[[CentrifugeSession, int, Any], Awaitable[None]]] = {
+    ConnectRequest: CentrifugeSession._connect,
+    SubscribeRequest: CentrifugeSession._subscribe,
+    UnsubscribeRequest: CentrifugeSession._unsubscribe,
+    PublishRequest: CentrifugeSession._publish,
+    HistoryRequest: CentrifugeSession._history,
+    PresenceRequest: CentrifugeSession._presence,
+    PresenceStatsRequest: CentrifugeSession._presence_stats,
+    RefreshRequest: CentrifugeSession._refresh,
+    SubRefreshRequest: CentrifugeSession._sub_refresh,
+    RPCRequest: CentrifugeSession._rpc,
+    SendRequest: CentrifugeSession._send_message,
+}
 
 
 def _is_json(data: bytes) -> bool:

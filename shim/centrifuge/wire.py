@@ -148,6 +148,9 @@ def _json_delta_pub(pub: Publication, patch: bytes | None) -> dict[str, Any] | N
 class _CodecWire:
     """What only encodes, delegated to the codec module; results as message bytes."""
 
+    # Its place in WIRES, set there.
+    index: int
+
     def __init__(self, module: Any, as_bytes: Callable[[Any], bytes]) -> None:
         self._codec = module
         self._bytes = as_bytes
@@ -208,7 +211,6 @@ def _same(message: bytes) -> bytes:
 
 class JsonWire(_CodecWire):
     name = "json"
-    index = 0
     binary = False
     ping = codec.PING.encode()
 
@@ -273,7 +275,6 @@ def _pb_subscribe_result(result: Mapping[str, Any]) -> dict[str, Any]:
 
 class ProtobufWire(_CodecWire):
     name = "protobuf"
-    index = 1
     binary = True
     ping = pbcodec.PING
 
@@ -303,7 +304,10 @@ class ProtobufWire(_CodecWire):
 
 JSON = JsonWire()
 PROTOBUF = ProtobufWire()
+# Every wire, each at its own `index` (per-publication caches keep one slot per wire).
 WIRES: tuple[Wire, ...] = (JSON, PROTOBUF)
+for _index, _wire in enumerate(WIRES):
+    _wire.index = _index
 
 
 def select(query_string: bytes, subprotocols: Sequence[str]) -> tuple[Wire, str | None]:

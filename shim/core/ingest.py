@@ -154,8 +154,8 @@ class Ingestor:
                 self._unknown_types_logged.add(event.type)
                 log.warning("unknown event type %r routed to the default channel", event.type)
             if limited:
-                over = node.publish_allowed(route.channels)
-                if over:
+                over = node.over_publish_rate(route.channels)
+                if over is not None:
                     routes.append(over)
                     continue
             tag = PreEncodedLegacyFrame(

@@ -81,11 +81,11 @@ class ChannelRates:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, channels: Iterable[str], now: float) -> str:
-        """Take one token from every channel's bucket, or none: "" when allowed, else
+    def take(self, channels: Iterable[str], now: float) -> str | None:
+        """Take one token from every channel's bucket, or none: None when taken, else
         the first channel over its limit (nothing is taken then)."""
         if self.rate <= 0:
-            return ""
+            return None
         wanted = [c for c in dict.fromkeys(channels) if c not in self.exempt]
         levels = []
         for channel in wanted:
@@ -97,7 +97,7 @@ class ChannelRates:
             self._buckets.pop(channel, None)
             self._buckets[channel] = (tokens - 1.0, now)
         self._prune(now)
-        return ""
+        return None
 
     def _level(self, channel: str, now: float) -> float:
         entry = self._buckets.get(channel)

@@ -248,13 +248,13 @@ class Node:
         else:
             self.user_connections.pop(user, None)
 
-    def publish_allowed(self, channels: Iterable[str]) -> str:
-        """Take a publication from each channel's rate budget: "" when allowed, else
-        the channel over channel_publish_rate_limit (nothing taken then)."""
+    def over_publish_rate(self, channels: Iterable[str]) -> str | None:
+        """Take a publication from each channel's rate budget: None when taken, else
+        the first channel over channel_publish_rate_limit (nothing taken then)."""
         if not self.publish_rates.enabled:
-            return ""
-        over = self.publish_rates.allow(channels, time.monotonic())
-        if over:
+            return None
+        over = self.publish_rates.take(channels, time.monotonic())
+        if over is not None:
             self.counters.refused("channel_publish_rate")
         return over
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shim.core.close_codes import WS_MESSAGE_TOO_BIG
 from shim.core.outbox import Outbox
 from shim.core.wsframe import binary_frame_header, text_frame_header
+from shim.transport import sockets
 from shim.transport.hypercorn_compat import CLOSE_REQUESTED, DirectWrite
 from shim.transport.lean import LeanQueue
 
@@ -38,9 +37,6 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 CLOSE_LINGER_SECONDS = 0.3
 # How often a closing connection looks whether its close frame has left our buffer.
 DRAIN_POLL_SECONDS = 0.02
-# SO_LINGER on, zero seconds: close() resets the connection and frees the kernel's
-# send queue at once (a peer with a zero window would otherwise hold it for minutes).
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SocketPump:
@@ -73,15 +69,7 @@ class SocketPump:
     def abort(self, *, reset: bool = False) -> None:
         """Drop the connection at once, the bytes still in our buffer included. With
         `reset`, the kernel's unsent bytes too (RST instead of FIN)."""
-        transport = self.direct.transport
-        if transport is None:
-            return
-        if reset:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+        sockets.drop(self.direct.transport, reset=reset)
 
     async def _close_frame_flushed(self, timeout: float) -> bool:
         """Whether everything written, the close frame last, left our buffer for the
@@ -155,7 +143,7 @@ class SocketPump:
                 await outbox.flushed(flush_timeout)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + flush_timeout
-            await _bounded(
+            await sockets.within(
                 self._send(
                     {
                         "type": "websocket.close",
@@ -176,7 +164,7 @@ class SocketPump:
                 # never got there takes the kernel's queue with it.
                 self.abort(reset=not flushed)
                 return
-            await _bounded(_until_disconnect(receive), CLOSE_HANDSHAKE_TIMEOUT)
+            await sockets.within(_until_disconnect(receive), CLOSE_HANDSHAKE_TIMEOUT)
         finally:
             outbox.close(discard=True)
 
@@ -219,12 +207,6 @@ def frame_size(frame: str | bytes) -> int:
     if isinstance(frame, bytes) or frame.isascii():
         return len(frame)
     return len(frame.encode())
-
-
-async def _bounded(awaitable: Awaitable[None], timeout: float) -> None:
-    with contextlib.suppress(TimeoutError, Exception):
-        async with asyncio.timeout(timeout):
-            await awaitable
 
 
 async def reject_http(send: ASGISend, status: int, body: bytes, content_type: bytes) -> None:

@@ -11,15 +11,12 @@ connection dropped at once, so a stalled peer never holds a socket or a task.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from shim.core import close_codes
 from shim.core.outbox import Outbox
+from shim.transport import sockets
 from shim.transport.edge import DIRECT_WRITE_HIGH_WATER, ASGIReceive, ASGISend
 from shim.transport.hypercorn_compat import (
     CLOSE_REQUESTED,
@@ -29,9 +26,6 @@ from shim.transport.hypercorn_compat import (
     HttpWiring,
 )
 from shim.transport.lean import LeanQueue
-
-# SO_LINGER on, zero seconds: close() resets the connection (see SocketPump.abort).
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 Frame = Callable[[bytes], bytes]
 FinalMessage = Callable[[int, str], bytes]
@@ -103,14 +97,7 @@ class StreamPump:
     def abort(self) -> None:
         """Drop the TCP connection at once with a reset: our unsent bytes and the
         kernel's go with it (a peer with a zero window would hold those for minutes)."""
-        transport = self._wiring.transport() if self._wiring is not None else None
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+        sockets.drop(self._wiring.transport() if self._wiring is not None else None, reset=True)
 
     # Writes.
 
@@ -171,15 +158,9 @@ class StreamPump:
             if outbox.size or outbox.write_started:
                 self.abort()  # the queue did not go out in time
                 return
-            if not await _within(self.end(self.close_code, self.close_reason), flush_timeout):
+            if not await sockets.within(
+                self.end(self.close_code, self.close_reason), flush_timeout
+            ):
                 self.abort()
         finally:
             outbox.close(discard=True)
-
-
-async def _within(awaitable: Awaitable[None], timeout: float) -> bool:
-    with contextlib.suppress(TimeoutError, Exception):
-        async with asyncio.timeout(timeout):
-            await awaitable
-            return True
-    return False

@@ -190,7 +190,8 @@ async def test_a_node_that_stops_refreshing_drops_out_of_presence(server: RedisS
 
         for _ in range(6):
             await asyncio.sleep(0.25)
-            await alive.presence.refresh_presence(channel, "c-2", live)
+            # What a live node does for its clients: the idempotent add, again.
+            await alive.presence.add_presence(channel, "c-2", live)
 
         assert await alive.presence.presence(channel) == {"c-2": live}
         assert await dying.presence.presence_stats(channel) == PresenceStats(1, 1)

@@ -23,32 +23,32 @@ def test_token_bucket_debt_is_paid_back_by_waiting() -> None:
 
 def test_channel_rates_take_from_every_channel_or_none() -> None:
     rates = ChannelRates(rate=1.0, burst=2, exempt=("global",))
-    assert rates.allow(["a", "global"], 0.0) == ""
-    assert rates.allow(["a", "b"], 0.0) == ""
+    assert rates.take(["a", "global"], 0.0) is None
+    assert rates.take(["a", "b"], 0.0) is None
     # `a` is empty now: the item is refused and `b` keeps its token.
-    assert rates.allow(["b", "a"], 0.0) == "a"
-    assert rates.allow(["b"], 0.0) == ""
-    assert rates.allow(["b"], 0.0) == "b"
-    assert rates.allow(["global"] * 10, 0.0) == ""
-    assert rates.allow(["a"], 1.0) == ""
+    assert rates.take(["b", "a"], 0.0) == "a"
+    assert rates.take(["b"], 0.0) is None
+    assert rates.take(["b"], 0.0) == "b"
+    assert rates.take(["global"] * 10, 0.0) is None
+    assert rates.take(["a"], 1.0) is None
 
 
 def test_channel_rates_forget_refilled_channels_and_stay_bounded() -> None:
     rates = ChannelRates(rate=1.0, burst=2, max_channels=50)
     for n in range(40):
-        rates.allow([f"c{n}"], 0.0)
+        rates.take([f"c{n}"], 0.0)
     assert len(rates) == 40
     # Two seconds later every bucket is full again: they go as new ones come.
     for n in range(40):
-        rates.allow([f"d{n}"], 2.0 + n)
+        rates.take([f"d{n}"], 2.0 + n)
     assert len(rates) <= 3
     for n in range(1000):
-        rates.allow([f"e{n}"], 100.0)
+        rates.take([f"e{n}"], 100.0)
     assert len(rates) == 50
 
 
 def test_channel_rates_off_at_zero() -> None:
     rates = ChannelRates(rate=0.0, burst=1)
     assert not rates.enabled
-    assert all(rates.allow(["x"], 0.0) == "" for _ in range(100))
+    assert all(rates.take(["x"], 0.0) is None for _ in range(100))
     assert len(rates) == 0
