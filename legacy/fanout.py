@@ -1,5 +1,5 @@
 """The node's Fanout for legacy sessions: each event's frame was encoded once at
-ingest (the publication's PreEncodedLegacyFrame); this hands that same frame to every local
+ingest (the publication's LegacyFrame); this hands that same frame to every local
 legacy session, and tells position-aware (kit) sessions where the stream stands."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from shim.core.broker import ClientInfo, PreEncodedLegacyFrame, Publication, StreamPosition
+from shim.core.broker import ClientInfo, LegacyFrame, Publication, StreamPosition
 
 
 class LegacySubscriber(Protocol):
     """A legacy client; it may reach one event through several channels."""
 
-    def deliver_legacy(self, tag: PreEncodedLegacyFrame) -> None: ...
+    def deliver_legacy(self, tag: LegacyFrame) -> None: ...
 
     def stream_moved(self, channel: str, position: StreamPosition, *, missed: bool = False) -> None:
         """The channel's stream did not continue from the last event delivered (a

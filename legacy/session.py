@@ -40,7 +40,7 @@ from legacy.fanout import LegacyFanout
 from legacy.reads import LegacyReads
 from legacy.wire import encode_go_json
 from shim.core import close_codes
-from shim.core.broker import PreEncodedLegacyFrame, StreamPosition
+from shim.core.broker import LegacyFrame, StreamPosition
 from shim.core.events import now_timestamp
 from shim.core.limits import TokenBucket, Verdict
 from shim.core.node import Node
@@ -212,7 +212,7 @@ class LegacySession(Session):
         # None when the user may read every shared channel: nothing to authorize.
         self._reads = reads
         # Events waiting for the HTTP policy's answer, oldest first, and their task.
-        self._held: collections.deque[PreEncodedLegacyFrame] | None = None
+        self._held: collections.deque[LegacyFrame] | None = None
         self._held_bytes = 0
         self._resolver: asyncio.Task[None] | None = None
         # Allocated only while the client holds several channels without `*`.
@@ -410,7 +410,7 @@ class LegacySession(Session):
 
     # -- delivery (publish path: append only) -----------------------------------------
 
-    def deliver_legacy(self, tag: PreEncodedLegacyFrame) -> None:
+    def deliver_legacy(self, tag: LegacyFrame) -> None:
         if self._strict:
             if not self._matches_strictly(tag):
                 return
@@ -427,7 +427,7 @@ class LegacySession(Session):
         if not self.outbox.push(frame):
             self.close_slow()
 
-    def _deliver_readable(self, tag: PreEncodedLegacyFrame) -> None:
+    def _deliver_readable(self, tag: LegacyFrame) -> None:
         """Pass the event on if the user may read one of its channels; hold it (and
         everything after it) while the policy is asked."""
         if self._held is not None:
@@ -445,7 +445,7 @@ class LegacySession(Session):
         else:
             self.stats.unreadable_events += 1
 
-    def _hold(self, tag: PreEncodedLegacyFrame) -> None:
+    def _hold(self, tag: LegacyFrame) -> None:
         assert self._held is not None
         self._held.append(tag)
         self._held_bytes += len(tag.frame)
@@ -512,7 +512,7 @@ class LegacySession(Session):
         """How many event ids the session holds for de-duplication."""
         return 0 if self._seen is None else len(self._seen)
 
-    def _matches_strictly(self, tag: PreEncodedLegacyFrame) -> bool:
+    def _matches_strictly(self, tag: LegacyFrame) -> bool:
         subscriptions = self.subscriptions
         return (
             WILDCARD in subscriptions

@@ -29,12 +29,12 @@ class ClientInfo:
     chan_info: bytes | None = None
 
 
-class PreEncodedLegacyFrame:
-    """What a legacy client needs of an ingested event: its id (to deliver it once
-    however many of the client's subscriptions it reaches), its legacy frame as
-    UTF-8 bytes (encoded once per event, shared by every channel and client it
-    reaches), the top-level routing fields the old hub matched on, and where it
-    was routed.
+class LegacyFrame:
+    """An ingested event's legacy hub frame as UTF-8 bytes, encoded once per event and
+    carried with each of its publications, so every channel and client it reaches
+    shares it; beside it what a legacy client needs: the event id (to deliver it once
+    however many of the client's subscriptions it reaches), the top-level routing
+    fields the old hub matched on, and where it was routed.
 
     `frame` may be given as a function making it: it is then encoded on first read
     (a legacy subscriber, another node's engine wire), and never when no legacy
@@ -76,7 +76,7 @@ class PreEncodedLegacyFrame:
         return (self.event_id, self.frame, self.task_id, self.project_id, self.channels)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PreEncodedLegacyFrame):
+        if not isinstance(other, LegacyFrame):
             return NotImplemented
         return self._key() == other._key()
 
@@ -85,7 +85,7 @@ class PreEncodedLegacyFrame:
 
     def __repr__(self) -> str:
         return (
-            f"PreEncodedLegacyFrame(event_id={self.event_id!r}, frame={self.frame!r}, "
+            f"LegacyFrame(event_id={self.event_id!r}, frame={self.frame!r}, "
             f"task_id={self.task_id!r}, project_id={self.project_id!r}, "
             f"channels={self.channels!r})"
         )
@@ -103,7 +103,7 @@ class Publication:
     # Unix milliseconds of the publish, 0 when unknown.
     time_ms: int = 0
     # Set for publications made from an ingested event.
-    legacy: PreEncodedLegacyFrame | None = None
+    legacy: LegacyFrame | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shim.core.broadcast import Accepted, ParsedItem, channel_data, with_tool_use_id
-from shim.core.broker import BrokerUnavailable, Fence, PreEncodedLegacyFrame, StreamPosition, Superseded
+from shim.core.broker import BrokerUnavailable, Fence, LegacyFrame, StreamPosition, Superseded
 from shim.core.events import Event, new_event_id, now_timestamp
 from shim.core.limits import Pacer
 from shim.core.node import Node
@@ -72,8 +72,8 @@ class IngestStats:
 
 
 # An event's legacy hub frame (legacy.wire.encode_legacy_frame), injected by the
-# composition root: made here once per event and carried with every publication of
-# it, so no node or client encodes it again.
+# composition root: made at most once per event (on first read) and carried with
+# every publication of it, so no node or client encodes it again.
 LegacyFrameEncoder = Callable[[Event], str]
 
 
@@ -142,7 +142,7 @@ class Ingestor:
         event whether every one of its channels stored it. An event whose channel is
         over channel_publish_rate_limit is refused on its own; the others go on.
         `fences`: one per event (every channel of an event gets its fence), or none."""
-        batch: list[tuple[str, bytes, PreEncodedLegacyFrame | None]] = []
+        batch: list[tuple[str, bytes, LegacyFrame | None]] = []
         channel_fences: list[Fence | None] = []
         routes: list[Route | str] = []
         route_event = self.router.route
@@ -158,7 +158,7 @@ class Ingestor:
                 if over is not None:
                     routes.append(over)
                     continue
-            tag = PreEncodedLegacyFrame(
+            tag = LegacyFrame(
                 event.id,
                 # Encoded when first read: not at all while no legacy client sees it.
                 functools.partial(_frame_bytes, self.legacy_frame, event),

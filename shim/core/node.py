@@ -24,7 +24,7 @@ from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
     Fence,
-    PreEncodedLegacyFrame,
+    LegacyFrame,
     PresenceManager,
     Publication,
     PublishOptions,
@@ -365,7 +365,7 @@ class Node:
         data: bytes,
         *,
         info: ClientInfo | None = None,
-        legacy: PreEncodedLegacyFrame | None = None,
+        legacy: LegacyFrame | None = None,
     ) -> StreamPosition:
         pub = Publication(data=data, info=info, time_ms=time.time_ns() // 1_000_000, legacy=legacy)
         try:
@@ -376,7 +376,7 @@ class Node:
 
     async def publish_many(
         self,
-        items: Sequence[tuple[str, bytes, PreEncodedLegacyFrame | None]],
+        items: Sequence[tuple[str, bytes, LegacyFrame | None]],
         fences: Sequence[Fence | None] = (),
     ) -> list[StreamPosition | Superseded | BrokerUnavailable]:
         """Publish (channel, data, legacy tag) items in order, in as few round trips as

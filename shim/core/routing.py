@@ -131,7 +131,6 @@ class Router:
 
     __slots__ = (
         "_audience",
-        "_default_channel",
         "_exact",
         "_fanout",
         "_global_channel",
@@ -149,7 +148,6 @@ class Router:
         audience: ChannelAudience | None = None,
         personal_fanout: bool = False,
     ) -> None:
-        self._default_channel = default_channel
         self._global_channel = global_channel
         # None: only `#` names are kept off the global channel.
         self._audience = audience

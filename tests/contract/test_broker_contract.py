@@ -12,7 +12,7 @@ from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
     Fence,
-    PreEncodedLegacyFrame,
+    LegacyFrame,
     Publication,
     PublishOptions,
     StreamPosition,
@@ -408,9 +408,7 @@ async def test_delivery_only_while_subscribed(
     assert engine.handler.publications_of(channel) == []
 
     await engine.broker.subscribe(channel)
-    legacy = PreEncodedLegacyFrame(
-        event_id="e-2", frame=b'{"type":"x"}', task_id="t", project_id="p"
-    )
+    legacy = LegacyFrame(event_id="e-2", frame=b'{"type":"x"}', task_id="t", project_id="p")
     sent = Publication(
         data=b'{"n":2}', info=ClientInfo(user="u", client="c"), time_ms=5, legacy=legacy
     )

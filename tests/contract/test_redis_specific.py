@@ -35,7 +35,7 @@ from adapters.brokers.redis.wire import (
 from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
-    PreEncodedLegacyFrame,
+    LegacyFrame,
     PresenceStats,
     Publication,
     PublishOptions,
@@ -116,7 +116,7 @@ async def test_a_publication_through_one_node_reaches_the_other(
     channel = new_channel()
     await b.broker.subscribe(channel)
     info = ClientInfo(user="42", client="c-1", conn_info=b'{"a":1}', chan_info=b"[]")
-    legacy = PreEncodedLegacyFrame(
+    legacy = LegacyFrame(
         event_id="e-1", frame=b'{"type":"task.updated"}', task_id="t", project_id="p"
     )
     sent = Publication(data=b'{"n":1}', info=info, time_ms=1_700_000_000_123, legacy=legacy)
@@ -338,7 +338,7 @@ FULL = Publication(
     data=b'{"x":1}',
     info=ClientInfo("42", "c-1", conn_info=b'{"a":1}', chan_info=None),
     time_ms=5,
-    legacy=PreEncodedLegacyFrame("e-1", b'{"type":"t"}', task_id="t1"),
+    legacy=LegacyFrame("e-1", b'{"type":"t"}', task_id="t1"),
 )
 FULL_BODY = (
     b'{"t":5,"u":"42","c":"c-1","ci":7,"ev":"e-1","fr":12,"tk":"t1"}\n{"a":1}{"type":"t"}{"x":1}'
@@ -352,7 +352,7 @@ def test_body_vectors() -> None:
 
 
 def test_routed_channels_travel_with_the_legacy_tag() -> None:
-    tag = PreEncodedLegacyFrame("e-2", b'{"type":"a"}', channels=("user:bob", "task:t"))
+    tag = LegacyFrame("e-2", b'{"type":"a"}', channels=("user:bob", "task:t"))
     body = encode_body(Publication(b"{}", legacy=tag))
     assert body == b'{"ev":"e-2","fr":12,"ch":["user:bob","task:t"]}\n{"type":"a"}{}'
     assert decode_body(body).legacy == tag
@@ -408,7 +408,7 @@ def test_malformed_messages_raise_wire_error(raw: bytes) -> None:
 
 optional_bytes = st.none() | st.binary(max_size=20)
 infos = st.builds(ClientInfo, st.text(), st.text(), optional_bytes, optional_bytes)
-tags = st.builds(PreEncodedLegacyFrame, st.text(), st.text().map(str.encode), st.text(), st.text())
+tags = st.builds(LegacyFrame, st.text(), st.text().map(str.encode), st.text(), st.text())
 publications = st.builds(
     Publication,
     st.binary(max_size=50),

@@ -22,7 +22,7 @@ from legacy import session as legacy_session
 from legacy.fanout import LegacyFanout
 from legacy.reads import LegacyReads
 from legacy.session import LegacySession, LegacyStats, RecentEvents
-from shim.core.broker import PreEncodedLegacyFrame, Publication
+from shim.core.broker import LegacyFrame, Publication
 from shim.core.config import Settings
 from shim.core.node import Node
 from shim.core.outbox import Outbox
@@ -97,8 +97,8 @@ def frame(n: int) -> str:
     return f'{{"n":{n}}}'
 
 
-def tag(n: int, **top: str) -> PreEncodedLegacyFrame:
-    return PreEncodedLegacyFrame(event_id=f"event-{n}", frame=frame(n).encode(), **top)
+def tag(n: int, **top: str) -> LegacyFrame:
+    return LegacyFrame(event_id=f"event-{n}", frame=frame(n).encode(), **top)
 
 
 def copy(node: Node, channel: str, n: int) -> None:
@@ -315,7 +315,7 @@ async def test_events_waiting_for_the_policy_are_passed_on_in_order(
     await client.command(action="subscribe_all")
     for n in range(10):
         routed = ("task:ok" if n % 2 == 0 else "task:no", "global")
-        event = PreEncodedLegacyFrame(event_id=f"e-{n}", frame=frame(n).encode(), channels=routed)
+        event = LegacyFrame(event_id=f"e-{n}", frame=frame(n).encode(), channels=routed)
         node.on_publication("global", Publication(data=b"{}", legacy=event), "")
     assert await client.frames() == []  # all held behind the first question
     policy.gate.set()
@@ -335,9 +335,7 @@ async def test_events_held_for_the_policy_count_against_the_queue_cap() -> None:
     await client.command(action="subscribe_all")
     big = b'{"pad":"' + b"x" * 300 + b'"}'
     for n in range(4):
-        event = PreEncodedLegacyFrame(
-            event_id=f"e-{n}", frame=big, channels=("task:wait", "global")
-        )
+        event = LegacyFrame(event_id=f"e-{n}", frame=big, channels=("task:wait", "global"))
         node.on_publication("global", Publication(data=b"{}", legacy=event), "")
     # A client whose events wait for an answer is as slow as one that does not read.
     assert client.transport.closes == [(3008, "slow")]

@@ -28,7 +28,7 @@ from shim.centrifuge.codec import (
 from shim.centrifuge.wire import JSON, PROTOBUF, select
 from shim.core.broker import (
     ClientInfo,
-    PreEncodedLegacyFrame,
+    LegacyFrame,
     PresenceStats,
     Publication,
     StreamPosition,
@@ -223,7 +223,7 @@ def test_message_push_decodes_with_the_sdk_classes() -> None:
 
 
 def test_legacy_routing_ids_travel_as_tags_on_both_wires() -> None:
-    legacy = PreEncodedLegacyFrame(event_id="e1", frame=b"{}", task_id="t9", project_id="p2")
+    legacy = LegacyFrame(event_id="e1", frame=b"{}", task_id="t9", project_id="p2")
     pub = Publication(data=b'{"x":1}', offset=4, legacy=legacy)
     (reply,) = replies(PROTOBUF.publication_push("task:t9", pub))
     assert dict(reply.push.pub.tags) == {"task_id": "t9", "project_id": "p2"}

@@ -8,7 +8,7 @@ A *body* carries one publication without its position:
 "t" time_ms; "u" user and "c" client (present together when the publication has a
 ClientInfo); "ci" / "hi" byte lengths of conn_info / chan_info (absent = None);
 "ev" event_id and "fr" byte length of the UTF-8 legacy frame (present together when
-the publication has a PreEncodedLegacyFrame), "tk" task_id, "pj" project_id, "ch" the routed
+the publication has a LegacyFrame), "tk" task_id, "pj" project_id, "ch" the routed
 channels (a list of strings). The raw segments
 follow in that order and `data` is the rest, so no payload is ever escaped or copied
 into JSON. orjson escapes newlines inside strings, so the first b"\\n" ends the header.
@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from shim.core.broker import ClientInfo, PreEncodedLegacyFrame, Publication
+from shim.core.broker import ClientInfo, LegacyFrame, Publication
 
 
 class WireError(ValueError):
@@ -147,7 +147,7 @@ class _Reader:
             raise WireError("user and client go together")
         return ClientInfo(user, client, self.segment("ci"), self.segment("hi"))
 
-    def legacy(self) -> PreEncodedLegacyFrame | None:
+    def legacy(self) -> LegacyFrame | None:
         event_id = self.text("ev")
         frame = self.segment("fr")
         if event_id is None and frame is None:
@@ -158,7 +158,7 @@ class _Reader:
             frame.decode()  # legacy clients get it as a text frame
         except UnicodeDecodeError as error:
             raise WireError("frame is not UTF-8") from error
-        return PreEncodedLegacyFrame(
+        return LegacyFrame(
             event_id,
             frame,
             self.text("tk", "") or "",
