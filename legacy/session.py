@@ -261,8 +261,10 @@ class LegacySession(Session):
         if command.action == POSITION_ACTION and not self.closed:
             self._positions = True
             global_channel = self.node.settings.global_channel
+            top: StreamPosition | None = None
             if WILDCARD in self.subscriptions:
                 await self._send_starts(self._attached - {global_channel})
+                top = await self._stream_top(global_channel)
                 if self.closed:
                     return
             position = (
@@ -270,7 +272,16 @@ class LegacySession(Session):
                 if global_channel in self._attached and WILDCARD in self.subscriptions
                 else None
             )
-            self._send_position(position)
+            self._send_position(position, top=top)
+
+    async def _stream_top(self, channel: str) -> StreamPosition | None:
+        """The stream's top in the engine (None when it cannot be read): a kit that
+        stays behind it with nothing arriving knows its node stopped getting events."""
+        try:
+            options = self.node.publish_options(channel)
+            return (await self.node.broker.history(channel, limit=0, options=options)).position
+        except Exception:
+            return None
 
     async def _send_starts(self, channels: set[str]) -> None:
         """Where the client's other streams (its personal events) stand, so that a kit
@@ -297,13 +308,19 @@ class LegacySession(Session):
             self._push(notice_frame(POSITION_TYPE, payload))
 
     def _send_position(
-        self, position: StreamPosition | None, channel: str = "", *, missed: bool = False
+        self,
+        position: StreamPosition | None,
+        channel: str = "",
+        *,
+        missed: bool = False,
+        top: StreamPosition | None = None,
     ) -> None:
         """Global channel: every event frame before this notice is at or before
         `position`, every one after it follows on (offset null: unknown yet, ask again
         after an event). Another channel: the next frame is that channel's, at
         `position.offset + 1`. `missed`: events up to `position` since the previous
-        frame never reached this node; the kit recovers them from history."""
+        frame never reached this node; the kit recovers them from history. `top`: the
+        engine's stream top (answers to `position`), for the kit's stall check."""
         payload: dict[str, object] = {
             "channel": channel or self.node.settings.global_channel,
             "offset": None if position is None else position.offset,
@@ -311,6 +328,9 @@ class LegacySession(Session):
         }
         if missed:
             payload["missed"] = True
+        if top is not None:
+            # The answer to `position` also says where the engine's stream stands.
+            payload["top"] = top.offset
         self._push(notice_frame(POSITION_TYPE, payload))
 
     async def _add_authorized(self, names: set[str]) -> None:

@@ -75,7 +75,7 @@ async def test_position_notice_places_legacy_frames_without_changing_them(
         assert start["payload"]["offset"] == 0 and start["payload"]["start"] is True
         first = await global_notice(kit)
         # ...then the global stream: nothing was published yet, the position is not known.
-        assert first == {"channel": "global", "offset": None, "epoch": None}
+        assert first == {"channel": "global", "offset": None, "epoch": None, "top": 0}
         event = {"type": "task.updated", "payload": {"task_id": "t1", "n": 1}, "task_id": "t1"}
         assert (await server.broadcast(event)).status_code == 200
         kit_frames = await frames_until(kit, "task.updated")
@@ -90,6 +90,7 @@ async def test_position_notice_places_legacy_frames_without_changing_them(
             "channel": "global",
             "offset": history.position.offset,
             "epoch": history.position.epoch,
+            "top": history.position.offset,  # the engine's top: this node is not behind
         }
         # A server API publication to global is not a legacy event: the kit client is
         # told the stream moved on, the hook sees nothing.

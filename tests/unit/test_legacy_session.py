@@ -439,7 +439,8 @@ async def test_a_kit_client_is_told_which_offsets_never_reached_the_node(
     published(9, legacy=False)  # nor did 8
     notices = [orjson.loads(f)["payload"] for f in await client.frames() if "shim.position" in f]
     assert notices == [
-        {"channel": "global", "offset": None, "epoch": None},
+        # The answer to `position`: nothing dispatched yet, nothing in the engine.
+        {"channel": "global", "offset": None, "epoch": None, "top": 0},
         {"channel": "global", "offset": 0, "epoch": "E"},  # the first event seen here
         {"channel": "global", "offset": 3, "epoch": "E"},
         {"channel": "global", "offset": 6, "epoch": "E", "missed": True},

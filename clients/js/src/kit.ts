@@ -32,6 +32,9 @@ export interface KitOptions {
   noticeJitterMs?: number;
   /** Ask for the config this often anyway (0: never); the flag notice is the fast path. */
   configPollMs?: number;
+  /** A legacy socket silent this long asks where the stream stands; one that stays
+   *  behind it for two such periods is closed as stalled (0: never). */
+  stallCheckMs?: number;
   /** For tests: a clock in ms. */
   now?: () => number;
 }
@@ -89,6 +92,7 @@ export class RealtimeKit {
     duplicatesDropped: 0,
     holes: 0,
     gaps: 0,
+    stalls: 0,
     skippedOffsets: 0,
     connections: 0,
     peakConnections: 0,
@@ -107,6 +111,7 @@ export class RealtimeKit {
       maxReconnectDelayMs: options.maxReconnectDelayMs ?? 20_000,
       noticeJitterMs: options.noticeJitterMs ?? 5_000,
       configPollMs: options.configPollMs ?? 120_000,
+      stallCheckMs: options.stallCheckMs ?? 15_000,
       now: options.now ?? (() => Date.now()),
     };
     this.socketClass = options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
@@ -181,6 +186,7 @@ export class RealtimeKit {
       duplicatesDropped: 0,
       holes: 0,
       gaps: 0,
+      stalls: 0,
       skippedOffsets: 0,
       reconnects: 0,
       peakConnections: this.counts.connections,
@@ -277,6 +283,7 @@ export class RealtimeKit {
       closed: (code) => source && this.closed(source, code),
       notice: (version) => this.notice(version),
       hole: () => this.counts.holes++,
+      stalled: () => this.counts.stalls++,
       sideReset: (channel) => this.sideLast.delete(channel),
       sideStart: (channel, offset, epoch) => {
         if (!this.sideLast.has(channel)) this.sideLast.set(channel, { offset, epoch });
@@ -288,7 +295,13 @@ export class RealtimeKit {
     if (protocol === 'legacy') {
       const url = `${wsBase}${this.options.legacyPath}?token=${encodeURIComponent(token)}`;
       const globalChannel = this.config?.routing?.global_channel ?? 'global';
-      source = new LegacySource(url, this.socketClass as SocketFactory, hooks, globalChannel);
+      source = new LegacySource(
+        url,
+        this.socketClass as SocketFactory,
+        hooks,
+        globalChannel,
+        this.options.stallCheckMs,
+      );
     } else {
       source = new ChannelSource(
         {

@@ -23,7 +23,12 @@ interface Notice {
   start?: boolean;
   /** The offsets up to `offset` never reached the node: lost, not skipped. */
   missed?: boolean;
+  /** In answers to `position`: the engine's stream top. */
+  top?: number;
 }
+
+/** The close the kit makes on a stalled socket (an application code: 4000-4999). */
+const STALLED: [number, string] = [4000, 'stalled: no events while the stream moved on'];
 
 export const POSITION_TYPE = 'shim.position';
 export const CUTOVER_TYPE = 'shim.cutover';
@@ -45,12 +50,19 @@ export class LegacySource extends Source {
   private ended = false;
   /** Set by a notice naming another channel: where the next frame belongs. */
   private side: { channel: string; offset: number; epoch: string } | null = null;
+  /** The stall check: event frames since the last check, checks found behind. */
+  private framesSinceCheck = 0;
+  private behindChecks = 0;
+  private stallTimer: ReturnType<typeof setInterval> | null = null;
 
+  /** `stallCheckMs`: how long a silent socket waits before it asks where the stream
+   *  stands (0: never). */
   constructor(
     url: string,
     Socket: SocketFactory,
     private readonly hooks: SourceHooks,
     private readonly globalChannel = 'global',
+    stallCheckMs = 0,
   ) {
     super();
     this.socket = new Socket(url);
@@ -61,6 +73,7 @@ export class LegacySource extends Source {
       this.socket.send('{"action":"position"}');
       this.socket.send('{"action":"subscribe_all"}');
       this.socket.send('{"action":"position"}');
+      if (stallCheckMs > 0) this.stallTimer = setInterval(() => this.checkStall(), stallCheckMs);
     };
     this.socket.onmessage = (ev) => this.frame(typeof ev.data === 'string' ? ev.data : String(ev.data));
     this.socket.onclose = (ev) => this.end(ev.code, ev.reason);
@@ -82,6 +95,7 @@ export class LegacySource extends Source {
       this.hooks.notice(Number(message.payload.cutover_version));
       return;
     }
+    this.framesSinceCheck++;
     if (this.side) {
       const { channel, offset, epoch } = this.side;
       this.side = null;
@@ -112,6 +126,7 @@ export class LegacySource extends Source {
       if (!this.ready) this.askAgain = true;
       return;
     }
+    if (at.top !== undefined) this.noteTop(at.top);
     if (!this.ready) {
       // The frames already received are the ones right up to this position.
       this.from = at.offset - this.pending.length + 1;
@@ -136,9 +151,37 @@ export class LegacySource extends Source {
     this.hooks.changed();
   }
 
+  /**
+   * A socket that stays silent while events are published is stalled (its node no
+   * longer gets the stream): after a silent period it asks where the stream stands;
+   * an answer whose engine top is past the last frame, twice with nothing arriving
+   * in between, closes it. The kit reconnects and fills the hole from history.
+   */
+  private checkStall(): void {
+    if (!this.ready || this.ended) return;
+    if (this.framesSinceCheck > 0) {
+      this.framesSinceCheck = 0;
+      this.behindChecks = 0;
+      return;
+    }
+    this.socket.send('{"action":"position"}');
+  }
+
+  private noteTop(top: number): void {
+    if (!this.ready || top <= this.next - 1 || this.framesSinceCheck > 0) {
+      this.behindChecks = 0;
+      return;
+    }
+    if (++this.behindChecks < 2) return;
+    this.hooks.stalled();
+    this.socket.close(STALLED[0], STALLED[1]);
+    this.end(STALLED[0], STALLED[1]);
+  }
+
   private end(code: number, reason: string): void {
     if (this.ended) return;
     this.ended = true;
+    if (this.stallTimer !== null) clearInterval(this.stallTimer);
     this.connected = false;
     this.hooks.sockets(-1);
     this.hooks.closed(code, reason);

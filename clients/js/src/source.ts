@@ -22,6 +22,8 @@ export interface SourceHooks {
   /** Offsets `first`..`last` were found missing inside the stream; the source is
    *  recovering them (the kit counts it). */
   hole(first: number, last: number): void;
+  /** A legacy socket stayed silent while the stream moved on: it is being closed. */
+  stalled(): void;
   /** The server announced a cutover flag change. */
   notice(version: number): void;
   /** A socket opened or closed (for the connection count). */

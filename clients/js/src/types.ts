@@ -73,6 +73,8 @@ export interface KitMetrics {
   holes: number;
   /** Stream positions that neither connection could provide (history gone). */
   gaps: number;
+  /** Legacy sockets closed because they stayed silent while the stream moved on. */
+  stalls: number;
   skippedOffsets: number;
   /** Sockets open now and at most since the last `takeMetrics()`. */
   connections: number;

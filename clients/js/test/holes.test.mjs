@@ -52,7 +52,10 @@ class ScriptedServer {
 
   legacyCommand(ws, command) {
     if (command.action === 'position') {
-      ws.send(JSON.stringify({ type: 'shim.position', timestamp: 't', payload: { channel: 'global', offset: this.top, epoch: EPOCH } }));
+      // Where this socket's frames stand (a stalled node's stay behind), and the top.
+      const offset = ws.dispatched ?? this.top;
+      const payload = { channel: 'global', offset, epoch: EPOCH, top: this.top };
+      ws.send(JSON.stringify({ type: 'shim.position', timestamp: 't', payload }));
     }
   }
 
@@ -86,7 +89,10 @@ class ScriptedServer {
     this.top = Math.max(this.top, offset);
     if (skip) return;
     for (const ws of this.channelSockets) ws.send(JSON.stringify({ push: { channel: 'global', pub: pub(offset) } }));
-    for (const ws of this.legacySockets) ws.send(legacyFrame(offset));
+    for (const ws of this.legacySockets) {
+      ws.send(legacyFrame(offset));
+      ws.dispatched = offset;
+    }
   }
 
   async stop() {
@@ -95,8 +101,9 @@ class ScriptedServer {
   }
 }
 
-async function kitOn(server, protocol) {
+async function kitOn(server, protocol, extra = {}) {
   const kit = new RealtimeKit({
+    ...extra,
     baseUrl: server.url,
     getToken: () => 'tok',
     WebSocket,
@@ -254,6 +261,50 @@ test('offsets a legacy node missed (announced by the server) are recovered from 
     const metrics = kit.metrics();
     assert.equal(metrics.holes, 1);
     assert.equal(metrics.gaps, 0);
+  } finally {
+    kit.stop();
+    await server.stop();
+  }
+});
+
+test('a legacy socket that stays silent while the stream moves on is closed as stalled, and the hole filled', async () => {
+  const server = new ScriptedServer();
+  await server.start();
+  const { kit, got } = await kitOn(server, 'legacy', { stallCheckMs: 40 });
+  try {
+    server.publish(1);
+    await until(() => server.legacySockets.length === 1 && kit.state === 'connected');
+    server.publish(2);
+    await until(() => got.length === 1);
+    const stalled = server.legacySockets[0];
+    server.legacySockets.length = 0; // its node no longer gets the stream
+    for (const offset of [3, 4, 5]) server.publish(offset);
+    await until(() => server.legacySockets.length === 1 && got.length === 4);
+    assert.equal(stalled.readyState, WebSocket.CLOSED, 'the stalled socket was closed');
+    server.publish(6);
+    await until(() => got.includes(6));
+    assert.deepEqual(got, [2, 3, 4, 5, 6]);
+    const metrics = kit.metrics();
+    assert.equal(metrics.stalls, 1);
+    assert.equal(metrics.gaps, 0);
+  } finally {
+    kit.stop();
+    await server.stop();
+  }
+});
+
+test('a quiet stream is not taken for a stalled one', async () => {
+  const server = new ScriptedServer();
+  await server.start();
+  const { kit, got } = await kitOn(server, 'legacy', { stallCheckMs: 20 });
+  try {
+    server.publish(1);
+    await until(() => server.legacySockets.length === 1 && kit.state === 'connected');
+    server.publish(2);
+    await until(() => got.length === 1);
+    await new Promise((resolve) => setTimeout(resolve, 200)); // ten silent checks
+    assert.equal(server.legacySockets.length, 1);
+    assert.equal(kit.metrics().stalls, 0);
   } finally {
     kit.stop();
     await server.stop();

@@ -76,20 +76,21 @@ const commands = {
     return { protocols, switching: switching.slice(0, 3), perUser: Object.fromEntries(users.map(({ name, kit }) => [name, kit.protocol])) };
   },
   metrics() {
-    let switches = 0, gaps = 0, holes = 0, skipped = 0, peak = 0, reconnects = 0, dropped = 0;
+    let switches = 0, gaps = 0, holes = 0, stalls = 0, skipped = 0, peak = 0, reconnects = 0, dropped = 0;
     const switchMs = [];
     for (const { kit } of users) {
       const m = kit.takeMetrics();
       switches += m.switches;
       gaps += m.gaps;
       holes += m.holes;
+      stalls += m.stalls;
       skipped += m.skippedOffsets;
       reconnects += m.reconnects;
       dropped += m.duplicatesDropped;
       peak = Math.max(peak, m.peakConnections);
       switchMs.push(...m.switchMs);
     }
-    return { switches, switchMs, gaps, holes, skipped, peakConnectionsPerUser: peak, reconnects, duplicatesDropped: dropped };
+    return { switches, switchMs, gaps, holes, stalls, skipped, peakConnectionsPerUser: peak, reconnects, duplicatesDropped: dropped };
   },
   check({ upTo }) {
     let lost = 0, duplicated = 0, outOfOrder = 0, behind = 0;
