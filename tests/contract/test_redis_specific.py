@@ -17,7 +17,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.brokers.redis import RedisBroker, RedisPresenceManager, parse_urls, shard_index
+from adapters.brokers.redis import (
+    RedisBroker,
+    RedisPresenceManager,
+    parse_urls,
+    scripts,
+    shard_index,
+)
 from adapters.brokers.redis.keys import channel_keys, fnv1a_64, jump_hash
 from adapters.brokers.redis.wire import (
     PresenceMessage,
@@ -35,6 +41,7 @@ from adapters.brokers.redis.wire import (
 from shim.core.broker import (
     BrokerUnavailable,
     ClientInfo,
+    Fence,
     LegacyFrame,
     PresenceStats,
     Publication,
@@ -230,6 +237,33 @@ async def test_channels_are_spread_over_shards_and_delivered_across_nodes() -> N
             (picked[0], 2),
             (picked[1], 2),
         ]
+
+
+async def test_a_script_loaded_by_another_node_mid_pipeline_loses_no_fenced_publish(
+    server: RedisServer,
+) -> None:
+    """A fresh Redis has no scripts cached. Another node loading the fenced publish
+    script while Redis is still reading our pipeline (stood in for here by a SCRIPT
+    LOAD between our two commands, so it happens every time) must not make our first
+    publish come after our second: behind its fence it would then be refused as
+    already stored, and the event lost."""
+    async with node([server.url]) as a:
+        channel = new_channel("task")
+        fences = [Fence("partition-0", (1, n, 0), 60.0) for n in (1, 2)]
+        first, second = (
+            a.broker._command_for(channel, Publication(b"%d" % n), KEEP, fence)
+            for n, fence in zip((1, 2), fences, strict=True)
+        )
+        shards = a.broker._shards
+        replies = await shards.pipeline(
+            shards.clients[0],
+            [first, ("SCRIPT", "LOAD", scripts.FENCED_PUBLISH.source), second],
+            (scripts.PUBLISH, scripts.FENCED_PUBLISH),
+        )
+
+        history = await a.broker.history(channel, limit=-1, options=KEEP)
+        assert [(p.offset, p.data) for p in history.publications] == [(1, b"1"), (2, b"2")]
+        assert [int(replies[0][0]), int(replies[2][0])] == [1, 2]
 
 
 # -- Redis dying and coming back ------------------------------------------------------

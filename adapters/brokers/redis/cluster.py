@@ -183,6 +183,11 @@ class ClusterShards(Shards):
     def index(self, channel: str) -> int:
         return 0
 
+    def _connection_of(self, command: tuple[Any, ...]) -> object:
+        # A cluster pipeline sends each command to its key's master: the first of a
+        # script per slot is the first on whichever master owns that slot.
+        return key_slot(str(command[3]).encode()) if len(command) > 3 else None
+
     def client(self, channel: str) -> Any:
         return self.cluster
 

@@ -99,9 +99,17 @@ class Shards:
     ) -> list[Any]:
         """Send `commands` in one round trip and return each reply (an error reply
         is returned as its exception). A connection failure raises BrokerUnavailable
-        for the lot. EVALSHA replies of NOSCRIPT (Redis restarted or flushed) are
-        retried, in order, after loading `scripts`: a NOSCRIPT command ran nothing."""
-        replies = await self._pipeline_once(client, commands)
+        for the lot.
+
+        The first EVALSHA of each of `scripts` (per connection the commands go to)
+        is sent as EVAL, which caches the script for the ones after it: a pipeline
+        never finds a script missing part way through. Otherwise, on a Redis that
+        has not cached it yet (a fresh or restarted server), another node loading it
+        while Redis reads our pipeline would make our first commands fail NOSCRIPT
+        and the later ones run: retried, those first ones would come after them, and
+        a fenced publish would be refused as superseded, its event lost. A NOSCRIPT
+        left (SCRIPT FLUSH meanwhile) is retried after loading `scripts`."""
+        replies = await self._pipeline_once(client, self._loading_first(commands, scripts))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in scripts:
@@ -110,6 +118,26 @@ class Shards:
             for index, reply in zip(missing, retried, strict=True):
                 replies[index] = reply
         return replies
+
+    def _loading_first(
+        self, commands: Sequence[tuple[Any, ...]], scripts: Sequence[Script]
+    ) -> list[tuple[Any, ...]]:
+        """`commands` with the first EVALSHA of each script per connection as EVAL."""
+        sources = {script.sha: script.source for script in scripts}
+        loaded: set[tuple[str, object]] = set()
+        sent = []
+        for command in commands:
+            if command[0] == "EVALSHA" and command[1] in sources:
+                first = (command[1], self._connection_of(command))
+                if first not in loaded:
+                    loaded.add(first)
+                    command = ("EVAL", sources[command[1]], *command[2:])
+            sent.append(command)
+        return sent
+
+    def _connection_of(self, command: tuple[Any, ...]) -> object:
+        """What decides the connection a pipelined command goes to: one per pipeline."""
+        return None
 
     async def load_script(self, client: Redis, script: Script) -> None:
         await self.call(client, "SCRIPT", "LOAD", script.source)
