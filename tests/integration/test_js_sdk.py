@@ -143,6 +143,29 @@ async def test_fifty_broadcasts_arrive_in_order(server: RunningServer) -> None:
             assert pub["data"]["timestamp"]
 
 
+async def test_frames_written_together_arrive_in_order(signing_keys: tuple[str, str]) -> None:
+    """Small frames and a write delay put several frames in one write, so Node's `ws`
+    hands the SDK all of them in one task. centrifuge-js 5.7.4 interleaves such
+    frames' replies (a browser gives each message its own task); the driver passes it
+    the kit's joining socket, and every publication arrives once, in order."""
+    async with (
+        run_server(
+            signing_keys, websocket_max_frame_bytes=700, client_write_delay_seconds=0.05
+        ) as server,
+        JsClient(server.ws_url, server.token("alice")) as js,
+    ):
+        await connect(js)
+        await subscribe(js, "task:T")
+        seq = 0
+        for _burst in range(4):
+            batch = [task_event("T", seq + n) for n in range(1, 41)]
+            seq += len(batch)
+            await broadcast_ok(server, batch)
+            await asyncio.sleep(0.2)
+        await wait_until(lambda: len(publications(js, "task:T")) >= seq)
+        assert_contiguous(publications(js, "task:T"), 1, seq)
+
+
 # 3 -----------------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@
 
 import WebSocket from 'ws';
 import { createInterface } from 'node:readline';
+// The client kit's socket wrapper (built by `make kit`): see the websocket option below.
+import { orderedWebSocket } from '../../clients/js/dist/index.js';
 
 // The SDK's debug logger writes through console.*; keep stdout clean for the line protocol.
 for (const level of ['log', 'info', 'debug', 'warn']) {
@@ -126,7 +128,10 @@ async function getConnectionToken() {
 
 const clientOptions = { token: options.token ?? '' };
 // Node 20 has no WebSocket of its own: without the `ws` package the SDK finds none.
-if (options.websocket !== false) clientOptions.websocket = WebSocket;
+// `ws` emits every frame of one TCP read in one task, and centrifuge-js 5.7.4 then
+// interleaves the replies of those frames (a browser gives each message its own task),
+// so the SDK gets them joined, as one message, through the kit's wrapper.
+if (options.websocket !== false) clientOptions.websocket = orderedWebSocket(WebSocket);
 if ((options.transports ?? []).some((t) => t.transport === 'sse')) {
   // Node has no EventSource either; the SDK takes one as an option, as fetch.
   clientOptions.eventsource = (await import('eventsource')).EventSource;
