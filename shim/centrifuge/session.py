@@ -39,6 +39,7 @@ from shim.centrifuge.codec import (
 from shim.centrifuge.errors import Disconnect, Reject
 from shim.centrifuge.fanout import CentrifugeFanout
 from shim.centrifuge.recovery import subscribe_position
+from shim.centrifuge.subscription_table import SubscriptionTable
 from shim.centrifuge.subscriptions import Subscription, negotiate
 from shim.centrifuge.wire import JSON, WIRES, Wire
 from shim.core import console_credential
@@ -117,7 +118,7 @@ class CentrifugeSession(Session):
         self.authorizer = authorizer
         self._client_id = str(uuid.uuid4())
         self.credentials: Credentials | None = None
-        self.subscriptions: dict[str, Subscription] = {}
+        self.subscriptions = SubscriptionTable(node.settings.client_channel_limit)
         self.expires_at = 0.0
         self.next_ping_at = 0.0
         self.next_presence_at = 0.0
@@ -187,13 +188,12 @@ class CentrifugeSession(Session):
     def _release(self) -> None:
         self.node.remove_session(self)
         self._uncount_user()
-        for sub in list(self.subscriptions.values()):
+        for sub in self.subscriptions.all():
             self._drop_subscription(sub)
 
     def _drop_subscription(self, sub: Subscription) -> None:
-        if self.subscriptions.get(sub.channel) is not sub:
+        if not self.subscriptions.remove(sub):
             return
-        del self.subscriptions[sub.channel]
         self.node.detach(sub.channel, sub)
         if sub.namespace.presence or sub.namespace.join_leave:
             task = asyncio.get_running_loop().create_task(self._leave(sub))
@@ -400,10 +400,7 @@ class CentrifugeSession(Session):
         assert self.credentials is not None
         namespace = self._check_channel(request.channel)
         channel = request.channel
-        if channel in self.subscriptions:
-            raise Reject(codes.ALREADY_SUBSCRIBED)
-        if len(self.subscriptions) >= self.node.settings.client_channel_limit:
-            raise Reject(codes.LIMIT_EXCEEDED)
+        self.subscriptions.check_room(channel)
         if request.type:
             raise Reject(codes.NOT_AVAILABLE, "subscription type not supported")
 
@@ -480,7 +477,7 @@ class CentrifugeSession(Session):
         )
         sub = Subscription(self, channel, namespace, server_side=server_side, info=info)
         negotiate(sub, namespace, request)
-        self.subscriptions[channel] = sub
+        self.subscriptions.add(sub)
         try:
             await self.node.attach(channel, sub)
             result, position = await subscribe_position(
@@ -547,7 +544,7 @@ class CentrifugeSession(Session):
         self.next_presence_at = now + self.node.settings.presence_refresh_seconds
         if first:
             return  # entries were just written by the subscribes
-        present = [sub for sub in self.subscriptions.values() if sub.namespace.presence]
+        present = self.subscriptions.with_presence()
         if present:
             task = asyncio.get_running_loop().create_task(self._renew(present))
             task.add_done_callback(_log_failure)
@@ -574,8 +571,8 @@ class CentrifugeSession(Session):
     # -- other commands -----------------------------------------------------------
 
     async def _unsubscribe(self, command_id: int, request: UnsubscribeRequest) -> None:
-        sub = self.subscriptions.get(request.channel)
-        if sub is not None and not sub.server_side:
+        sub = self.subscriptions.client_side(request.channel)
+        if sub is not None:
             self._drop_subscription(sub)
         self.enqueue(self.wire.encode_reply(command_id, "unsubscribe", {}))
 
@@ -737,12 +734,11 @@ class CentrifugeSession(Session):
         if self.expires_at and wall > self.expires_at + grace:
             self.disconnect(codes.CONNECTION_EXPIRED)
             return
-        for sub in list(self.subscriptions.values()):
-            if sub.expires_at and wall > sub.expires_at + grace:
-                if sub.server_side:
-                    self.disconnect(codes.SUBSCRIPTION_EXPIRED)
-                    return
-                self.unsubscribe_server(sub.channel, codes.UNSUBSCRIBE_EXPIRED)
+        for sub in self.subscriptions.expired(wall, grace):
+            if sub.server_side:
+                self.disconnect(codes.SUBSCRIPTION_EXPIRED)
+                return
+            self.unsubscribe_server(sub.channel, codes.UNSUBSCRIBE_EXPIRED)
         if now >= self.next_presence_at:
             self._refresh_presence(now)
         if self.next_ping_at and now >= self.next_ping_at:

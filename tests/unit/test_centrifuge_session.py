@@ -196,3 +196,39 @@ async def test_a_binary_frame_on_the_json_wire_closes_with_bad_request(node: Nod
     token = mint_token(SIGNING_KEY, ALGORITHM, user="ada")
     await client.session.handle_frame(orjson.dumps({"id": 1, "connect": {"token": token}}))
     assert client.transport.closes == [(3501, "bad request")]
+
+
+async def test_subscribes_past_the_channel_limit_are_refused_with_106() -> None:
+    # The personal channel (server-side) takes one of the two places.
+    node = Node(
+        Settings(client_channel_limit=2),
+        MemoryBroker(),
+        MemoryPresenceManager(),
+        fanouts=(CentrifugeFanout(),),
+    )
+    await node.start()
+    try:
+        client = Client(node)
+        await client.connect()
+        first = await client.reply(await client.send(subscribe={"channel": "task:1"}))
+        over = await client.reply(await client.send(subscribe={"channel": "task:2"}))
+        assert "error" not in first
+        assert over["error"] == {"code": 106, "message": "limit exceeded"}
+        # Leaving one makes room again.
+        await client.reply(await client.send(unsubscribe={"channel": "task:1"}))
+        again = await client.reply(await client.send(subscribe={"channel": "task:2"}))
+        assert "error" not in again and client.session.connected
+    finally:
+        await node.close()
+
+
+async def test_a_client_cannot_unsubscribe_its_server_side_channel(node: Node) -> None:
+    client = Client(node)
+    await client.connect()
+    command_id = await client.send(unsubscribe={"channel": "user:ada"})
+    # Answered as done (as Centrifuge does), yet the subscription stays.
+    assert await client.reply(command_id) == {"id": command_id, "unsubscribe": {}}
+    assert client.session.subscriptions["user:ada"].server_side
+    await node.publish("user:ada", b'{"n":1}')
+    pushes = [m["push"] for m in await client.messages() if "push" in m]
+    assert pushes == [{"channel": "user:ada", "pub": {"data": {"n": 1}, "offset": 1}}]
