@@ -523,9 +523,10 @@ async def test_a_websocket_upgrade_with_both_lengths_is_refused(server: RunningS
 async def test_replies_to_a_frame_of_commands_leave_in_one_frame(
     signing_keys: tuple[str, str],
 ) -> None:
-    """A frame of 40 subscribes and unsubscribes of fresh channels is answered in one
-    write, not one per command (each subscribe awaits the engine); publications to
-    the client during it are held at most FRAME_HOLD_SECONDS and keep their order."""
+    """A frame of 40 subscribes and unsubscribes of fresh channels is answered in a
+    few writes, not one per command (each subscribe awaits the engine): replies are
+    held until the frame is done or FRAME_HOLD_SECONDS, whichever comes first, so a
+    busy machine may split them once or twice; order is kept."""
     async with (
         run_server(signing_keys, client_command_rate_limit=0) as server,
         connected(server, "ann") as ann,
@@ -536,9 +537,14 @@ async def test_replies_to_a_frame_of_commands_leave_in_one_frame(
             commands.append({"id": ann.new_id(), "subscribe": {"channel": channel}})
             commands.append({"id": ann.new_id(), "unsubscribe": {"channel": channel}})
         await ann.send(*commands)
-        frame = await asyncio.wait_for(ann.ws.recv(), 5)
-        replies = [orjson.loads(line) for line in str(frame).split("\n")]
+        replies: list[dict[str, Any]] = []
+        frames = 0
+        while len(replies) < len(commands):
+            frame = await asyncio.wait_for(ann.ws.recv(), 5)
+            frames += 1
+            replies += [orjson.loads(line) for line in str(frame).split("\n")]
         assert [r["id"] for r in replies] == [c["id"] for c in commands]
+        assert frames <= 4, f"{frames} frames for {len(commands)} replies"
         assert all("error" not in r for r in replies)
         # Single commands are not held: a subscribe, then its publication live.
         assert "subscribe" in await ann.call("subscribe", {"channel": "task:live"})
