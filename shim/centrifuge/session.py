@@ -38,6 +38,7 @@ from shim.centrifuge.codec import (
 )
 from shim.centrifuge.errors import Disconnect, Reject
 from shim.centrifuge.fanout import CentrifugeFanout
+from shim.centrifuge.positions import position_checker
 from shim.centrifuge.recovery import subscribe_position
 from shim.centrifuge.subscription_table import SubscriptionTable
 from shim.centrifuge.subscriptions import Subscription, negotiate
@@ -195,6 +196,8 @@ class CentrifugeSession(Session):
         if not self.subscriptions.remove(sub):
             return
         self.node.detach(sub.channel, sub)
+        if sub.positioned:
+            position_checker(self.node).discard(sub)
         if sub.namespace.presence or sub.namespace.join_leave:
             task = asyncio.get_running_loop().create_task(self._leave(sub))
             task.add_done_callback(_log_failure)

@@ -10,6 +10,7 @@ from shim.centrifuge import codes
 from shim.centrifuge.codec import SubscribeRequest
 from shim.centrifuge.errors import Disconnect
 from shim.centrifuge.fanout import CentrifugeFanout, PreparedControl, PreparedPublication
+from shim.centrifuge.positions import position_checker
 from shim.core.broker import ClientInfo, Publication, StreamPosition
 from shim.core.config import NamespaceOptions
 from shim.core.session import SessionState
@@ -36,6 +37,7 @@ class Subscription:
         "expires_at",
         "info",
         "join_leave",
+        "missing_until",
         "namespace",
         "offset",
         "positioned",
@@ -64,6 +66,9 @@ class Subscription:
         self.epoch = ""
         self.offset = 0
         self.expires_at = 0.0
+        # The stream top a position check found this subscription behind on (0: in
+        # sync at the last check); see shim/centrifuge/positions.py.
+        self.missing_until = 0
         # Fossil delta negotiated; delta_last is the publication the client holds last.
         self.delta = False
         self.delta_last: Publication | None = None
@@ -112,6 +117,8 @@ class Subscription:
             if self.session.state is SessionState.CLOSED:
                 return
             self.deliver(epoch, prepared)
+        if self.positioned and self.session.subscriptions.get(self.channel) is self:
+            position_checker(self.session.node).add(self)
 
 
 def negotiate(

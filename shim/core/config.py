@@ -190,6 +190,12 @@ class Settings:
     client_stale_close_delay_seconds: float = 15.0
     # Grace after a connection or subscription expires before it is closed (3005/2501).
     client_expired_close_delay_seconds: float = 25.0
+    # Seconds between checks of each positioned subscription's position against the
+    # engine's stream top (one read per channel per check, shared by its subscribers).
+    # A subscription still missing, at a check, what the previous check found it
+    # behind on gets unsubscribe 2500 (server-side: disconnect 3010) and resubscribes,
+    # recovering from history. 0 disables the check. Centrifuge's default: 40.
+    client_channel_position_check_delay_seconds: float = 40.0
     # Channels one client may hold (error 106 above it).
     client_channel_limit: int = 128
     # Longest channel name in bytes (error 107 above it).
@@ -588,6 +594,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"client_write_delay_seconds: must be within 0..{MAX_WRITE_DELAY_SECONDS}"
         )
+    if settings.client_channel_position_check_delay_seconds < 0:
+        raise ConfigError("client_channel_position_check_delay_seconds: must be 0 (off) or more")
     if settings.websocket_max_frame_bytes > 1024 * 1024:
         raise ConfigError("websocket_max_frame_bytes: must stay under 1 MiB for the Python SDK")
     for name in ("api_key", "admin_api_key"):
