@@ -9,6 +9,7 @@ shared fossil delta, computed once per publication; any other delta subscriber
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -30,7 +31,7 @@ class ChannelSubscriber(Protocol):
 
 
 class PreparedPublication:
-    __slots__ = ("_delta", "_full", "_patch", "_plain", "base", "channel", "pub")
+    __slots__ = ("_age", "_delta", "_full", "_patch", "_plain", "base", "channel", "pub")
 
     def __init__(self, channel: str, pub: Publication, base: Publication | None) -> None:
         self.channel = channel
@@ -42,6 +43,15 @@ class PreparedPublication:
         self._delta: list[bytes | None] | None = None
         # The fossil patch against base: _UNSET until computed, None when not smaller.
         self._patch: bytes | None = _UNSET
+        self._age = -1.0
+
+    def age(self) -> float:
+        """Seconds since the publish, read once per publication (0 when unknown)."""
+        age = self._age
+        if age < 0:
+            time_ms = self.pub.time_ms
+            age = self._age = max(0.0, time.time() - time_ms / 1000) if time_ms else 0.0
+        return age
 
     def push(self, wire: Wire) -> bytes:
         """The publication push for a subscriber without delta."""

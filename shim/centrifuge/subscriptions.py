@@ -37,6 +37,7 @@ class Subscription:
         "expires_at",
         "info",
         "join_leave",
+        "max_time_lag",
         "missing_until",
         "namespace",
         "offset",
@@ -69,6 +70,8 @@ class Subscription:
         # The stream top a position check found this subscription behind on (0: in
         # sync at the last check); see shim/centrifuge/positions.py.
         self.missing_until = 0
+        # client_channel_position_max_time_lag_seconds (0: publications may come late).
+        self.max_time_lag = session.node.settings.client_channel_position_max_time_lag_seconds
         # Fossil delta negotiated; delta_last is the publication the client holds last.
         self.delta = False
         self.delta_last: Publication | None = None
@@ -93,6 +96,11 @@ class Subscription:
                 else:
                     self.session.lost_position(self)
                     return
+            if self.max_time_lag and prepared.age() > self.max_time_lag:
+                # Too late (a backlog between the engine and this node): the client
+                # resubscribes and reads what it lacks from history instead.
+                self.session.lost_position(self)
+                return
             self.offset = pub.offset
         session = self.session
         if self.delta:

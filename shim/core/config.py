@@ -196,6 +196,10 @@ class Settings:
     # behind on gets unsubscribe 2500 (server-side: disconnect 3010) and resubscribes,
     # recovering from history. 0 disables the check. Centrifuge's default: 40.
     client_channel_position_check_delay_seconds: float = 40.0
+    # A positioned subscription that gets a publication more than this many seconds
+    # after it was published (by the publishing node's clock) is treated the same
+    # way: 2500 / 3010, then recovery from history. 0 (the default) disables it.
+    client_channel_position_max_time_lag_seconds: float = 0.0
     # Channels one client may hold (error 106 above it).
     client_channel_limit: int = 128
     # Longest channel name in bytes (error 107 above it).
@@ -596,6 +600,8 @@ def _validate(settings: Settings) -> None:
         )
     if settings.client_channel_position_check_delay_seconds < 0:
         raise ConfigError("client_channel_position_check_delay_seconds: must be 0 (off) or more")
+    if settings.client_channel_position_max_time_lag_seconds < 0:
+        raise ConfigError("client_channel_position_max_time_lag_seconds: must be 0 (off) or more")
     if settings.websocket_max_frame_bytes > 1024 * 1024:
         raise ConfigError("websocket_max_frame_bytes: must stay under 1 MiB for the Python SDK")
     for name in ("api_key", "admin_api_key"):

@@ -105,3 +105,59 @@ async def test_a_publication_lost_at_the_tail_of_a_channel_is_recovered(
     assert again.was_recovering and again.recovered
     # Behind at one check, still behind at the next: at most two delays (plus a tick).
     assert took < CHECK_DELAY * 3 + 2
+
+
+class HoldsOne(LosesOne):
+    """As LosesOne, but the armed publication is handed over `delay` seconds late
+    (a backlog between the engine and the node) instead of never."""
+
+    delay = 0.6
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        if self.armed and channel == self.channel:
+            self.armed = False
+            self.lost.append(pub.offset)
+            asyncio.get_running_loop().call_later(
+                self.delay, self._inner.on_publication, channel, pub, epoch
+            )
+            return
+        self._inner.on_publication(channel, pub, epoch)
+
+
+async def test_a_publication_later_than_the_max_time_lag_is_recovered_once(
+    redis: RedisServer, signing_keys: tuple[str, str]
+) -> None:
+    key, channel = "late", "task:late"
+    async with run_server(
+        signing_keys,
+        engine="redis",
+        redis_url=redis.url,
+        client_channel_position_max_time_lag_seconds=0.3,
+    ) as server:
+        holds = HoldsOne(server, channel)
+        client, events = await connected_subscription(
+            server.ws_url, server.token("late-user"), channel
+        )
+        try:
+            for n in range(1, 4):
+                assert (await server.broadcast(numbered(key, n))).status_code == 200
+            await delivered(events, 3)
+            holds.armed = True
+            assert (await server.broadcast(numbered(key, 4))).status_code == 200
+            await events.wait_for("subscribing", lambda ctx: ctx.code == 2500)
+            await delivered(events, 4)
+            assert (await server.broadcast(numbered(key, 5))).status_code == 200
+            await delivered(events, 5)
+            await asyncio.sleep(HoldsOne.delay)  # the held one has come, and gone
+            resubscribes = [ctx.code for ctx in events.named("subscribing")]
+        finally:
+            await shut(client)
+
+    assert holds.lost, "the publication was not held"
+    pubs = events.named("publication")
+    assert [ctx.pub.data["n"] for ctx in pubs] == [1, 2, 3, 4, 5]
+    offsets = [ctx.pub.offset for ctx in pubs]
+    assert offsets == list(range(offsets[0], offsets[0] + 5))
+    assert resubscribes == [0, 2500]
+    _, again = events.named("subscribed")[:2]
+    assert again.was_recovering and again.recovered

@@ -14,7 +14,7 @@ from adapters.brokers.memory import MemoryBroker, MemoryPresenceManager
 from shim.centrifuge.fanout import CentrifugeFanout
 from shim.centrifuge.positions import Verdict, check_position
 from shim.centrifuge.subscriptions import Subscription
-from shim.core.broker import HistoryResult, StreamPosition
+from shim.core.broker import ClientInfo, HistoryResult, Publication, StreamPosition
 from shim.core.config import Settings
 from shim.core.node import Node
 from tests.unit.test_centrifuge_session import Client
@@ -128,3 +128,44 @@ async def test_a_publication_that_never_reached_the_node_unsubscribes_with_2500(
     await asyncio.sleep(DELAY * 2)
     assert unsubscribes(await other.messages()) == []
     assert "task:2" in other.session.subscriptions
+
+
+async def test_a_publication_delivered_later_than_the_max_time_lag_unsubscribes() -> None:
+    settings = Settings(
+        client_channel_position_check_delay_seconds=0,
+        client_channel_position_max_time_lag_seconds=0.2,
+    )
+    broker = MemoryBroker()
+    node = Node(settings, broker, MemoryPresenceManager(), fanouts=(CentrifugeFanout(),))
+    await node.start()
+    try:
+        client = Client(node)
+        await client.connect()
+        await client.send(subscribe={"channel": "task:1", "recoverable": True})
+        await node.publish("task:1", b'{"n":1}')  # on time
+        handler = broker._handler
+        assert handler is not None
+        late: list[tuple[str, Publication, str]] = []
+
+        class Backlog:  # holds publications, as a pub/sub backlog would
+            def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+                late.append((channel, pub, epoch))
+
+            def on_join(self, channel: str, info: ClientInfo) -> None: ...
+
+            def on_leave(self, channel: str, info: ClientInfo) -> None: ...
+
+        broker._handler = Backlog()
+        await node.publish("task:1", b'{"n":2}')
+        broker._handler = handler
+        await asyncio.sleep(0.3)
+        for item in late:
+            handler.on_publication(*item)
+        messages = await client.messages()
+    finally:
+        await node.close()
+    pubs = [m["push"]["pub"]["data"] for m in messages if "pub" in m.get("push", {})]
+    assert pubs == [{"n": 1}]
+    assert unsubscribes(messages) == [
+        {"channel": "task:1", "unsubscribe": {"code": 2500, "reason": "insufficient state"}}
+    ]
