@@ -11,7 +11,7 @@ publish itself, history included, is the real one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -19,6 +19,7 @@ from adapters.brokers.redis import RedisBroker
 from shim.core.broker import ClientInfo, Publication
 from tests.conftest import RunningServer, run_server
 from tests.integration.test_multinode import connected_subscription, delivered, numbered, shut
+from tests.jsclient import Event, JsClient
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -161,3 +162,51 @@ async def test_a_publication_later_than_the_max_time_lag_is_recovered_once(
     assert resubscribes == [0, 2500]
     _, again = events.named("subscribed")[:2]
     assert again.was_recovering and again.recovered
+
+
+@pytest.mark.js
+async def test_centrifuge_js_recovers_a_publication_lost_at_the_tail(
+    redis: RedisServer, signing_keys: tuple[str, str]
+) -> None:
+    channel = "task:jstail"
+    async with run_server(
+        signing_keys,
+        engine="redis",
+        redis_url=redis.url,
+        client_channel_position_check_delay_seconds=CHECK_DELAY,
+    ) as server:
+        loses = LosesOne(server, channel)
+        async with JsClient(
+            server.ws_url, server.token("js-tail"), minReconnectDelay=100, maxReconnectDelay=300
+        ) as js:
+            await js.call("connect")
+            await js.wait_event("connected", timeout=5)
+            await js.call("newSubscription", channel=channel, options={"recoverable": True})
+            await js.call("subscribe", channel=channel, wait=True, timeout=5000)
+            await js.wait_event(on(channel, "sub.subscribed"), timeout=5)
+            for n in range(1, 4):
+                assert (await server.broadcast(numbered("jstail", n))).status_code == 200
+            await js.wait_event(
+                lambda e: on(channel, "sub.publication")(e) and e["data"]["n"] == 3,
+                timeout=5,
+            )
+            loses.armed = True
+            assert (await server.broadcast(numbered("jstail", 4))).status_code == 200
+            await js.wait_event(
+                lambda e: on(channel, "sub.publication")(e) and e["data"]["n"] == 4,
+                timeout=CHECK_DELAY * 3 + 5,
+            )
+            await asyncio.sleep(CHECK_DELAY * 3)  # nothing more comes
+            pubs = js.find_events(on(channel, "sub.publication"))
+            resubscribes = [e["code"] for e in js.find_events(on(channel, "sub.subscribing"))]
+            subscribed = js.find_events(on(channel, "sub.subscribed"))
+
+    assert loses.lost
+    assert [p["data"]["n"] for p in pubs] == [1, 2, 3, 4]
+    assert [p["offset"] for p in pubs] == list(range(pubs[0]["offset"], pubs[0]["offset"] + 4))
+    assert resubscribes[1:] == [2500]
+    assert subscribed[1]["wasRecovering"] is True and subscribed[1]["recovered"] is True
+
+
+def on(channel: str, name: str) -> Callable[[Event], bool]:
+    return lambda event: event["event"] == name and event["channel"] == channel
