@@ -77,7 +77,10 @@ class PositionChecker:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._subscribers: dict[str, dict[Subscription, None]] = {}
+        # A channel's one subscription itself, or a dict of them once there are two:
+        # most positioned channels are personal ones with a single subscriber, and a
+        # dict per connection would cost about 0.2 KiB.
+        self._subscribers: dict[str, Subscription | dict[Subscription, None]] = {}
         # (due time, channel) in due order: the delay is the same for every channel.
         self._schedule: deque[tuple[float, str]] = deque()
         self._due: dict[str, float] = {}
@@ -90,23 +93,32 @@ class PositionChecker:
     def add(self, sub: Subscription) -> None:
         if self.delay <= 0:
             return
-        subscribers = self._subscribers.get(sub.channel)
-        if subscribers is None:
-            subscribers = self._subscribers[sub.channel] = {}
+        held = self._subscribers.get(sub.channel)
+        if held is None:
+            self._subscribers[sub.channel] = sub
             self._plan(sub.channel, asyncio.get_running_loop().time() + self.delay)
-        subscribers[sub] = None
+        elif isinstance(held, dict):
+            held[sub] = None
+        elif held is not sub:
+            self._subscribers[sub.channel] = {held: None, sub: None}
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="shim-position-check"
             )
 
     def discard(self, sub: Subscription) -> None:
-        subscribers = self._subscribers.get(sub.channel)
-        if subscribers is not None and subscribers.pop(sub, False) is None and not subscribers:
-            del self._subscribers[sub.channel]
-            self._due.pop(sub.channel, None)
-            if not self._subscribers:
-                self._stop()
+        held = self._subscribers.get(sub.channel)
+        if held is None:
+            return
+        if isinstance(held, dict):
+            if held.pop(sub, False) is not None or held:
+                return
+        elif held is not sub:
+            return
+        del self._subscribers[sub.channel]
+        self._due.pop(sub.channel, None)
+        if not self._subscribers:
+            self._stop()
 
     def _stop(self) -> None:
         # Nothing left to check: no task outlives the node's last subscriber.
@@ -149,13 +161,23 @@ class PositionChecker:
                     await self._compare(channel, top)
                 # An engine error: checked again at the next due time.
 
+    def _subscribed(self, channel: str) -> list[Subscription]:
+        held = self._subscribers.get(channel)
+        if held is None:
+            return []
+        return list(held) if isinstance(held, dict) else [held]
+
+    def _holds(self, channel: str, sub: Subscription) -> bool:
+        held = self._subscribers.get(channel)
+        return sub in held if isinstance(held, dict) else held is sub
+
     async def _stream_top(self, channel: str) -> StreamPosition:
         node = self.node
         result = await node.broker.history(channel, limit=0, options=node.publish_options(channel))
         return result.position
 
     async def _compare(self, channel: str, top: StreamPosition) -> None:
-        subscribers = list(self._subscribers.get(channel, ()))
+        subscribers = self._subscribed(channel)
         for start in range(0, len(subscribers), SUBSCRIPTIONS_PER_STEP):
             if start:
                 await asyncio.sleep(0)
@@ -163,7 +185,7 @@ class PositionChecker:
                 session = sub.session
                 if sub.buffer is not None or session.state is SessionState.CLOSED:
                     continue
-                if sub not in self._subscribers.get(channel, ()):
+                if not self._holds(channel, sub):
                     continue  # unsubscribed while an earlier step yielded
                 if check_position(sub, top) is Verdict.INSUFFICIENT:
                     log.info(

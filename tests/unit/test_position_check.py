@@ -130,6 +130,28 @@ async def test_a_publication_that_never_reached_the_node_unsubscribes_with_2500(
     assert "task:2" in other.session.subscriptions
 
 
+async def test_the_last_subscriber_left_on_a_channel_is_still_checked(node: Node) -> None:
+    """A channel held by one subscription, then two, then one again (the other
+    unsubscribed): the one left is still checked, and found behind."""
+    broker = node.broker
+    assert isinstance(broker, CountingBroker)
+    stays, leaves = Client(node), Client(node)
+    for client in (stays, leaves):
+        await client.connect()
+        await client.send(subscribe={"channel": "task:1", "recoverable": True})
+    await node.publish("task:1", b'{"n":1}')
+    await leaves.send(unsubscribe={"channel": "task:1"})
+
+    handler, broker._handler = broker._handler, None  # lost on its way to the node
+    await node.publish("task:1", b'{"n":2}')
+    broker._handler = handler
+
+    async with asyncio.timeout(DELAY * 3 + 2):
+        while not unsubscribes(await stays.messages()):
+            await asyncio.sleep(0.05)
+    assert [m["unsubscribe"]["code"] for m in unsubscribes(await stays.messages())] == [2500]
+
+
 async def test_a_publication_delivered_later_than_the_max_time_lag_unsubscribes() -> None:
     settings = Settings(
         client_channel_position_check_delay_seconds=0,
