@@ -46,6 +46,7 @@ from shim.core.broker import (
     UnrecoverablePosition,
 )
 from shim.core.config import NamespaceOptions
+from shim.core.jsonbytes import dumps_kept
 from shim.core.limits import Pacer
 
 log = logging.getLogger("shim.server_api")
@@ -125,7 +126,7 @@ def _raw(body: Mapping[str, Any], key: str) -> bytes | None:
     if body.get(key) is None:
         return None
     try:
-        return orjson.dumps(body[key])
+        return dumps_kept(body[key])
     except orjson.JSONEncodeError:
         # Read up to 1024 levels deep, written only up to 254.
         raise BadBody(f"{key}: nested too deeply") from None

@@ -16,6 +16,7 @@ import orjson
 
 from shim.centrifuge.codes import BAD_PROTOCOL, DisconnectCode, ErrorCode, UnsubscribeCode
 from shim.core.broker import ClientInfo, PresenceStats, Publication, StreamPosition
+from shim.core.jsonbytes import dumps_kept
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
@@ -187,7 +188,7 @@ def _raw(body: dict[str, Any], key: str) -> bytes | None:
         return None
     try:
         # Compact re-serialisation: no raw newline can reach a frame.
-        return orjson.dumps(value)
+        return dumps_kept(value)
     except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes
         raise ProtocolError(f"{key}: payload cannot be re-encoded") from exc
 

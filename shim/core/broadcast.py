@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from shim.core.events import Event, new_event_id, now_timestamp
+from shim.core.jsonbytes import dumps_kept
 
 # Activity kinds whose content names a model tool-use (legacy-hub-protocol.md §6.1).
 _TOOL_EVENT_TYPES = frozenset({"tool_call", "tool_result"})
@@ -298,7 +299,7 @@ def channel_data(event: Event) -> bytes:
         data.pop(key, None)
     data["type"] = event.type
     data["timestamp"] = event.timestamp
-    return orjson.dumps(data)
+    return dumps_kept(data)
 
 
 def extract_tool_use_id(event: Event) -> str | None:

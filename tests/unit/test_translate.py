@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -228,6 +229,19 @@ def test_event_type_and_timestamp_win_over_payload_and_extras() -> None:
     )
     assert channel_data(event) == b'{"x":"from-extras","y":2,"z":3,"type":"a.b","timestamp":"T"}'
     assert event.payload == {"type": "old", "x": 1, "timestamp": "old", "y": 2}
+
+
+def test_channel_data_holds_about_its_own_size() -> None:
+    # Kept in history for minutes: orjson's own output would hold a 4 KiB buffer each.
+    event = Event(id="e", type="task.updated", payload={"task_id": "t-1"}, timestamp="T")
+    tracemalloc.start()
+    try:
+        kept = [channel_data(event) for _ in range(100)]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(kept[0]) < 100
+    assert held < 100 * 256
 
 
 @pytest.mark.parametrize("site", CORPUS, ids=[f"{i}-{s['event']}" for i, s in enumerate(CORPUS)])
