@@ -175,10 +175,13 @@ class Ingestor:
             if fences:
                 channel_fences.extend([fences[position]] * len(route.channels))
             routes.append(route)
-        outcomes = iter(await node.publish_many(batch, channel_fences) if batch else ())
+        outcomes = await node.publish_many(batch, channel_fences) if batch else []
+        # The common case, checked once for the whole batch: stored in every channel.
+        everywhere = all(type(outcome) is StreamPosition for outcome in outcomes)
 
         results = []
         count = self.stats.count
+        start = 0
         for (index, event), routed in zip(events, routes, strict=True):
             if isinstance(routed, str):
                 count(event.type, "refused")
@@ -191,11 +194,10 @@ class Ingestor:
                 )
                 continue
             route = routed
-            stored = [next(outcomes) for _channel in route.channels]
-            if all(type(outcome) is StreamPosition for outcome in stored):
-                # Stored everywhere (the common case).
-                superseded: tuple[str, ...] = ()
-            else:
+            first, start = start, start + len(route.channels)
+            superseded: tuple[str, ...] = ()
+            if not everywhere:
+                stored = outcomes[first:start]
                 failures = [o for o in stored if isinstance(o, BrokerUnavailable)]
                 if failures:
                     count(event.type, "failed")
