@@ -257,14 +257,8 @@ def _parse_item(index: int, item: Any, max_item_bytes: int, *, sized: bool = Fal
         project_id = _optional_text(item, "project_id", allow_empty=True)
     except _FieldError as exc:
         return Refused(index, str(exc))
-    event = Event(
-        id=event_id,
-        type=event_type,
-        payload=payload,
-        timestamp=timestamp,
-        task_id=task_id,
-        project_id=project_id,
-    )
+    # Positional: a keyword call costs about twice as much, once per item.
+    event = Event(event_id, event_type, payload, timestamp, task_id, project_id)
     return Accepted(index, with_tool_use_id(event))
 
 
