@@ -49,9 +49,11 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(9)
 
 
-# A history entry: (monotonic expiry, publication). A plain tuple, not a class: one is
-# made per channel per event, and a tuple costs a fraction of an object to make.
-_Entry = tuple[float, Publication]
+# A history entry: (monotonic expiry, offset, the publication as published). A plain
+# tuple, not a class: one is made per channel per event, and a tuple costs a fraction
+# of an object to make. The publication with its offset is made for a reader only (a
+# local subscriber, a history read): most publications of most channels have none.
+_Entry = tuple[float, int, Publication]
 
 
 @dataclass(slots=True)
@@ -135,12 +137,11 @@ class MemoryBroker:
             streams.move_to_end(channel)
         top = stream.top = stream.top + 1
         stream.meta_expires_at = now + options.history_meta_ttl_seconds
-        pub = Publication(pub.data, top, pub.info, pub.time_ms, pub.legacy)
         entries = stream.entries
         if entries is None:
             entries = stream.entries = deque()
         expires_at = now + options.history_ttl_seconds
-        entries.append((expires_at, pub))
+        entries.append((expires_at, top, pub))
         held = self._held
         held[channel] = expires_at
         held.move_to_end(channel)
@@ -148,7 +149,8 @@ class MemoryBroker:
             entries.popleft()
         if entries[0][0] <= now:
             _drop_expired_front(entries, now)
-        self._deliver(channel, pub, stream.epoch)
+        if self._handler is not None and channel in self._subscribed:
+            self._handler.on_publication(channel, _at(pub, top), stream.epoch)
         return StreamPosition(top, stream.epoch)
 
     async def publish_many(
@@ -248,11 +250,13 @@ class MemoryBroker:
         stored = stream.entries or ()
         entries = reversed(stored) if reverse else iter(stored)
         # TTLs may differ between publishes, so expiry is not monotonic: check every entry.
-        pubs = (pub for expires_at, pub in entries if expires_at > now)
+        live = ((offset, pub) for expires_at, offset, pub in entries if expires_at > now)
         if since is not None:
             bound = since.offset
-            pubs = (p for p in pubs if (p.offset < bound if reverse else p.offset > bound))
-        selected = list(pubs if limit < 0 else islice(pubs, limit))
+            live = ((o, p) for o, p in live if (o < bound if reverse else o > bound))
+        selected = [
+            _at(pub, offset) for offset, pub in (live if limit < 0 else islice(live, limit))
+        ]
         return HistoryResult(selected, position)
 
     async def remove_history(self, channel: str) -> None:
@@ -303,6 +307,10 @@ class MemoryBroker:
                 return
             del streams[channel]
             self._dropped(stream)
+
+
+def _at(pub: Publication, offset: int) -> Publication:
+    return Publication(pub.data, offset, pub.info, pub.time_ms, pub.legacy)
 
 
 def _drop_expired_front(entries: deque[_Entry], now: float) -> None:
