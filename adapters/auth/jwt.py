@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from shim.core.auth import Credentials, SubscriptionClaims, TokenError, no_claims
 from shim.core.config import ConfigError
+from shim.core.jsonbytes import dumps_kept
 
 if TYPE_CHECKING:
     from shim.core.config import Settings
@@ -283,7 +284,7 @@ def _raw_claim(claims: Mapping[str, Any], name: str, b64_name: str) -> bytes | N
     if value is None:
         return None
     try:
-        return orjson.dumps(value)
+        return dumps_kept(value)
     except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
         raise TokenError(f"invalid {name} claim") from None
 

@@ -1,4 +1,4 @@
-"""JSON bytes that are kept: publication data lives in history for minutes."""
+"""JSON bytes that are kept: publication data in history, a connection's info for its life."""
 
 from __future__ import annotations
 
