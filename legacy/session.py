@@ -245,6 +245,18 @@ class LegacySession(Session):
                 if verdict is Verdict.DISCONNECT:
                     self.close(*TOO_MANY_REQUESTS)
                 return
+        pacer = self.node.command_pacer
+        if pacer.must_wait():
+            await pacer.wait()
+            if self.closed:
+                return
+        started = pacer.now()
+        try:
+            await self._handle_command(frame)
+        finally:
+            pacer.charge(started, pacer.now())
+
+    async def _handle_command(self, frame: str | bytes) -> None:
         try:
             command = parse_command(frame)
         except MalformedCommand:

@@ -216,12 +216,22 @@ class CentrifugeSession(Session):
     # -- input -------------------------------------------------------------------
 
     async def handle_frame(self, frame: str | bytes) -> None:
+        # Decoding a frame of many commands is command work too: twenty such frames
+        # arriving together are decoded one budget at a time (see WorkPacer).
+        pacer = self.node.command_pacer
+        if pacer.must_wait():
+            await pacer.wait()
+            if self.state is SessionState.CLOSED:
+                return
+        started = pacer.now()
         try:
             # A frame of the other kind (text on protobuf, binary on JSON) is refused too.
             commands = self.wire.decode_frame(frame)
         except ProtocolError as exc:
             self.disconnect(exc.code)
             return
+        finally:
+            pacer.charge(started, pacer.now())
         self._connect_failed = False
         # The replies to several commands leave together (FRAME_HOLD_SECONDS at most).
         held = len(commands) > 1
@@ -231,12 +241,12 @@ class CentrifugeSession(Session):
             for command in commands:
                 if self.state is SessionState.CLOSED or self._connect_failed:
                     return
-                await self._handle(command)
+                await self._handle(command, held=held)
         finally:
             if held:
                 self.outbox.release()
 
-    async def _handle(self, command: Command) -> None:
+    async def _handle(self, command: Command, *, held: bool = False) -> None:
         request = command.request
         if request is None:  # pong
             self.pong_deadline = 0.0
@@ -246,7 +256,16 @@ class CentrifugeSession(Session):
             return
         if self._commands is not None and not self._within_rate(command.id):
             return
-        started = time.perf_counter()
+        pacer = self.node.command_pacer
+        if pacer.must_wait():
+            await pacer.wait()
+            if self.state is SessionState.CLOSED:
+                return
+            if held:
+                # Time spent waiting for the shared budget does not count against the
+                # frame's hold: its replies still leave together.
+                self.outbox.hold(FRAME_HOLD_SECONDS)
+        started = pacer.now()
         try:
             await self._dispatch(command.id, request)
         except Reject as exc:
@@ -260,8 +279,10 @@ class CentrifugeSession(Session):
             log.exception("command failed", extra={"client": self.client_id})
             self.enqueue(self.wire.encode_error(command.id, codes.INTERNAL))
         finally:
+            ended = pacer.now()
+            pacer.charge(started, ended)
             self.node.observer.command(
-                _COMMAND_NAMES.get(type(request), "unknown"), time.perf_counter() - started
+                _COMMAND_NAMES.get(type(request), "unknown"), ended - started
             )
 
     def _within_rate(self, command_id: int) -> bool:

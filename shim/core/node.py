@@ -32,7 +32,7 @@ from shim.core.broker import (
     Superseded,
 )
 from shim.core.config import NamespaceOptions, Settings
-from shim.core.limits import ChannelRates
+from shim.core.limits import ChannelRates, WorkPacer
 from shim.core.outbox import Flusher
 from shim.core.session import Session
 
@@ -190,6 +190,8 @@ class Node:
         # Connections per user id on this node (client_user_connection_limit).
         self.user_connections: dict[str, int] = {}
         self._publish_options: dict[str, PublishOptions] = {}
+        # Commands of all connections share one work budget (see WorkPacer).
+        self.command_pacer = WorkPacer()
         self.publish_rates = ChannelRates(
             settings.channel_publish_rate_limit,
             settings.channel_publish_burst,

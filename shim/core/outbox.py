@@ -183,7 +183,8 @@ class Outbox:
     def hold(self, seconds: float) -> None:
         """Queue without writing until `release`, or for `seconds` at most: the replies
         to one frame of commands then leave in one write instead of one each (a frame
-        of 40 subscribes made 40 writes). Publications wait too, `seconds` at most."""
+        of 40 subscribes made 40 writes). Publications wait too, `seconds` at most.
+        Holding again before the release moves the deadline to `seconds` from now."""
         if self._flusher is None or self._closed:
             return
         loop = asyncio.get_running_loop()
