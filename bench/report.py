@@ -26,6 +26,9 @@ LABELS = {
     "ws": "websockets.broadcast, pre-encoded (ceiling)",
 }
 SYSTEMS = tuple(LABELS)
+# "<system>@base": that shim system running another checkout's code (run.py --baseline).
+BASELINE_SUFFIX = "@base"
+SHIM_SYSTEMS = ("channel", "legacy", "delay10", "redis1", "redis2", "workers2")
 # Every figure is also given as a ratio to this system's, measured in the same run.
 ANCHOR = "centrifuge"
 # The case the targets are stated at.
@@ -84,7 +87,13 @@ def _cases(results: Sequence[Result]) -> list[str]:
 
 def _systems(results: Sequence[Result]) -> list[str]:
     present = {r["system"] for r in results}
-    return [s for s in SYSTEMS if s in present]
+    return [s for name in SYSTEMS for s in (name + BASELINE_SUFFIX, name) if s in present]
+
+
+def label(system: str) -> str:
+    if system.endswith(BASELINE_SUFFIX):
+        return f"{LABELS[system.removesuffix(BASELINE_SUFFIX)]}, baseline checkout"
+    return LABELS[system]
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -117,7 +126,7 @@ def burst_table(results: Sequence[Result]) -> str:
     cases = _cases(results)
     rows = []
     for system in _systems(results):
-        cells = [LABELS[system]]
+        cells = [label(system)]
         for case in cases:
             phase = _phase(_find(results, system, case), "burst")
             rate = _num(phase["deliveries_per_s"]) if phase else math.nan
@@ -134,7 +143,7 @@ def latency_table(results: Sequence[Result]) -> str:
     cases = _cases(results)
     rows = []
     for system in _systems(results):
-        cells = [LABELS[system]]
+        cells = [label(system)]
         for case in cases:
             phase = _phase(_find(results, system, case), "latency")
             if phase is None:
@@ -168,7 +177,7 @@ def sustained_table(results: Sequence[Result], rate: float) -> str:
                 continue
             rows.append(
                 [
-                    LABELS[system],
+                    label(system),
                     f"{phase['delivered']:,}/{phase['expected']:,}",
                     _fmt_rate(_num(phase["deliveries_per_s"]))
                     + _anchor_ratio(
@@ -201,7 +210,7 @@ def memory_table(results: Sequence[Result]) -> str:
     cases = [c for c in _cases(results) if " ch " not in c]
     rows = []
     for system in _systems(results):
-        cells = [LABELS[system]]
+        cells = [label(system)]
         for case in cases:
             result = _find(results, system, case)
             if result is None or not result.get("connected"):
@@ -223,7 +232,7 @@ def cpu_table(results: Sequence[Result]) -> str:
     cases = _cases(results)
     rows = []
     for system in _systems(results):
-        cells = [LABELS[system]]
+        cells = [label(system)]
         for case in cases:
             phase = _phase(_find(results, system, case), "burst")
             if phase is None:
@@ -409,7 +418,7 @@ def chart(results: Sequence[Result], path: str, title: str) -> None:
             phase = _phase(_find(results, system, case), "burst")
             values.append(_num(phase["deliveries_per_s"]) if phase else 0.0)
         xs = [c + (i - (len(systems) - 1) / 2) * width for c in range(len(cases))]
-        bars = ax.bar(xs, values, width, label=LABELS[system])
+        bars = ax.bar(xs, values, width, label=label(system))
         ax.bar_label(
             bars,
             labels=[f"{v / 1000:.0f}k" if v > 0 else "" for v in values],

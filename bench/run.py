@@ -93,6 +93,7 @@ def build_loadgen(out: Path) -> Path:
 
 def loadgen_args(binary: Path, system: str, case: Case, plan: Plan, target: Running) -> list[str]:
     sustained = case.sustained
+    system = system.removesuffix(report.BASELINE_SUFFIX)
     return [
         str(binary),
         f"-system={'channel' if system.startswith(('redis', 'workers', 'delay')) else system}",
@@ -114,9 +115,16 @@ def loadgen_args(binary: Path, system: str, case: Case, plan: Plan, target: Runn
 
 
 def run_one(
-    binary: Path, system: str, case: Case, plan: Plan, keys: Keys, tokens: Path, workdir: Path
+    binary: Path,
+    system: str,
+    case: Case,
+    plan: Plan,
+    keys: Keys,
+    tokens: Path,
+    workdir: Path,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
-    with running(system, keys, workdir) as target:
+    with running(system, keys, workdir, baseline) as target:
         args = [*loadgen_args(binary, system, case, plan, target), f"-tokens={tokens}"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0 or not done.stdout.strip():
@@ -128,7 +136,7 @@ def run_one(
 
 
 def progress(result: dict[str, Any]) -> str:
-    parts = [f"{result['system']:>8} @ {result['case']:<14}"]
+    parts = [f"{result['system']:>13} @ {result['case']:<17} load {result.get('loadavg', 0):4.1f}"]
     parts.append(f"mem {result.get('per_connection_kib', 0):5.1f} KiB")
     for name in ("latency", "sustained", "burst"):
         phase = result.get("phases", {}).get(name)
@@ -305,10 +313,29 @@ def write_docs(text: str, png: Path) -> None:
 
 
 def measure(
-    plan: Plan, systems: Sequence[str], out: Path, argv: Sequence[str] | None
+    plan: Plan,
+    systems: Sequence[str],
+    out: Path,
+    argv: Sequence[str] | None,
+    *,
+    baseline: Path | None = None,
+    rounds: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every case x system, systems side by side per case so machine noise hits
-    them alike; returns (run info, results) and saves them to out/results.json."""
+    them alike; returns (run info, results) and saves them to out/results.json.
+    With `baseline`, each shim system also runs from that checkout, just before
+    this one's; with `rounds` > 1 the systems of a case take turns that many times
+    and each round is a case of its own ("<case> #2"), ratios within the round."""
+    if baseline is not None:
+        systems = [
+            variant
+            for system in systems
+            for variant in (
+                (system + report.BASELINE_SUFFIX, system)
+                if system in report.SHIM_SYSTEMS
+                else (system,)
+            )
+        ]
     started = time.monotonic()
     info = machine()
     info["command"] = " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])])
@@ -321,14 +348,20 @@ def measure(
         tokens = workdir / "tokens.txt"
         tokens.write_text("\n".join(keys.tokens) + "\n")
         for case in plan.cases:
-            for system in systems:
-                try:
-                    result = run_one(binary, system, case, plan, keys, tokens, workdir)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    print(f"{system} @ {case.label}: {exc}", file=sys.stderr)
-                    continue
-                results.append(result)
-                print(progress(result), file=sys.stderr, flush=True)
+            for round_ in range(1, rounds + 1):
+                for system in systems:
+                    try:
+                        result = run_one(
+                            binary, system, case, plan, keys, tokens, workdir, baseline
+                        )
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        print(f"{system} @ {case.label}: {exc}", file=sys.stderr)
+                        continue
+                    if rounds > 1:
+                        result["case"] = f"{case.label} #{round_}"
+                    result["loadavg"] = os.getloadavg()[0]
+                    results.append(result)
+                    print(progress(result), file=sys.stderr, flush=True)
     info["seconds"] = time.monotonic() - started
     info["loadavg_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
@@ -364,6 +397,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only these of the plan's cases, by label (e.g. '1,000' or '1,000 ch x 5'), "
         "separated by ';': quicker side-by-side runs while working on one of them",
     )
+    parser.add_argument(
+        "--baseline",
+        help="another checkout (e.g. a worktree of main): each shim system also runs "
+        "its code, with this venv, just before this checkout's ('<system>@base')",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each case's systems this many times in turn (a column per round)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.cases:
@@ -383,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         info, results = saved["info"], saved["results"]
     else:
-        info, results = measure(plan, systems, out, argv)
+        baseline = Path(args.baseline).resolve() if args.baseline else None
+        if baseline is not None and not (baseline / "shim" / "app" / "cli.py").exists():
+            parser.error(f"--baseline {args.baseline}: not a checkout of this project")
+        info, results = measure(
+            plan, systems, out, argv, baseline=baseline, rounds=max(1, args.rounds)
+        )
     if args.profile:
         info["profile"] = profile(plan, out)
     text = markdown(info, results, plan)

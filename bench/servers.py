@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.auth.jwt import generate_signing_key, mint_token
+from bench.report import BASELINE_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHM = "EdDSA"
@@ -86,12 +87,12 @@ def _wait_port(proc: subprocess.Popen[bytes], log: Path) -> int:
 
 
 def _spawn(
-    command: list[str], env: dict[str, str], log: Path
+    command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], int]:
     with log.open("ab") as err:
         proc = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -121,9 +122,11 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in handle.read().split()]
 
 
-def _shim_env(keys: Keys, workdir: Path, extra: dict[str, str]) -> dict[str, str]:
+def _shim_env(keys: Keys, workdir: Path, extra: dict[str, str], tree: Path) -> dict[str, str]:
     # The operator's own DEX_SHIM_* settings would make runs incomparable.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEX_SHIM_")}
+    # The checkout's own code first (see _shim_command); `--workers` children inherit it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(tree), env.get("PYTHONPATH"))))
     env.update(
         {
             "DEX_SHIM_HOST": "127.0.0.1",
@@ -140,9 +143,9 @@ def _shim_env(keys: Keys, workdir: Path, extra: dict[str, str]) -> dict[str, str
 
 
 def _shim_command() -> list[str]:
-    script = Path(sys.executable).with_name("dex-shim")
-    if script.exists():
-        return [str(script), "serve"]
+    # `-m` from the checkout's directory with it on PYTHONPATH: that checkout's code.
+    # The venv's `dex-shim` script would import whichever tree the venv's editable
+    # install points at, which is not this one in a second worktree sharing the venv.
     return [sys.executable, "-m", "shim.app.cli", "serve"]
 
 
@@ -204,22 +207,41 @@ def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 @contextlib.contextmanager
-def running(system: str, keys: Keys, workdir: Path) -> Iterator[Running]:
-    """Start `system`, yield where it listens, stop everything on exit."""
+def running(
+    system: str, keys: Keys, workdir: Path, baseline: Path | None = None
+) -> Iterator[Running]:
+    """Start `system`, yield where it listens, stop everything on exit. A shim
+    system "<name>@base" is <name> running the code of the checkout `baseline`."""
     procs: list[subprocess.Popen[bytes]] = []
     log = workdir / f"{system}.log"
+    tree = ROOT
+    if system.endswith(BASELINE_SUFFIX):
+        if baseline is None:
+            raise ValueError(f"{system!r} needs a baseline checkout")
+        system, tree = system.removesuffix(BASELINE_SUFFIX), baseline
     try:
-        yield _start(system, keys, workdir, log, procs)
+        yield _start(system, keys, workdir, log, procs, tree)
     finally:
         for proc in reversed(procs):
             _stop(proc)
 
 
 def _start(
-    system: str, keys: Keys, workdir: Path, log: Path, procs: list[subprocess.Popen[bytes]]
+    system: str,
+    keys: Keys,
+    workdir: Path,
+    log: Path,
+    procs: list[subprocess.Popen[bytes]],
+    tree: Path = ROOT,
 ) -> Running:
+    def shim_env(extra: dict[str, str]) -> dict[str, str]:
+        return _shim_env(keys, workdir, extra, tree)
+
+    def spawn(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+        return _spawn(command, env, log, tree)
+
     if system in ("channel", "legacy"):
-        proc, port = _spawn(_shim_command(), _shim_env(keys, workdir, {}), log)
+        proc, port = spawn(_shim_command(), shim_env({}))
         procs.append(proc)
         path = "/connection/websocket" if system == "channel" else "/api/v1/ws"
         return Running(
@@ -230,7 +252,7 @@ def _start(
         )
     if system == "delay10":
         extra = {"DEX_SHIM_CLIENT_WRITE_DELAY_SECONDS": "0.01"}
-        proc, port = _spawn(_shim_command(), _shim_env(keys, workdir, extra), log)
+        proc, port = spawn(_shim_command(), shim_env(extra))
         procs.append(proc)
         return Running(
             [f"ws://127.0.0.1:{port}/connection/websocket"],
@@ -242,9 +264,7 @@ def _start(
         redis, redis_port = _start_redis(workdir)
         procs.append(redis)
         extra = {"DEX_SHIM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-        proc, port = _spawn(
-            [*_shim_command(), "--workers", "2"], _shim_env(keys, workdir, extra), log
-        )
+        proc, port = spawn([*_shim_command(), "--workers", "2"], shim_env(extra))
         procs.append(proc)
         return Running(
             [f"ws://127.0.0.1:{port}/connection/websocket"],
@@ -262,7 +282,7 @@ def _start(
         }
         ports = []
         for _ in range(int(system[-1])):
-            proc, port = _spawn(_shim_command(), _shim_env(keys, workdir, extra), log)
+            proc, port = spawn(_shim_command(), shim_env(extra))
             procs.append(proc)
             ports.append(port)
         return Running(

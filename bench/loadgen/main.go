@@ -74,6 +74,7 @@ type options struct {
 
 type tally struct {
 	count  [phases]int64 // deliveries per phase
+	frames [phases]int64 // frames carrying at least one of the phase's deliveries
 	lastNs [phases]int64 // latest receive time per phase
 }
 
@@ -102,6 +103,7 @@ var marker = []byte(`"bench":`)
 func (s *sub) record(frame []byte, now int64) {
 	rest := frame
 	locked := false
+	var inFrame [phases]bool
 	for {
 		i := bytes.Index(rest, marker)
 		if i < 0 {
@@ -135,6 +137,10 @@ func (s *sub) record(frame []byte, now int64) {
 			locked = true
 		}
 		atomic.AddInt64(&global.count[ph], 1)
+		if !inFrame[ph] {
+			inFrame[ph] = true
+			atomic.AddInt64(&global.frames[ph], 1)
+		}
 		for {
 			old := atomic.LoadInt64(&global.lastNs[ph])
 			if now <= old || atomic.CompareAndSwapInt64(&global.lastNs[ph], old, now) {
@@ -511,8 +517,10 @@ func settledRSS(pids []int, timeout time.Duration) (int, bool) {
 	}
 }
 
-func cpuSeconds(pids []int) float64 {
-	total := 0.0
+// cpuSplit is the processes' user and system (kernel) CPU seconds: a write per
+// delivery shows as system time.
+func cpuSplit(pids []int) (float64, float64) {
+	user, sys := 0.0, 0.0
 	for _, pid := range pids {
 		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err != nil {
@@ -524,10 +532,11 @@ func cpuSeconds(pids []int) float64 {
 		if len(fields) > 12 {
 			u, _ := strconv.ParseFloat(fields[11], 64)
 			s, _ := strconv.ParseFloat(fields[12], 64)
-			total += (u + s) / clockTicks
+			user += u / clockTicks
+			sys += s / clockTicks
 		}
 	}
-	return total
+	return user, sys
 }
 
 func selfCPU() float64 {
@@ -540,6 +549,7 @@ type phaseResult struct {
 	Published      int     `json:"published"`
 	Expected       int64   `json:"expected"`
 	Delivered      int64   `json:"delivered"`
+	Frames         int64   `json:"frames"`
 	Complete       bool    `json:"complete"`
 	PublishSeconds float64 `json:"publish_seconds"`
 	Seconds        float64 `json:"seconds"`
@@ -551,6 +561,7 @@ type phaseResult struct {
 	MaxMs          float64 `json:"max_ms"`
 	LoadgenCPU     float64 `json:"loadgen_cpu_s"`
 	ServerCPU      float64 `json:"server_cpu_s"`
+	ServerSysCPU   float64 `json:"server_sys_cpu_s"`
 	LoadgenShare   float64 `json:"loadgen_cpu_share"`
 	ServerShare    float64 `json:"server_cpu_share"`
 	PublishErrors  int64   `json:"publish_errors"`
@@ -591,6 +602,7 @@ type runner struct {
 	subs    []*sub
 	perChan []int64 // subscribers of each channel
 	seq     int
+	sys0    float64 // the servers' system CPU seconds when the current phase began
 }
 
 func (r *runner) connect(count, channels int, first int) ([]*sub, []error) {
@@ -690,7 +702,10 @@ func (r *runner) finish(phase int, res *phaseResult, start time.Time, lastSend i
 	}
 	wall := time.Since(start).Seconds()
 	res.LoadgenCPU = selfCPU() - cpu0
-	res.ServerCPU = cpuSeconds(append(append([]int{}, r.o.serverPids...), r.o.extraCPUPids...)) - srv0
+	user, sys := cpuSplit(r.serverPids())
+	res.ServerCPU = user + sys - srv0
+	res.ServerSysCPU = sys - r.sys0
+	res.Frames = atomic.LoadInt64(&global.frames[phase])
 	res.LoadgenShare = res.LoadgenCPU / wall
 	res.ServerShare = res.ServerCPU / wall
 	var all []int64
@@ -705,8 +720,16 @@ func (r *runner) finish(phase int, res *phaseResult, start time.Time, lastSend i
 	res.MaxMs = percentileMs(all, 100)
 }
 
+// cpuNow is the load generator's and the servers' CPU seconds at a phase's start
+// (the servers' system share is kept for finish).
 func (r *runner) cpuNow() (float64, float64) {
-	return selfCPU(), cpuSeconds(append(append([]int{}, r.o.serverPids...), r.o.extraCPUPids...))
+	user, sys := cpuSplit(r.serverPids())
+	r.sys0 = sys
+	return selfCPU(), user + sys
+}
+
+func (r *runner) serverPids() []int {
+	return append(append([]int{}, r.o.serverPids...), r.o.extraCPUPids...)
 }
 
 // paced publishes one message per tick, rotating over the channels.
