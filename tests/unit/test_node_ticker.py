@@ -82,10 +82,32 @@ async def test_a_round_ticks_every_session_once_a_slice_per_loop_iteration(node:
     assert all(len(s.ticks) == 1 for s in sessions)
     per_iteration = Counter(s.ticks[0] for s in sessions)
     assert max(per_iteration.values()) <= TICK_SLICE
-    # The round took as many loop iterations as slices: it did yield between them.
+    # The round yielded between slices: one loop iteration per slice.
     assert len(per_iteration) == 11
     # In the order they were added, so each session's place in the round is stable.
     assert [s.ticks[0] for s in sessions] == sorted(s.ticks[0] for s in sessions)
+
+
+async def test_other_work_gets_through_between_two_slices(node: Node) -> None:
+    """What arrives while a round runs (a request needs a dozen loop iterations from
+    its socket to its subscribers) finishes within a slice or two, not one step per
+    slice: the ticker pauses between slices instead of merely yielding."""
+    counter = IterationCounter()
+    sessions = open_sessions(node, counter, 20 * TICK_SLICE)
+    finished_at: list[int] = []
+
+    async def request() -> None:
+        for _ in range(12):
+            await asyncio.sleep(0)
+        finished_at.append(sum(1 for s in sessions if s.ticks))
+
+    round_ = asyncio.ensure_future(node.tick_round())
+    await asyncio.sleep(0)  # the round's first slice ran
+    await request()
+    await round_
+    counter.stop()
+    # Sessions ticked by the time the request was done: far from all 20 slices.
+    assert finished_at[0] <= 5 * TICK_SLICE
 
 
 async def test_a_session_removed_during_the_round_is_not_ticked(node: Node) -> None:
