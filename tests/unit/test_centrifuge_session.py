@@ -232,3 +232,26 @@ async def test_a_client_cannot_unsubscribe_its_server_side_channel(node: Node) -
     await node.publish("user:ada", b'{"n":1}')
     pushes = [m["push"] for m in await client.messages() if "push" in m]
     assert pushes == [{"channel": "user:ada", "pub": {"data": {"n": 1}, "offset": 1}}]
+
+
+async def test_clients_connected_together_renew_presence_at_different_times(node: Node) -> None:
+    clients = [Client(node) for _ in range(20)]
+    for n, client in enumerate(clients):
+        await client.connect(user=f"user-{n}")
+        await client.reply(await client.send(subscribe={"channel": "task:1"}))
+    refresh = node.settings.presence_refresh_seconds
+    now = asyncio.get_running_loop().time()
+    for client in clients:
+        client.session.tick(now, 0.0)
+    # The first renewal falls anywhere in the second half of the interval, not at
+    # one instant for all of them (5,000 renewing in one tick stalled the loop).
+    due = [client.session.next_presence_at for client in clients]
+    assert all(now + refresh / 2 <= at <= now + refresh for at in due)
+    assert len(set(due)) > 10
+    for client in clients:
+        client.session.tick(now + refresh / 2 - 0.001, 0.0)
+    assert [client.session.next_presence_at for client in clients] == due
+    # Then every interval after its own first renewal.
+    for client, at in zip(clients, due, strict=True):
+        client.session.tick(at, 0.0)
+        assert client.session.next_presence_at == at + refresh
