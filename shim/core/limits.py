@@ -128,9 +128,9 @@ class Pacer:
     as long as the work was if that is longer. A bare yield per chunk is not enough:
     another request needs a dozen loop iterations to get through (parse, route,
     handler, publish, flush), and it would get one per chunk; during a pause it gets
-    all of them. The budget bounds what a
-    bystander's event waits behind (issue 10's abuse scenario: a 4 ms budget over
-    100-event chunks made 9 ms steps, about doubling a bystander's p99)."""
+    all of them. The budget bounds what a bystander's event waits behind (issue 10's
+    abuse scenario: a 4 ms budget over 100-event chunks made 9 ms steps, about
+    doubling a bystander's p99)."""
 
     __slots__ = ("_since", "budget", "pause")
 
